@@ -1,0 +1,28 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test env clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# The CPU torch wheel first, so that the project's loose torch range is already satisfied.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# fla's pure-torch references (naive.py) are the cross-check for our kernels; --no-deps keeps
+	# triton out: we load those files directly and never import the fla package.
+	$(PY) -m pip install -q --no-deps fla-core==0.6.0
+	touch $@
+
+env: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/oryx-ts demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

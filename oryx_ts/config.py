@@ -1,0 +1,217 @@
+"""One frozen, typed config tree for oryx_ts.
+
+`OryxConfig` holds everything a model and its training need; every other part of the package
+(trainer, CLI, service, sweeps) takes it instead of re-listing hyperparameters. Configs are
+immutable, validated on construction, and round-trip through JSON.
+"""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+Mixer = Literal["gdn", "mamba2"]
+Retention = Literal["all", "bounded"]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_literals(obj: Any) -> None:
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        choices = get_args(hints[f.name]) if getattr(hints[f.name], "__origin__", None) is Literal else ()
+        value = getattr(obj, f.name)
+        _check(not choices or value in choices, f"{type(obj).__name__}.{f.name} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerConfig:
+    """How a `(L, C)` stream becomes tokens: patches of `patch_len` steps of all `channels`."""
+
+    channels: int = 4
+    patch_len: int = 8
+    norm_decay: float = 0.99  # per-patch decay of the causal normalization statistics
+    norm_eps: float = 1e-5
+    clip: float = 50.0  # normalized values are clipped to +-clip (robust to gross outliers)
+
+    def __post_init__(self) -> None:
+        _check(self.channels >= 1, f"tokenizer.channels must be >= 1, got {self.channels}")
+        _check(self.patch_len >= 1, f"tokenizer.patch_len must be >= 1, got {self.patch_len}")
+        _check(0.0 < self.norm_decay <= 1.0, f"tokenizer.norm_decay must be in (0, 1], got {self.norm_decay}")
+        _check(self.norm_eps > 0, f"tokenizer.norm_eps must be > 0, got {self.norm_eps}")
+        _check(self.clip > 0, f"tokenizer.clip must be > 0, got {self.clip}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockConfig:
+    """Shape of one Oryx block and its two mixers."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    head_dim_k: int = 8  # key/query head dim; also the recurrent state's key dim
+    head_dim_v: int = 16
+    mlp_ratio: float = 4.0  # SwiGLU hidden width = mlp_ratio * d_model
+    conv_size: int = 4  # short causal convolutions on k, v and the recurrent query
+    mixer: Mixer = "gdn"
+    chunk_size: int = 64  # chunk length of the parallel linear mixer
+    rope: bool = True
+    rope_base: float = 10000.0
+    retention: Retention = "all"
+    window: int = 512  # bounded retention: recent tokens kept
+    pinned: int = 64  # bounded retention: router-pinned tokens kept
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        for name in ("d_model", "n_layers", "n_heads", "head_dim_k", "head_dim_v", "conv_size", "chunk_size", "window"):
+            _check(getattr(self, name) >= 1, f"block.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.head_dim_k % 2 == 0, f"block.head_dim_k must be even for RoPE, got {self.head_dim_k}")
+        _check(self.mlp_ratio > 0, f"block.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        _check(self.pinned >= 0, f"block.pinned must be >= 0, got {self.pinned}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(math.ceil(self.mlp_ratio * self.d_model))
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+    """Every token forecasts the next `horizon` steps of every channel at `quantiles`."""
+
+    horizon: int = 16
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+
+    def __post_init__(self) -> None:
+        _check(self.horizon >= 1, f"head.horizon must be >= 1, got {self.horizon}")
+        qs = tuple(self.quantiles)
+        _check(len(qs) >= 1 and all(0.0 < q < 1.0 for q in qs), f"head.quantiles must lie in (0, 1), got {qs}")
+        _check(list(qs) == sorted(set(qs)), f"head.quantiles must be strictly increasing, got {qs}")
+        object.__setattr__(self, "quantiles", qs)
+
+    @property
+    def median_index(self) -> int:
+        """Index of the quantile nearest 0.5 (the point forecast)."""
+        return min(range(len(self.quantiles)), key=lambda i: abs(self.quantiles[i] - 0.5))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Mixed-mode training on windows of a long stream."""
+
+    steps: int = 300
+    batch_size: int = 16
+    window_tokens: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 20
+    mode_chunk: int = 4  # tokens per mode chunk
+    attention_fraction: float = 0.25  # chance that a chunk runs in attention mode
+    full_mode_fraction: float = 0.2  # share of windows that run entirely in one mode (half each)
+    val_fraction: float = 0.15  # tail of the stream held out for validation
+    val_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "window_tokens", "mode_chunk", "val_every"):
+            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("attention_fraction", "full_mode_fraction"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+        _check(0.0 < self.val_fraction < 1.0, f"train.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check(self.lr > 0 and self.grad_clip > 0, "train.lr and train.grad_clip must be > 0")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OryxConfig:
+    """The whole model and training configuration."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    block: BlockConfig = field(default_factory=BlockConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "OryxConfig":
+        """Build a config from a nested dict; unknown keys raise `ValueError`."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config must be a JSON object, got {type(data).__name__}")
+        parts = {"tokenizer": TokenizerConfig, "block": BlockConfig, "head": HeadConfig, "train": TrainConfig}
+        unknown = set(data) - set(parts)
+        _check(not unknown, f"unknown config sections {sorted(unknown)}; expected {sorted(parts)}")
+        built = {}
+        for name, part in parts.items():
+            section = data.get(name, {})
+            names = {f.name for f in dataclasses.fields(part)}
+            bad = set(section) - names
+            _check(not bad, f"unknown keys {sorted(bad)} in config section {name!r}")
+            if "quantiles" in section:
+                section = {**section, "quantiles": tuple(section["quantiles"])}
+            built[name] = part(**section)
+        return cls(**built)
+
+    @classmethod
+    def from_json(cls, text: str) -> "OryxConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def replace(self, **sections: Any) -> "OryxConfig":
+        """Copy with some fields changed: `cfg.replace(block={"mixer": "mamba2"})`."""
+        data = self.to_dict()
+        for name, changes in sections.items():
+            if name not in data:
+                raise ValueError(f"unknown config section {name!r}")
+            data[name].update(changes)
+        return OryxConfig.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "OryxConfig":
+        return cls.from_json(Path(path).read_text())
+
+
+PRESETS: dict[str, OryxConfig] = {
+    # trains on a 2-core CPU in well under a minute
+    "debug": OryxConfig(
+        tokenizer=TokenizerConfig(channels=4, patch_len=8),
+        block=BlockConfig(d_model=64, n_layers=2, n_heads=4, head_dim_k=8, head_dim_v=16, chunk_size=16),
+        head=HeadConfig(horizon=16, quantiles=(0.1, 0.5, 0.9)),
+        train=TrainConfig(steps=300, batch_size=16, window_tokens=64),
+    ),
+    "small": OryxConfig(
+        tokenizer=TokenizerConfig(channels=8, patch_len=16),
+        block=BlockConfig(d_model=256, n_layers=4, n_heads=4, head_dim_k=32, head_dim_v=64, chunk_size=64),
+        head=HeadConfig(horizon=64, quantiles=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)),
+        train=TrainConfig(steps=5000, batch_size=32, window_tokens=256, lr=1e-3),
+    ),
+    "base": OryxConfig(
+        tokenizer=TokenizerConfig(channels=8, patch_len=16),
+        block=BlockConfig(d_model=512, n_layers=8, n_heads=8, head_dim_k=32, head_dim_v=64, chunk_size=64),
+        head=HeadConfig(horizon=128, quantiles=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)),
+        train=TrainConfig(steps=50000, batch_size=64, window_tokens=512, lr=6e-4, warmup_steps=1000),
+    ),
+}
+
+
+def preset(name: str, **sections: Any) -> OryxConfig:
+    """A named preset (`debug`, `small`, `base`), optionally with some fields changed."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name].replace(**sections) if sections else PRESETS[name]

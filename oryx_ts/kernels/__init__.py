@@ -1,0 +1,1 @@
+"""Mixer ops: pure-torch references (CPU path) and fast paths, chosen in `dispatch`."""

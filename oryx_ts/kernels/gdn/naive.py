@@ -1,0 +1,120 @@
+"""Gated DeltaNet in pure PyTorch: the ground truth and the CPU path.
+
+Ops on already-projected tensors, in fla's layout. Everything is computed in fp32 and cast back.
+
+Legend: B batch, T tokens, H heads, K key dim, V value dim.
+    q_BTHK, k_BTHK   queries and keys (keys are expected L2-normalized)
+    v_BTHV           values
+    g_BTH            log decay per token (<= 0)
+    beta_BTH         delta-rule write strength in (0, 1)
+    state_BHKV       recurrent state S, read as o = q @ S
+
+Recurrence, token by token:
+    S <- exp(g) * S
+    S <- S + beta * k (v - k^T S)^T
+    o  = scale * q^T S
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def naive_recurrent_gdn(
+    q_BTHK: torch.Tensor,
+    k_BTHK: torch.Tensor,
+    v_BTHV: torch.Tensor,
+    g_BTH: torch.Tensor,
+    beta_BTH: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token Gated DeltaNet. Returns `(o_BTHV, final_state_BHKV)`; the state is fp32."""
+    dtype = v_BTHV.dtype
+    B, T, H, K = k_BTHK.shape
+    V = v_BTHV.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    q, k, v, g, beta = (t.float() for t in (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH))
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float().clone()
+    o = q.new_zeros(B, T, H, V)
+    for t in range(T):
+        o[:, t], S = gdn_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S, scale=scale)
+    return o.to(dtype), S
+
+
+def gdn_step(
+    q_BHK: torch.Tensor,
+    k_BHK: torch.Tensor,
+    v_BHV: torch.Tensor,
+    g_BH: torch.Tensor,
+    beta_BH: torch.Tensor,
+    state_BHKV: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the recurrence. Returns `(o_BHV, new_state_BHKV)`; does not modify its inputs."""
+    scale = q_BHK.shape[-1] ** -0.5 if scale is None else scale
+    S = state_BHKV.float() * g_BH.float().exp()[..., None, None]
+    k = k_BHK.float()
+    delta_BHV = beta_BH.float()[..., None] * (v_BHV.float() - torch.einsum("bhk,bhkv->bhv", k, S))
+    S = S + k[..., :, None] * delta_BHV[..., None, :]
+    o_BHV = torch.einsum("bhk,bhkv->bhv", q_BHK.float() * scale, S)
+    return o_BHV.to(v_BHV.dtype), S
+
+
+def naive_chunk_gdn(
+    q_BTHK: torch.Tensor,
+    k_BTHK: torch.Tensor,
+    v_BTHV: torch.Tensor,
+    g_BTH: torch.Tensor,
+    beta_BTH: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked Gated DeltaNet (WY representation), same contract as `naive_recurrent_gdn`.
+
+    Inside a chunk of C tokens the delta-rule updates are folded into a lower-triangular solve,
+    so the work is a few (C x C) and (C x K) matmuls per chunk instead of C sequential updates.
+    """
+    dtype = v_BTHV.dtype
+    B, T, H, K = k_BTHK.shape
+    V = v_BTHV.shape[-1]
+    C = chunk_size
+    scale = K**-0.5 if scale is None else scale
+    pad = (-T) % C
+    # (B, H, T, .) layout, fp32, padded to whole chunks; padded tokens have g = 0 and beta = 0,
+    # so they leave the state unchanged and their outputs are dropped.
+    q, k, v = (F.pad(t.float().transpose(1, 2), (0, 0, 0, pad)) for t in (q_BTHK, k_BTHK, v_BTHV))
+    g, beta = (F.pad(t.float().transpose(1, 2), (0, pad)) for t in (g_BTH, beta_BTH))
+    N = (T + pad) // C
+    q = q.reshape(B, H, N, C, K) * scale
+    k = k.reshape(B, H, N, C, K)
+    v = v.reshape(B, H, N, C, V)
+    beta = beta.reshape(B, H, N, C)
+    gcum = g.reshape(B, H, N, C).cumsum(-1)
+
+    tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    strict = tril.clone().fill_diagonal_(False)
+    # decay from token j to token i inside a chunk (i >= j)
+    decay_CC = (gcum[..., :, None] - gcum[..., None, :]).masked_fill(~tril, float("-inf")).exp()
+    k_beta = k * beta[..., None]
+    # A = I + strictly-lower(beta_i k_i.k_j decay_ij); the WY form needs A^{-1}
+    A = (k_beta @ k.transpose(-1, -2) * decay_CC).masked_fill(~strict, 0.0)
+    eye = torch.eye(C, device=q.device)
+    A_inv = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
+    u = A_inv @ (v * beta[..., None])  # pseudo-values
+    w = A_inv @ (k_beta * gcum.exp()[..., None])  # how the incoming state perturbs them
+
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float().clone()
+    o = torch.empty(B, H, N, C, V, device=q.device)
+    attn_intra = (q @ k.transpose(-1, -2) * decay_CC).masked_fill(~tril, 0.0)
+    for n in range(N):
+        v_new = u[:, :, n] - w[:, :, n] @ S
+        o[:, :, n] = (q[:, :, n] * gcum[:, :, n, :, None].exp()) @ S + attn_intra[:, :, n] @ v_new
+        g_last = gcum[:, :, n, -1]
+        k_decayed = k[:, :, n] * (g_last[..., None] - gcum[:, :, n]).exp()[..., None]
+        S = S * g_last.exp()[..., None, None] + k_decayed.transpose(-1, -2) @ v_new
+    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
+    return o.to(dtype), S

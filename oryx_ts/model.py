@@ -1,0 +1,151 @@
+"""OryxForecaster: patch tokenizer, Oryx blocks and a quantile head, with a parallel forward and a streaming step.
+
+Legend: B batch (series), L raw steps, T tokens, P patch length, C channels, D model dim,
+Hz horizon steps, Q quantile levels.
+
+Every token is a forecast origin: token n sees the stream up to the end of patch n and forecasts
+the next Hz steps of every channel at Q quantile levels. Modes: 1 = attention, 0 = recurrence.
+`step` reproduces `forward` token for token (tested), for every mode pattern.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oryx_ts.block import OryxBlock, RMSNorm
+from oryx_ts.config import OryxConfig
+from oryx_ts.state import State
+from oryx_ts.tokenizer import PatchTokenizer
+
+
+def pinball_loss(pred_NQ: torch.Tensor, target_N: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
+    """Mean quantile (pinball) loss over the non-NaN targets; `pred` has a trailing quantile axis."""
+    valid = ~torch.isnan(target_N)
+    diff = torch.where(valid, target_N, 0.0)[..., None] - pred_NQ
+    loss = torch.maximum(quantiles * diff, (quantiles - 1) * diff)
+    return (loss * valid[..., None]).sum() / (valid.sum() * quantiles.numel()).clamp_min(1)
+
+
+class QuantileHead(nn.Module):
+    """Maps each token to Hz x C forecasts at Q quantile levels; quantiles cannot cross."""
+
+    def __init__(self, d_model: int, horizon: int, channels: int, n_quantiles: int):
+        super().__init__()
+        self.shape = (horizon, channels, n_quantiles)
+        self.proj = nn.Linear(d_model, horizon * channels * n_quantiles)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        raw = self.proj(x_BTD).view(*x_BTD.shape[:-1], *self.shape)
+        Q = self.shape[-1]
+        if Q == 1:
+            return raw
+        # a central level plus softplus gaps on either side keeps the levels ordered
+        mid = Q // 2
+        gaps = F.softplus(raw - 1.0) + 1e-4
+        center = raw[..., mid : mid + 1]
+        below = center - gaps[..., :mid].flip(-1).cumsum(-1).flip(-1)
+        above = center + gaps[..., mid + 1 :].cumsum(-1)
+        return torch.cat([below, center, above], dim=-1)
+
+
+class OryxForecaster(nn.Module):
+    """The Oryx multi-mixer forecaster for multivariate streams (pure module; no training logic)."""
+
+    def __init__(self, config: OryxConfig):
+        super().__init__()
+        self.config = config
+        b = config.block
+        self.tokenizer = PatchTokenizer(config.tokenizer, b.d_model)
+        self.blocks = nn.ModuleList([OryxBlock(b) for _ in range(b.n_layers)])
+        self.norm = RMSNorm(b.d_model, b.norm_eps)
+        self.head = QuantileHead(b.d_model, config.head.horizon, config.tokenizer.channels, len(config.head.quantiles))
+        self.register_buffer("quantiles", torch.tensor(config.head.quantiles), persistent=False)
+
+    # --- parallel -----------------------------------------------------------------------------
+
+    def _modes(self, modes: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+        if modes is None:
+            return torch.zeros(B, T, device=device)
+        if not isinstance(modes, torch.Tensor):
+            modes = torch.as_tensor(modes)
+        if modes.dim() == 1 and modes.shape[0] == T:
+            modes = modes.expand(B, T)
+        if modes.shape != (B, T):
+            raise ValueError(f"modes must have shape ({B}, {T}) (batch, tokens) or ({T},), got {tuple(modes.shape)}")
+        return modes.to(device=device, dtype=torch.float32)
+
+    def forward_normalized(self, x_BLC: torch.Tensor, modes: torch.Tensor | None = None):
+        """Forecasts in normalized units. Returns `(pred_BTHzCQ, mean_BTC, std_BTC)`."""
+        self.tokenizer.check_input(x_BLC)
+        x_BTD, mean, std, _ = self.tokenizer(x_BLC)
+        m_BT = self._modes(modes, x_BTD.shape[0], x_BTD.shape[1], x_BTD.device)
+        for block in self.blocks:
+            x_BTD = block(x_BTD, m_BT)
+        return self.head(self.norm(x_BTD)), mean, std
+
+    def forward(self, x_BLC: torch.Tensor, modes: torch.Tensor | None = None) -> torch.Tensor:
+        """Forecasts of every token in data units, `(B, T, Hz, C, Q)`; `modes` (B, T) or (T,), default all-recurrent.
+
+        Raises `ValueError` when `x_BLC` is not `(B, T * patch_len, channels)` or `modes` does not fit.
+        """
+        pred, mean, std = self.forward_normalized(x_BLC, modes)
+        return self.tokenizer.denormalize(pred, mean, std)
+
+    def targets_normalized(self, x_BLC: torch.Tensor, mean_BTC: torch.Tensor, std_BTC: torch.Tensor) -> torch.Tensor:
+        """For each token the next Hz steps of `x_BLC`, normalized like that token; NaN past the end."""
+        P, Hz = self.config.tokenizer.patch_len, self.config.head.horizon
+        B, L, C = x_BLC.shape
+        padded = F.pad(x_BLC[:, P:].transpose(1, 2), (0, Hz), value=float("nan")).transpose(1, 2)
+        windows_BTCHz = padded.unfold(1, Hz, P)[:, : L // P]
+        return self.tokenizer.normalize(windows_BTCHz.transpose(2, 3), mean_BTC, std_BTC)
+
+    def loss(self, x_BLC: torch.Tensor, modes: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantile loss of every token's forecast against the later steps of `x_BLC` (normalized units)."""
+        pred, mean, std = self.forward_normalized(x_BLC, modes)
+        target = self.targets_normalized(x_BLC, mean, std)
+        return pinball_loss(pred, target, self.quantiles)
+
+    # --- streaming ----------------------------------------------------------------------------
+
+    def init_state(self, batch_size: int, *, capacity: int = 256, device=None) -> State:
+        """An empty state for `batch_size` series; the KV cache holds `capacity` tokens before it grows."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = device or next(self.parameters()).device
+        dtype = next(self.parameters()).dtype
+        return State(
+            layers=[blk.mixer.init_layer_state(batch_size, capacity, device, dtype) for blk in self.blocks],
+            norm_stats_B3C=self.tokenizer.init_stats(batch_size, device),
+        )
+
+    @torch.no_grad()
+    def step(self, patch_BPC: torch.Tensor, state: State, mode: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """Consume one patch per series; returns `(forecast_BHzCQ, state)` in data units.
+
+        `state` is updated in place and returned. `mode` (B,) per series, 1 = attention, default 0.
+        Raises `ValueError` for a patch of the wrong shape or a state of another batch size.
+        """
+        self.tokenizer.check_input(patch_BPC, step=True)
+        B = patch_BPC.shape[0]
+        if state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} series, patch has {B}")
+        m_B1 = self._modes(None if mode is None else torch.as_tensor(mode).reshape(B, 1), B, 1, patch_BPC.device)
+        x_B1D, mean, std, stats = self.tokenizer(patch_BPC, state.norm_stats_B3C)
+        for block, layer_state in zip(self.blocks, state.layers, strict=True):
+            x_B1D = block(x_B1D, m_B1, layer_state, state.n_tokens)
+        state.norm_stats_B3C = stats
+        state.n_tokens += 1
+        pred = self.head(self.norm(x_B1D))
+        return self.tokenizer.denormalize(pred, mean, std)[:, 0], state
+
+    # --- introspection ------------------------------------------------------------------------
+
+    def shared_parameter_fraction(self) -> float:
+        """Fraction of block parameters shared by both mixers (everything but their queries and gates)."""
+        totals = {"attention": 0, "linear": 0, "shared": 0}
+        for block in self.blocks:
+            for part, n in block.mode_specific_parameters().items():
+                totals[part] += n
+        return totals["shared"] / sum(totals.values())
