@@ -1,0 +1,48 @@
+"""Training windows over a long stream, drawn as views: the stream is never copied per window."""
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+class WindowSampler:
+    """Windows of `window` steps from `values[start:stop]` of a `(L, C)` stream.
+
+    Window starts are multiples of `align` (the patch length, so that patches line up with the
+    stream's own patch grid). `sample` draws a random batch; `sequential` walks the span in order.
+    """
+
+    def __init__(self, values: np.ndarray | torch.Tensor, window: int, *, start: int = 0, stop: int | None = None, align: int = 1):
+        data = torch.as_tensor(values)
+        if data.dim() != 2:
+            raise ValueError(f"expected a (length, channels) stream, got shape {tuple(data.shape)}")
+        stop = data.shape[0] if stop is None else stop
+        if not 0 <= start < stop <= data.shape[0]:
+            raise ValueError(f"need 0 <= start < stop <= {data.shape[0]}, got start={start}, stop={stop}")
+        if window < 1 or align < 1:
+            raise ValueError(f"window and align must be >= 1, got window={window}, align={align}")
+        first = -(-start // align) * align
+        if first + window > stop:
+            raise ValueError(f"span [{start}, {stop}) is shorter than one window of {window} steps")
+        self.data = data.float()
+        self.window = window
+        self.starts = torch.arange(first, stop - window + 1, align)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def _gather(self, starts: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.data[s : s + self.window] for s in starts.tolist()])
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random batch `(batch_size, window, C)` (starts drawn with replacement)."""
+        pick = torch.randint(len(self.starts), (batch_size,), generator=generator)
+        return self._gather(self.starts[pick])
+
+    def sequential(self, batch_size: int, *, stride: int | None = None) -> Iterator[torch.Tensor]:
+        """Batches of windows in stream order, `stride` steps apart (default: non-overlapping)."""
+        stride = stride or self.window
+        starts = self.starts[(self.starts - self.starts[0]) % stride == 0]
+        for i in range(0, len(starts), batch_size):
+            yield self._gather(starts[i : i + batch_size])
