@@ -72,11 +72,22 @@ def _to_float(frame: pl.DataFrame, column: str, source: str) -> np.ndarray:
     return cast.fill_null(np.nan).to_numpy()
 
 
-def _timestamps(frame: pl.DataFrame, column: str, source: str, time_format: str | None) -> np.ndarray:
-    """int64 array: microseconds since the epoch for clock columns, the raw integer for indices."""
+def _timestamps(frame: pl.DataFrame, column: str, source: str, time_format: str | None) -> tuple[np.ndarray, bool]:
+    """(int64 array, is_clock): microseconds since the epoch for clock columns, the integer for
+    step-index columns."""
     series = frame.get_column(column)
     if series.dtype == pl.String:
-        parsed = series.str.strip_chars().str.to_datetime(format=time_format, strict=False, time_unit="us")
+        stripped = series.str.strip_chars()
+        as_int = stripped.cast(pl.Int64, strict=False)
+        if time_format is None and as_int.null_count() == stripped.null_count():
+            series = as_int
+    if series.dtype == pl.String:
+        try:
+            parsed = stripped.str.to_datetime(format=time_format, strict=False, time_unit="us")
+        except pl.exceptions.PolarsError as err:
+            first = stripped.drop_nulls().head(1).to_list()
+            raise DataError(f"{source}: column {column!r}: cannot infer a timestamp format from "
+                            f"{first[0] if first else None!r}; pass time_format (e.g. '%d/%m/%Y %H:%M')") from err
         bad = (parsed.is_null() & series.is_not_null()).arg_true()
         if len(bad):
             row = int(bad[0])
@@ -89,9 +100,9 @@ def _timestamps(frame: pl.DataFrame, column: str, source: str, time_format: str 
     if len(nulls):
         raise _fail(source, int(nulls[0]), column, "missing timestamp")
     if isinstance(series.dtype, pl.Datetime):
-        return series.dt.replace_time_zone(None).dt.cast_time_unit("us").cast(pl.Int64).to_numpy()
+        return series.dt.replace_time_zone(None).dt.cast_time_unit("us").cast(pl.Int64).to_numpy(), True
     if series.dtype.is_integer():
-        return series.cast(pl.Int64).to_numpy()
+        return series.cast(pl.Int64).to_numpy(), False
     raise DataError(f"{source}: timestamp column {column!r} has type {series.dtype}; expected datetimes, "
                     "date strings or integer step indices")
 
@@ -157,8 +168,7 @@ def from_frame(
     if timestamp is None:
         ts, clock = np.arange(frame.height, dtype=np.int64), False
     else:
-        ts = _timestamps(frame, timestamp, source, time_format)
-        clock = isinstance(frame.schema[timestamp], pl.Datetime | pl.Date) or frame.schema[timestamp] == pl.String
+        ts, clock = _timestamps(frame, timestamp, source, time_format)
     diffs = np.diff(ts)
     back = np.flatnonzero(diffs < 0)
     if len(back):
