@@ -1,13 +1,23 @@
 """The one place that decides which implementation of a mixer op runs.
 
 `backend="auto"` picks the fast path for CUDA tensors when its packages are installed and the
-torch reference otherwise; `backend="torch"` always takes the reference; `backend="triton"` asks
-for the fast path and raises `ValueError` where it cannot run. `last_backend` records the path
-taken by the most recent call of each op, so tests can prove which one ran.
+shapes are ones it takes, and the torch reference otherwise; `backend="torch"` always takes the
+reference; `backend="triton"` asks for the fast path and raises `ValueError` where it cannot run.
+`last_backend` records the path taken by the most recent call of each op ("torch" or "triton"),
+and `last_backend["<op>_impl"]` which library served a fast call, so tests can prove which ran.
+
+Fast paths (all Triton; imported on first use, so the CPU install never imports triton):
+    linear_chunk  gdn: fla `chunk_gated_delta_rule`; mamba2: mamba-ssm `mamba_chunk_scan_combined`
+                  (differentiable) or fla `chunk_simple_gla` (`impl="fla"`; forward-only on Hopper
+                  with triton < 3.7.1)
+    linear_step   our fused single-token kernel (`kernels.step_triton`), any number of series
+    routed_attention  our routed-query kernel (`kernels.attention.routed_triton`)
 
 Legend: B batch, T tokens, H heads, K key dim, V value dim, S retained keys.
 """
 
+import importlib.util
+from functools import cache
 from typing import Literal
 
 import torch
@@ -18,24 +28,57 @@ from oryx_ts.kernels.mamba2.naive import naive_chunk_ssd, ssd_step
 
 Backend = Literal["auto", "torch", "triton"]
 Mixer = Literal["gdn", "mamba2"]
+Mamba2Impl = Literal["auto", "mamba_ssm", "fla"]
 
 last_backend: dict[str, str] = {}
 
 
-def fast_path_available(device: torch.device) -> tuple[bool, str]:
-    """Whether the Triton path can run on `device`, and why not when it cannot."""
+@cache
+def _installed(package: str) -> bool:
+    """Whether a top-level package is installed; `find_spec` locates it without importing it."""
+    return importlib.util.find_spec(package) is not None
+
+
+def fast_path_available(device: torch.device, op: str | None = None) -> tuple[bool, str]:
+    """Whether the Triton path can run on `device` (for `op`, if given), and why not when it cannot.
+
+    `op` is one of "gdn_chunk", "mamba2_chunk", "linear_step", "routed_attention"; None asks
+    only about the device and triton.
+    """
     if device.type != "cuda":
         return False, f"tensors are on {device.type}, the fast path needs CUDA"
-    return False, "no fast path is built into this installation"
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    if not _installed("triton"):
+        return False, "triton is not installed"
+    if op == "gdn_chunk" and not _installed("fla"):
+        return False, "fla (flash-linear-attention) is not installed"
+    if op == "mamba2_chunk" and not (_installed("mamba_ssm") or _installed("fla")):
+        return False, "neither mamba-ssm nor fla is installed"
+    return True, ""
 
 
-def select_backend(x: torch.Tensor, backend: Backend) -> str:
+def _shape_ok(op: str, q: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
+    K, V = q.shape[-1], v.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False, f"dtype {q.dtype} is not supported"
+    if op == "routed_attention":
+        return (True, "") if 16 <= K <= 128 and 16 <= V <= 128 else (False, f"head dims must lie in [16, 128], got K={K}, V={V}")
+    if op == "linear_step":
+        return (True, "") if K * V <= 128 * 128 else (False, f"state {K}x{V} is larger than 128x128")
+    # fla and mamba-ssm chunk kernels: tensor-core tiles need dims of at least 16
+    return (True, "") if 16 <= K <= 256 and 16 <= V <= 256 else (False, f"head dims must lie in [16, 256], got K={K}, V={V}")
+
+
+def select_backend(x: torch.Tensor, backend: Backend, op: str | None = None, v: torch.Tensor | None = None) -> str:
     """Resolve `backend` for tensors like `x`; raises `ValueError` if the fast path is demanded but unavailable."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "torch":
         return "torch"
-    ok, why = fast_path_available(x.device)
+    ok, why = fast_path_available(x.device, op)
+    if ok and op is not None:
+        ok, why = _shape_ok(op, x, x if v is None else v)
     if backend == "triton" and not ok:
         raise ValueError(f"backend='triton' cannot run: {why}")
     return "triton" if ok else "torch"
@@ -52,10 +95,39 @@ def linear_chunk(
     initial_state: torch.Tensor | None = None,
     chunk_size: int = 64,
     backend: Backend = "auto",
+    impl: Mamba2Impl = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parallel (chunked) linear mixer over T tokens. Returns `(o_BTHV, final_state_BHKV)`."""
-    path = select_backend(q_BTHK, backend)
+    """Parallel (chunked) linear mixer over T tokens. Returns `(o_BTHV, final_state_BHKV)`.
+
+    `chunk_size` applies to the torch path; the fast kernels use their own (fla 64, mamba-ssm
+    256), which changes only rounding. `impl` picks the mamba2 fast kernel: "auto" takes
+    mamba-ssm when installed, else fla.
+    """
+    if mixer not in ("gdn", "mamba2"):
+        raise ValueError(f"unknown mixer {mixer!r}; expected 'gdn' or 'mamba2'")
+    if impl not in ("auto", "mamba_ssm", "fla"):
+        raise ValueError(f"impl must be 'auto', 'mamba_ssm' or 'fla', got {impl!r}")
+    path = select_backend(q_BTHK, backend, f"{mixer}_chunk", v_BTHV)
+    if path == "triton" and mixer == "mamba2":
+        if impl == "auto":
+            impl = "mamba_ssm" if _installed("mamba_ssm") else "fla"
+        if not _installed(impl):
+            if backend == "triton":
+                raise ValueError(f"backend='triton' cannot run: {impl} is not installed")
+            path = "torch"
     last_backend["linear_chunk"] = path
+    if path == "triton":
+        if mixer == "gdn":
+            from oryx_ts.kernels.gdn.fast import fla_chunk_gdn
+
+            last_backend["linear_chunk_impl"] = "fla"
+            return fla_chunk_gdn(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=initial_state)
+        from oryx_ts.kernels.mamba2.fast import fla_chunk_ssd, mamba_ssm_chunk_ssd
+
+        last_backend["linear_chunk_impl"] = impl
+        fn = mamba_ssm_chunk_ssd if impl == "mamba_ssm" else fla_chunk_ssd
+        return fn(q_BTHK, k_BTHK, v_BTHV, g_BTH, initial_state=initial_state)
+    last_backend["linear_chunk_impl"] = "torch"
     if mixer == "gdn":
         return naive_chunk_gdn(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=initial_state, chunk_size=chunk_size)
     if mixer == "mamba2":
@@ -74,9 +146,15 @@ def linear_step(
     *,
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token of the linear mixer. Returns `(o_BHV, new_state_BHKV)`."""
-    path = select_backend(q_BHK, backend)
+    """One token of the linear mixer. Returns `(o_BHV, new_state_BHKV)`; the input state is not modified."""
+    if mixer not in ("gdn", "mamba2"):
+        raise ValueError(f"unknown mixer {mixer!r}; expected 'gdn' or 'mamba2'")
+    path = select_backend(q_BHK, backend, "linear_step", v_BHV)
     last_backend["linear_step"] = path
+    if path == "triton":
+        from oryx_ts.kernels.step_triton import recurrent_step_triton
+
+        return recurrent_step_triton(mixer, q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state_BHKV)
     if mixer == "gdn":
         return gdn_step(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state_BHKV)
     if mixer == "mamba2":
@@ -95,9 +173,19 @@ def routed_attention(
     k_valid_BS: torch.Tensor | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
-    """Causal softmax attention for routed queries only; see `kernels.attention.naive.routed_attention`."""
-    path = select_backend(q_BTqHK, backend)
+    """Causal softmax attention for routed queries only; see `kernels.attention.naive.routed_attention`.
+
+    The fast path needs `q_pos_Tq` and `k_pos_S` ascending to stay proportional to the routed
+    queries (it stays correct otherwise), and returns zeros for a query that sees no key.
+    """
+    path = select_backend(q_BTqHK, backend, "routed_attention", v_BSHV)
     last_backend["routed_attention"] = path
+    if path == "triton":
+        from oryx_ts.kernels.attention.routed_triton import routed_attention_triton
+
+        return routed_attention_triton(
+            q_BTqHK, k_BSHK, v_BSHV, q_pos_Tq=q_pos_Tq, k_pos_S=k_pos_S, scale_H=scale_H, k_valid_BS=k_valid_BS
+        )
     return _routed_attention_torch(
         q_BTqHK, k_BSHK, v_BSHV, q_pos_Tq=q_pos_Tq, k_pos_S=k_pos_S, scale_H=scale_H, k_valid_BS=k_valid_BS
     )

@@ -320,4 +320,4 @@ def routed_attention_triton(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_BSHK.to(dtype), v_BSHV.to(dtype)))
     q_pos = q_pos_Tq.to(torch.int64).contiguous()
     k_pos = k_pos_S.to(torch.int64).contiguous()
-    return _RoutedAttention.apply(q, k, v, q_pos, k_pos, k_valid_BS)
+    return _RoutedAttention.apply(q, k, v, q_pos, k_pos, k_valid_BS).to(v_BSHV.dtype)

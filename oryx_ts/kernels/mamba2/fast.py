@@ -51,7 +51,7 @@ def mamba_ssm_chunk_ssd(
         initial_states=h0,
         return_final_states=True,
     )
-    return o.to(dtype), state_BHVK.transpose(-1, -2)
+    return o.to(dtype), state_BHVK.transpose(-1, -2).contiguous()
 
 
 def fla_chunk_ssd(

@@ -1,0 +1,81 @@
+"""The dispatch point must take the torch path on CPU, refuse a demanded fast path there, and keep triton out of the CPU install."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oryx_ts.kernels import dispatch
+from oryx_ts.kernels.attention.naive import routed_attention
+from oryx_ts.kernels.gdn.naive import gdn_step, naive_chunk_gdn
+from oryx_ts.kernels.mamba2.naive import naive_chunk_ssd, ssd_step
+
+
+def _attention_inputs(B=2, T=12, H=2, K=16):
+    q_pos = torch.tensor([3, 4, 9, 11])
+    q = F.normalize(torch.randn(B, len(q_pos), H, K), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K), dim=-1)
+    v = torch.randn(B, T, H, K)
+    return q, k, v, dict(q_pos_Tq=q_pos, k_pos_S=torch.arange(T), scale_H=torch.full((H,), 5.0))
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cpu_takes_torch_path_and_matches_reference(mixer, backend, inputs, rel):
+    q, k, v, g, beta, h0 = inputs(2, 21, 2, 16, 16, mixer=mixer, init_state=True)
+    o, s = dispatch.linear_chunk(mixer, q, k, v, g, beta, initial_state=h0, chunk_size=8, backend=backend)
+    assert dispatch.last_backend["linear_chunk"] == "torch"
+    ref = naive_chunk_gdn(q, k, v, g, beta, initial_state=h0, chunk_size=8) if mixer == "gdn" else \
+        naive_chunk_ssd(q, k, v, g, initial_state=h0, chunk_size=8)
+    assert torch.equal(o, ref[0]) and torch.equal(s, ref[1])
+
+    o1, s1 = dispatch.linear_step(mixer, q[:, 0], k[:, 0], v[:, 0], g[:, 0], None if beta is None else beta[:, 0], h0,
+                                  backend=backend)
+    assert dispatch.last_backend["linear_step"] == "torch"
+    ref1 = gdn_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0) if mixer == "gdn" else \
+        ssd_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], h0)
+    assert torch.equal(o1, ref1[0]) and torch.equal(s1, ref1[1])
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_routed_attention_cpu_takes_torch_path(backend, inputs, rel):
+    q, k, v, kw = _attention_inputs()
+    o = dispatch.routed_attention(q, k, v, backend=backend, **kw)
+    assert dispatch.last_backend["routed_attention"] == "torch"
+    assert torch.equal(o, routed_attention(q, k, v, **kw))
+
+
+def test_triton_backend_raises_on_cpu(inputs, rel):
+    q, k, v, g, beta, h0 = inputs(1, 4, 2, 16, 16, mixer="gdn", init_state=True)
+    with pytest.raises(ValueError, match="cannot run"):
+        dispatch.linear_chunk("gdn", q, k, v, g, beta, backend="triton")
+    with pytest.raises(ValueError, match="cannot run"):
+        dispatch.linear_step("gdn", q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0, backend="triton")
+    qa, ka, va, kw = _attention_inputs()
+    with pytest.raises(ValueError, match="cannot run"):
+        dispatch.routed_attention(qa, ka, va, backend="triton", **kw)
+    ok, why = dispatch.fast_path_available(torch.device("cpu"))
+    assert not ok and "cpu" in why
+
+
+def test_bad_arguments_raise(inputs, rel):
+    q, k, v, g, beta, _ = inputs(1, 4, 2, 16, 16, mixer="gdn")
+    with pytest.raises(ValueError, match="backend"):
+        dispatch.linear_chunk("gdn", q, k, v, g, beta, backend="cuda")
+    with pytest.raises(ValueError, match="mixer"):
+        dispatch.linear_chunk("rwkv", q, k, v, g, beta)
+    with pytest.raises(ValueError, match="impl"):
+        dispatch.linear_chunk("mamba2", q, k, v, g, None, impl="flash")
+
+
+def test_cpu_install_never_imports_triton(inputs, rel):
+    code = (
+        "import sys, torch, oryx_ts, oryx_ts.kernels.dispatch as d, oryx_ts.model, oryx_ts.block\n"
+        "q = torch.randn(1, 3, 2, 16); g = -torch.rand(1, 3, 2)\n"
+        "d.linear_chunk('mamba2', q, q, q, g, None)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('triton', 'fla', 'mamba_ssm')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
