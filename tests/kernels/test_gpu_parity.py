@@ -1,0 +1,264 @@
+"""Every GPU fast path must compute what its torch reference computes: outputs, gradients and final
+states, in bf16 and fp32, at lengths off the chunk boundaries.
+
+References run in fp32 on the same (already rounded) inputs. Tolerances are on the relative error
+||fast - ref|| / ||ref||: fp32 inputs 2e-3 (fla and our kernels may use tf32 tensor cores),
+bf16 inputs 2e-2 (16-bit operands and outputs). Outputs are poisoned with NaN before fast calls
+that write into given buffers. Skipped with a reason where CUDA or a package is missing.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oryx_ts.kernels import dispatch
+from oryx_ts.kernels.attention.naive import routed_attention
+from oryx_ts.kernels.gdn.naive import gdn_step, naive_chunk_gdn
+from oryx_ts.kernels.mamba2.naive import naive_chunk_ssd, ssd_step
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
+]
+needs_fla = pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs fla (flash-linear-attention)")
+needs_mamba = pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
+
+TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2}
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+# (label, B, T, H, K, V): one token, shorter than a chunk, chunk-1, chunk+1, several chunks and a bit
+SHAPES = [
+    ("T1", 2, 1, 2, 64, 64),
+    ("T37", 2, 37, 4, 64, 64),
+    ("T63", 1, 63, 2, 64, 128),
+    ("T65", 2, 65, 2, 128, 64),
+    ("T300", 1, 300, 4, 64, 64),
+]
+GRAD_SHAPES = [("T100", 2, 100, 4, 64, 64), ("T257", 1, 257, 2, 128, 128)]
+
+
+def _grads(fn, leaves, seed=0):
+    """Outputs and gradients of `fn(*leaves)` against fixed random cotangents."""
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    o, s = fn(*leaves)
+    gen = torch.Generator(device=o.device).manual_seed(seed)
+    do = torch.randn(o.shape, generator=gen, device=o.device)
+    ds = torch.randn(s.shape, generator=gen, device=o.device)
+    loss = (o.float() * do).sum() + (s.float() * ds).sum()
+    return o.detach(), s.detach(), torch.autograd.grad(loss, leaves)
+
+
+def _up(t):
+    return t.detach().float()
+
+
+def _check(name, fast, ref, rel, dtype):
+    err = rel(fast, ref)
+    assert err < TOL[dtype], f"{name}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+@needs_fla
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("init_state", [False, True], ids=["h0=0", "h0"])
+@pytest.mark.parametrize("label,B,T,H,K,V", SHAPES, ids=[s[0] for s in SHAPES])
+def test_gdn_chunk_forward(label, B, T, H, K, V, init_state, dtype, inputs, rel):
+    q, k, v, g, beta, h0 = inputs(B, T, H, K, V, mixer="gdn", dtype=dtype, device="cuda", seed=T, init_state=init_state)
+    o, s = dispatch.linear_chunk("gdn", q, k, v, g, beta, initial_state=h0, backend="triton")
+    assert dispatch.last_backend["linear_chunk"] == "triton" and dispatch.last_backend["linear_chunk_impl"] == "fla"
+    o_ref, s_ref = naive_chunk_gdn(_up(q), _up(k), _up(v), g, beta, initial_state=h0)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    _check("o", o, o_ref, rel, dtype)
+    _check("final state", s, s_ref, rel, dtype)
+
+
+@needs_fla
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label,B,T,H,K,V", GRAD_SHAPES, ids=[s[0] for s in GRAD_SHAPES])
+def test_gdn_chunk_gradients(label, B, T, H, K, V, dtype, inputs, rel):
+    q, k, v, g, beta, h0 = inputs(B, T, H, K, V, mixer="gdn", dtype=dtype, device="cuda", seed=T, init_state=True)
+    fast = _grads(lambda *a: dispatch.linear_chunk("gdn", *a[:5], initial_state=a[5], backend="triton"),
+                  [q, k, v, g, beta, h0])
+    ref = _grads(lambda q_, k_, v_, *a: naive_chunk_gdn(q_.float(), k_.float(), v_.float(), *a[:2], initial_state=a[2]),
+                 [q, k, v, g, beta, h0])
+    _check("o", fast[0], ref[0], rel, dtype)
+    _check("final state", fast[1], ref[1], rel, dtype)
+    for name, a, b in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], fast[2], ref[2]):
+        _check(name, a, b, rel, dtype)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("mamba_ssm", marks=needs_mamba), pytest.param("fla", marks=needs_fla)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("init_state", [False, True], ids=["h0=0", "h0"])
+@pytest.mark.parametrize("label,B,T,H,K,V", SHAPES, ids=[s[0] for s in SHAPES])
+def test_mamba2_chunk_forward(label, B, T, H, K, V, init_state, dtype, impl, inputs, rel):
+    q, k, v, g, _, h0 = inputs(B, T, H, K, V, mixer="mamba2", dtype=dtype, device="cuda", seed=T, init_state=init_state)
+    o, s = dispatch.linear_chunk("mamba2", q, k, v, g, None, initial_state=h0, backend="triton", impl=impl)
+    assert dispatch.last_backend["linear_chunk_impl"] == impl
+    o_ref, s_ref = naive_chunk_ssd(_up(q), _up(k), _up(v), g, initial_state=h0)
+    assert o.dtype == dtype and s.dtype == torch.float32 and s.shape == s_ref.shape
+    _check("o", o, o_ref, rel, dtype)
+    _check("final state", s, s_ref, rel, dtype)
+
+
+@needs_mamba
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label,B,T,H,K,V", GRAD_SHAPES, ids=[s[0] for s in GRAD_SHAPES])
+def test_mamba2_mamba_ssm_gradients(label, B, T, H, K, V, dtype, inputs, rel):
+    q, k, v, g, _, h0 = inputs(B, T, H, K, V, mixer="mamba2", dtype=dtype, device="cuda", seed=T, init_state=True)
+    fast = _grads(lambda *a: dispatch.linear_chunk("mamba2", *a[:4], None, initial_state=a[4], backend="triton",
+                                                   impl="mamba_ssm"), [q, k, v, g, h0])
+    ref = _grads(lambda q_, k_, v_, g_, h_: naive_chunk_ssd(q_.float(), k_.float(), v_.float(), g_, initial_state=h_),
+                 [q, k, v, g, h0])
+    _check("o", fast[0], ref[0], rel, dtype)
+    _check("final state", fast[1], ref[1], rel, dtype)
+    for name, a, b in zip(["dq", "dk", "dv", "dg", "dh0"], fast[2], ref[2]):
+        _check(name, a, b, rel, dtype)
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,K,V", [(3, 2, 64, 64), (5, 4, 128, 128), (16384, 8, 64, 64)],
+                         ids=["B3", "B5-K128", "B16384"])
+def test_linear_step(mixer, dtype, B, H, K, V, inputs, rel):
+    q, k, v, g, beta, h0 = inputs(B, 1, H, K, V, mixer=mixer, dtype=dtype, device="cuda", seed=B, init_state=True)
+    args = (q[:, 0], k[:, 0], v[:, 0], g[:, 0], None if beta is None else beta[:, 0])
+    before = h0.clone()
+    o, s = dispatch.linear_step(mixer, *args, h0, backend="triton")
+    torch.cuda.synchronize()
+    assert dispatch.last_backend["linear_step"] == "triton" and torch.equal(h0, before)
+    ref_fn = gdn_step if mixer == "gdn" else (lambda q_, k_, v_, g_, b_, s_: ssd_step(q_, k_, v_, g_, s_))
+    o_ref, s_ref = ref_fn(*(_up(t) if t is not None and t.dtype != torch.float32 else t for t in args), h0)
+    _check("o", o, o_ref, rel, dtype)
+    _check("state", s, s_ref, rel, dtype)
+
+
+@needs_fla
+def test_fla_fused_recurrent_split_survives_16384_series(inputs, rel):
+    from oryx_ts.kernels.gdn.fast import fla_fused_recurrent_gdn
+
+    q, k, v, g, beta, h0 = inputs(16384, 1, 8, 64, 64, mixer="gdn", dtype=torch.bfloat16, device="cuda", init_state=True)
+    o, s = fla_fused_recurrent_gdn(q, k, v, g, beta, initial_state=h0)
+    torch.cuda.synchronize()
+    o_ref, s_ref = gdn_step(_up(q[:, 0]), _up(k[:, 0]), _up(v[:, 0]), g[:, 0], beta[:, 0], h0)
+    _check("o", o[:, 0], o_ref, rel, torch.bfloat16)
+    _check("state", s, s_ref, rel, torch.bfloat16)
+
+
+ATT_SHAPES = [  # (label, B, T, H, K, routed fraction, bounded cache)
+    ("T300-K64", 2, 300, 2, 64, 0.3, False),
+    ("T1000-K128", 1, 1000, 2, 128, 0.1, False),
+    ("T513-K64-bounded", 2, 513, 2, 64, 0.25, True),
+    ("T200-K32-all", 1, 200, 3, 32, 1.0, False),
+]
+
+
+def _routed_inputs(B, T, H, K, frac, bounded, dtype, seed):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    chunk = 16
+    routed_chunks = torch.rand((T + chunk - 1) // chunk, generator=gen) < frac
+    routed_chunks[-1] = True
+    q_pos = (routed_chunks.repeat_interleave(chunk)[:T]).nonzero().squeeze(1)
+    q = F.normalize(torch.randn(B, len(q_pos), H, K, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, K, generator=gen)
+    scale = 2 + 8 * torch.rand(H, generator=gen)
+    valid = None
+    if bounded:  # a recent window of 128 plus pinned tokens, different per series
+        pos = torch.arange(T)
+        valid = (pos[None] >= T - 128) | (torch.rand(B, T, generator=gen) < 0.05)
+    cuda = lambda t: t.to("cuda", dtype) if t.is_floating_point() else t.to("cuda")  # noqa: E731
+    kw = dict(q_pos_Tq=q_pos.cuda(), k_pos_S=torch.arange(T, device="cuda"), scale_H=scale.cuda(),
+              k_valid_BS=None if valid is None else valid.cuda())
+    return cuda(q), cuda(k), cuda(v), kw
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label,B,T,H,K,frac,bounded", ATT_SHAPES, ids=[s[0] for s in ATT_SHAPES])
+def test_routed_attention(label, B, T, H, K, frac, bounded, dtype, rel):
+    q, k, v, kw = _routed_inputs(B, T, H, K, frac, bounded, dtype, seed=T)
+    scale = kw.pop("scale_H")
+
+    def fast(q_, k_, v_, s_):
+        out = dispatch.routed_attention(q_, k_, v_, scale_H=s_, backend="triton", **kw)
+        return out, s_
+
+    def ref(q_, k_, v_, s_):
+        return routed_attention(q_.float(), k_.float(), v_.float(), scale_H=s_, **kw), s_
+
+    o, _, g_fast = _grads(fast, [q, k, v, scale])
+    assert dispatch.last_backend["routed_attention"] == "triton"
+    o_ref, _, g_ref = _grads(ref, [q, k, v, scale])
+    seen = ~torch.isnan(o_ref)  # queries with no retained key: reference NaN, kernel zeros
+    if bounded:
+        assert torch.equal(o[~seen], torch.zeros_like(o[~seen]))
+        g_ref = [torch.nan_to_num(t) for t in g_ref]
+    _check("o", o[seen], o_ref[seen], rel, dtype)
+    for name, a, b in zip(["dq", "dk", "dv", "dscale"], g_fast, g_ref):
+        _check(name, a, b, rel, dtype)
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_layer_step(mixer, dtype, inputs, rel):
+    from oryx_ts.kernels.step_triton import fused_layer_step
+
+    B, H, K, V, S = 64, 4, 64, 64, 300
+    q, k, v, g, beta, h0 = inputs(B, 1, H, K, V, mixer=mixer, dtype=dtype, device="cuda", seed=3, init_state=True)
+    q, k, v, g = q[:, 0], k[:, 0], v[:, 0], g[:, 0]
+    beta = None if beta is None else beta[:, 0]
+    gen = torch.Generator(device="cpu").manual_seed(4)
+    qa = F.normalize(torch.randn(B, H, K, generator=gen), dim=-1).to("cuda", dtype)
+    ka = F.normalize(torch.randn(B, H, K, generator=gen), dim=-1).to("cuda", dtype)
+    kc = F.normalize(torch.randn(B, S, H, K, generator=gen), dim=-1).to("cuda", dtype)
+    vc = torch.randn(B, S, H, V, generator=gen).to("cuda", dtype)
+    length = torch.randint(0, S + 1, (B,), generator=gen)
+    slot = torch.where(length < S, length, torch.randint(0, S, (B,), generator=gen))  # append, or evict a slot
+    route = (torch.rand(B, generator=gen) < 0.5).float()
+    scale = torch.full((H,), 6.0)
+    state, kc2, vc2 = h0.clone(), kc.clone(), vc.clone()
+    out = torch.full((B, H, V), float("nan"), device="cuda", dtype=dtype)
+    fused_layer_step(mixer, q, k, v, g, beta, state, q_att_BHK=qa, k_att_BHK=ka, k_cache_BSHK=kc2, v_cache_BSHV=vc2,
+                     slot_B=slot.cuda(), len_B=length.cuda(), route_B=route.cuda(), scale_H=scale.cuda(), out_BHV=out)
+    o_lin, s_ref = (gdn_step(_up(q), _up(k), _up(v), g, beta, h0) if mixer == "gdn" else
+                    ssd_step(_up(q), _up(k), _up(v), g, h0))
+    _check("state", state, s_ref, rel, dtype)
+    idx = torch.arange(B)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    kc_ref[idx, slot], vc_ref[idx, slot] = ka, v
+    assert torch.equal(kc2, kc_ref) and torch.equal(vc2, vc_ref)
+    valid = torch.arange(S)[None] < length[:, None]
+    valid[idx, slot] = True
+    o_att = torch.stack([
+        routed_attention(_up(qa[b])[None, None], _up(kc_ref[b])[None], _up(vc_ref[b])[None],
+                         q_pos_Tq=torch.zeros(1, dtype=torch.long, device="cuda"),
+                         k_pos_S=torch.zeros(S, dtype=torch.long, device="cuda"), scale_H=scale.cuda(),
+                         k_valid_BS=valid[b][None].cuda())[0, 0]
+        for b in range(B)])
+    m = route.cuda()[:, None, None]
+    _check("o", out, m * o_att + (1 - m) * o_lin, rel, dtype)
+
+
+@pytest.mark.parametrize("mixer", [pytest.param("gdn", marks=needs_fla), pytest.param("mamba2", marks=needs_mamba)])
+def test_model_step_equals_forward_on_gpu(mixer, rel):
+    from tests.conftest import random_model
+
+    model = random_model(mixer, seed=5, block={"head_dim_k": 16, "head_dim_v": 32}).cuda()
+    P, C = model.config.tokenizer.patch_len, model.config.tokenizer.channels
+    B, T = 3, 37
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(B, T * P, C, generator=gen) * 5 + 2).cuda()
+    modes = (torch.rand(B, T, generator=gen) < 0.3).float().cuda()
+    with torch.no_grad():
+        parallel = model(x, modes)
+        assert dispatch.last_backend["linear_chunk"] == "triton"
+        state = model.init_state(B, capacity=8)
+        out = []
+        for n in range(T):
+            f, state = model.step(x[:, n * P : (n + 1) * P], state, modes[:, n])
+            out.append(f)
+        assert dispatch.last_backend["linear_step"] == "triton"
+    streamed = torch.stack(out, 1)
+    assert torch.isfinite(parallel).all()
+    _check("step vs forward", streamed, parallel, rel, torch.float32)
