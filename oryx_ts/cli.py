@@ -44,7 +44,7 @@ def _unsorted(path: Path, column: str):
 def _cmd_demo(args: argparse.Namespace) -> int:
     from oryx_ts.demo import run_demo
 
-    run_demo(args.out, steps=args.steps, progress=not args.quiet)
+    run_demo(args.out, steps=args.steps, length=args.length, progress=not args.quiet)
     return 0
 
 
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train and stream on an embedded synthetic telemetry stream")
     demo.add_argument("--out", default="runs/demo", help="output directory (checkpoint, plot)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the debug preset's)")
+    demo.add_argument("--length", type=int, default=24_000, help="steps of the generated stream")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
