@@ -142,9 +142,10 @@ class TelemetryStream:
         """Summary: rows, channels, span, missing share, label counts and coverage per kind."""
         span = None
         if self.start is not None and self.step is not None:
-            end = self.start + (len(self) - 1) * self.step
+            first = self.start.astype("datetime64[s]")
+            last = (self.start + (len(self) - 1) * self.step).astype("datetime64[s]")
             seconds = (len(self) - 1) * self.step / np.timedelta64(1, "s")
-            span = f"{self.start} .. {end} ({_format_span(seconds)})"
+            span = f"{first} .. {last} ({_format_span(seconds)})"
         missing = np.isnan(self.values)
         counts = Counter(w.kind for w in self.labels)
         return {
