@@ -112,7 +112,9 @@ def _label_windows(frame: pl.DataFrame, columns: Sequence[str], bucket: np.ndarr
     windows: list[LabelWindow] = []
     for column in columns:
         series = frame.get_column(column)
-        if series.dtype == pl.String:
+        numeric = series.dtype != pl.String or (
+            series.str.strip_chars().cast(pl.Float64, strict=False).null_count() == series.null_count())
+        if not numeric:
             kinds = series.str.strip_chars().fill_null("")
             for kind in sorted(set(kinds.unique().to_list()) - {"", "0", "normal"}):
                 hit = (kinds == kind).to_numpy()
