@@ -129,6 +129,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """The learned router (a small network on the token embedding and surprise features) and its training.
+
+    The router is trained after the forecaster, which stays frozen: modes are relaxed with logistic
+    (binary Gumbel) noise at `temperature`, and a dual variable, stepped by `dual_lr`, holds the
+    expected attention rate at `budget_fraction` of the attention surcharge.
+    """
+
+    hidden: int = 32
+    surprise_decay: float = 0.9  # EMA of the surprise, for its trend feature
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 3e-3
+    dual_lr: float = 0.5
+    temperature: float = 0.5
+    budget_fraction: float = 0.1
+    label_weight: float = 0.0  # > 0: also fit labelled windows (binary cross-entropy) when labels are given
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "steps", "batch_size"):
+            _check(getattr(self, name) >= 1, f"router.{name} must be >= 1, got {getattr(self, name)}")
+        _check(0.0 <= self.surprise_decay < 1.0, f"router.surprise_decay must be in [0, 1), got {self.surprise_decay}")
+        _check(0.0 < self.budget_fraction <= 1.0, f"router.budget_fraction must be in (0, 1], got {self.budget_fraction}")
+        _check(self.lr > 0 and self.dual_lr >= 0 and self.temperature > 0, "router.lr and router.temperature must be > 0, router.dual_lr >= 0")
+        _check(self.label_weight >= 0, f"router.label_weight must be >= 0, got {self.label_weight}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class OryxConfig:
     """The whole model and training configuration."""
 
@@ -136,6 +165,7 @@ class OryxConfig:
     block: BlockConfig = field(default_factory=BlockConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,7 +178,7 @@ class OryxConfig:
         """Build a config from a nested dict; unknown keys raise `ValueError`."""
         if not isinstance(data, dict):
             raise ValueError(f"config must be a JSON object, got {type(data).__name__}")
-        parts = {"tokenizer": TokenizerConfig, "block": BlockConfig, "head": HeadConfig, "train": TrainConfig}
+        parts = {"tokenizer": TokenizerConfig, "block": BlockConfig, "head": HeadConfig, "train": TrainConfig, "router": RouterConfig}
         unknown = set(data) - set(parts)
         _check(not unknown, f"unknown config sections {sorted(unknown)}; expected {sorted(parts)}")
         built = {}

@@ -6,6 +6,11 @@ Hz horizon steps, Q quantile levels.
 Every token is a forecast origin: token n sees the stream up to the end of patch n and forecasts
 the next Hz steps of every channel at Q quantile levels. Modes: 1 = attention, 0 = recurrence.
 `step` reproduces `forward` token for token (tested), for every mode pattern.
+
+Routing: given a router (`oryx_ts.routers`) and optionally a `Budget`, `forward` returns a
+`RoutedForecast` (forecasts plus per-token scores, modes, FLOPs and allowance) and `step` records
+the same for its token in the `RoutedState` it updates. The decisions are made in `oryx_ts.routers`;
+the model only calls it.
 """
 
 import torch
@@ -14,6 +19,9 @@ from torch import nn
 
 from oryx_ts.block import OryxBlock, RMSNorm
 from oryx_ts.config import OryxConfig
+from oryx_ts.routers import runtime as routing
+from oryx_ts.routers.budget import Budget
+from oryx_ts.routers.heuristics import Router
 from oryx_ts.state import State
 from oryx_ts.tokenizer import PatchTokenizer
 
@@ -85,11 +93,22 @@ class OryxForecaster(nn.Module):
             x_BTD = block(x_BTD, m_BT)
         return self.head(self.norm(x_BTD)), mean, std
 
-    def forward(self, x_BLC: torch.Tensor, modes: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x_BLC: torch.Tensor, modes: torch.Tensor | None = None, *, router: Router | None = None, budget: Budget | None = None
+    ) -> torch.Tensor:
         """Forecasts of every token in data units, `(B, T, Hz, C, Q)`; `modes` (B, T) or (T,), default all-recurrent.
 
-        Raises `ValueError` when `x_BLC` is not `(B, T * patch_len, channels)` or `modes` does not fit.
+        With a `router` (and optionally a `budget`; without one a token runs attention when its score
+        is >= 0.5) the modes are chosen per token and a `routing.RoutedForecast` is returned instead.
+        Raises `ValueError` when `x_BLC` is not `(B, T * patch_len, channels)`, `modes` does not fit,
+        or both `modes` and `router` are given.
         """
+        if router is not None:
+            if modes is not None:
+                raise ValueError("give either modes or a router, not both")
+            return routing.route_forward(self, x_BLC, router, budget)
+        if budget is not None:
+            raise ValueError("a budget needs a router")
         pred, mean, std = self.forward_normalized(x_BLC, modes)
         return self.tokenizer.denormalize(pred, mean, std)
 
@@ -109,36 +128,65 @@ class OryxForecaster(nn.Module):
 
     # --- streaming ----------------------------------------------------------------------------
 
-    def init_state(self, batch_size: int, *, capacity: int = 256, device=None) -> State:
-        """An empty state for `batch_size` series; the KV cache holds `capacity` tokens before it grows."""
+    def init_state(
+        self, batch_size: int, *, capacity: int = 256, device=None, budget: Budget | None = None, routed: bool = False
+    ) -> State:
+        """An empty state for `batch_size` series; the KV cache holds `capacity` tokens before it grows.
+
+        With a `budget` or `routed=True` it is a `RoutedState`, which routed steps need.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = device or next(self.parameters()).device
         dtype = next(self.parameters()).dtype
-        return State(
+        state = State(
             layers=[blk.mixer.init_layer_state(batch_size, capacity, device, dtype) for blk in self.blocks],
             norm_stats_B3C=self.tokenizer.init_stats(batch_size, device),
         )
+        if budget is not None or routed:
+            state = routing.make_routed_state(state, self.config, budget)
+        return state
 
     @torch.no_grad()
-    def step(self, patch_BPC: torch.Tensor, state: State, mode: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+    def step(
+        self,
+        patch_BPC: torch.Tensor,
+        state: State,
+        mode: torch.Tensor | None = None,
+        *,
+        router: Router | None = None,
+        budget: Budget | None = None,
+    ) -> tuple[torch.Tensor, State]:
         """Consume one patch per series; returns `(forecast_BHzCQ, state)` in data units.
 
         `state` is updated in place and returned. `mode` (B,) per series, 1 = attention, default 0.
-        Raises `ValueError` for a patch of the wrong shape or a state of another batch size.
+        With a `router` (and optionally a `budget`) the mode is chosen per series and the token's
+        score, mode, FLOPs and allowance are recorded in `state` (a `RoutedState`, from
+        `init_state(B, budget=...)`). Raises `ValueError` for a patch of the wrong shape, a state of
+        another batch size, both `mode` and `router`, or a router without a `RoutedState`.
         """
         self.tokenizer.check_input(patch_BPC, step=True)
         B = patch_BPC.shape[0]
         if state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} series, patch has {B}")
-        m_B1 = self._modes(None if mode is None else torch.as_tensor(mode).reshape(B, 1), B, 1, patch_BPC.device)
+        if router is not None and mode is not None:
+            raise ValueError("give either mode or a router, not both")
+        if router is None and budget is not None:
+            raise ValueError("a budget needs a router")
         x_B1D, mean, std, stats = self.tokenizer(patch_BPC, state.norm_stats_B3C)
+        if router is not None:
+            m_B1 = routing.route_token(router, budget, self.config, state, x_B1D, patch_BPC)
+        else:
+            m_B1 = self._modes(None if mode is None else torch.as_tensor(mode).reshape(B, 1), B, 1, patch_BPC.device)
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
             x_B1D = block(x_B1D, m_B1, layer_state, state.n_tokens)
         state.norm_stats_B3C = stats
         state.n_tokens += 1
         pred = self.head(self.norm(x_B1D))
-        return self.tokenizer.denormalize(pred, mean, std)[:, 0], state
+        forecast = self.tokenizer.denormalize(pred, mean, std)[:, 0]
+        if router is not None:
+            routing.after_token(state, forecast)
+        return forecast, state
 
     # --- introspection ------------------------------------------------------------------------
 

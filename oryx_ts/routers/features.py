@@ -1,0 +1,60 @@
+"""Causal surprise features of a token: how badly the forecast made for its patch by the previous token missed.
+
+Legend: B series, T tokens, P patch length, Pf forecast steps that fall in the next patch
+(min(P, horizon)), C channels, Q quantile levels, F features.
+
+Token n sees patch n and the forecast that token n-1 made for it (the first Pf steps of its
+horizon). Errors are measured against that forecast's own spread (half the outer quantile
+interval), so they are free of units. Features, in order:
+    0  log1p of the mean error over observed steps and channels
+    1  log1p of the largest per-channel mean error
+    2  share of observed values outside the outer quantile interval
+    3  feature 0 minus its running mean over earlier tokens (the trend; EMA with `decay`)
+    4  share of missing values in the patch
+The first token of a stream has no earlier forecast: its features 0-3 are zero. The same function
+serves streaming (T = 1), routed forwards and router training, so all three see the same inputs.
+"""
+
+import torch
+
+N_FEATURES = 5
+
+
+def surprise_features(
+    patch_BTPC: torch.Tensor,
+    prev_forecast_BTPCQ: torch.Tensor,
+    has_prev_T: torch.Tensor,
+    ema_B: torch.Tensor,
+    *,
+    median_index: int,
+    decay: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features `(B, T, F)` float32 and the final EMA `(B,)` float64.
+
+    `prev_forecast_BTPCQ[:, n]` is the forecast made by token n-1 (anything where `has_prev_T[n]` is False).
+    """
+    Pf = prev_forecast_BTPCQ.shape[2]
+    x = patch_BTPC[:, :, :Pf].to(torch.float64)
+    f = prev_forecast_BTPCQ.to(torch.float64)
+    med, lo, hi = f[..., median_index], f[..., 0], f[..., -1]
+    width = (hi - lo) / 2 + 1e-6 + 1e-3 * med.abs()
+    observed = ~torch.isnan(x)
+    x0 = torch.where(observed, x, med)
+    z = (x0 - med).abs() / width
+    n_obs_BTC = observed.sum(2).clamp_min(1)
+    z_BTC = (z * observed).sum(2) / n_obs_BTC
+    n_obs = observed.sum((2, 3)).clamp_min(1)
+    mean_z = (z * observed).sum((2, 3)) / n_obs
+    outside = (((x0 < lo) | (x0 > hi)) & observed).sum((2, 3)) / n_obs
+    f0 = torch.log1p(mean_z)
+    f1 = torch.log1p(z_BTC.amax(-1))
+    prev = has_prev_T.to(torch.bool)[None, :]
+    f0, f1, outside = (torch.where(prev, t, 0.0) for t in (f0, f1, outside))
+    trend = torch.empty_like(f0)
+    ema = ema_B.to(torch.float64)
+    for n in range(f0.shape[1]):
+        trend[:, n] = torch.where(prev[:, n], f0[:, n] - ema, 0.0)
+        ema = torch.where(prev[:, n], decay * ema + (1 - decay) * f0[:, n], ema)
+    missing = torch.isnan(patch_BTPC).to(torch.float64).mean((2, 3))
+    feats = torch.stack([f0, f1, outside, trend, missing], dim=-1)
+    return feats.to(torch.float32), ema
