@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# The CPU torch wheel first, so that the project's loose torch range is already satisfied.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,forecasting]'
 	# fla's pure-torch references (naive.py) are the cross-check for our kernels; --no-deps keeps
 	# triton out: we load those files directly and never import the fla package.
 	$(PY) -m pip install -q --no-deps fla-core==0.6.0
