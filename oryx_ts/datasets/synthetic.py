@@ -208,6 +208,10 @@ def _count(rate: float, length: int, lo: int, hi: int) -> int:
     return int(round(rate * length / ((lo + hi) / 2)))
 
 
+def _sign(rng: np.random.Generator, k: int) -> np.ndarray:
+    return rng.choice([-1.0, 1.0], size=k)
+
+
 def _channel_subset(rng: np.random.Generator, channels: int, low: int, high: int) -> np.ndarray:
     k = int(rng.integers(min(low, channels), min(high, channels) + 1))
     return np.sort(rng.choice(channels, size=k, replace=False))
@@ -281,13 +285,15 @@ def _plan(length: int, channels: int, seed: int, config: SyntheticConfig) -> _Pl
         lengths = erng.integers(lo, hi + 1, size=n)
         for s, d in zip(_place(erng, length, lengths), lengths):
             s, e = int(s), int(s + d)
-            sign = lambda k: erng.choice([-1.0, 1.0], size=k)  # noqa: E731
             if kind == "spike":
                 ch = _channel_subset(erng, C, 1, 2)
-                events.append(_Event(kind, s, e, ch, sign(len(ch)) * erng.uniform(3.0, 6.0, len(ch))))
+                events.append(_Event(kind, s, e, ch, _sign(erng, len(ch)) * erng.uniform(3.0, 6.0, len(ch))))
             elif kind == "level_shift":
-                ch = np.flatnonzero(group_C == erng.integers(G)) if erng.random() < 0.5 else _channel_subset(erng, C, 1, 1)
-                events.append(_Event(kind, s, e, ch, sign(1) * erng.uniform(0.8, 1.6, len(ch))))
+                if erng.random() < 0.5:
+                    ch = np.flatnonzero(group_C == erng.integers(G))
+                else:
+                    ch = _channel_subset(erng, C, 1, 1)
+                events.append(_Event(kind, s, e, ch, _sign(erng, 1) * erng.uniform(0.8, 1.6, len(ch))))
             elif kind == "variance_burst":
                 ch = _channel_subset(erng, C, 1, max(1, C // 2))
                 events.append(_Event(kind, s, e, ch, erng.uniform(3.0, 6.0, len(ch))))
@@ -297,11 +303,11 @@ def _plan(length: int, channels: int, seed: int, config: SyntheticConfig) -> _Pl
                 events.append(_Event(kind, s, e, ch, stuck))
             elif kind == "drift":
                 ch = _channel_subset(erng, C, 1, 1)
-                events.append(_Event(kind, s, e, ch, sign(1) * erng.uniform(1.0, 2.0, 1)))
+                events.append(_Event(kind, s, e, ch, _sign(erng, 1) * erng.uniform(1.0, 2.0, 1)))
             else:
                 ch = np.flatnonzero(group_C == erng.integers(G))
                 factors = np.array([erng.uniform(0.0, 0.3), 0.5])
-                events.append(_Event(kind, s, e, ch, sign(1) * erng.uniform(0.5, 1.5, len(ch)), factors))
+                events.append(_Event(kind, s, e, ch, _sign(erng, 1) * erng.uniform(0.5, 1.5, len(ch)), factors))
 
     recurrences: list[tuple[LabelWindow, LabelWindow]] = []
     lo, hi = cfg.recurring_length
@@ -325,7 +331,8 @@ def _plan(length: int, channels: int, seed: int, config: SyntheticConfig) -> _Pl
             pattern = _recurring_pattern(rrng, n, len(ch))
             events.append(_Event("recurring_first", s1, s1 + n, ch, np.zeros(len(ch)), pattern))
             events.append(_Event("recurring_repeat", s2, s2 + n, ch, np.zeros(len(ch)), pattern))
-            recurrences.append((LabelWindow(s1, s1 + n, "recurring_first"), LabelWindow(s2, s2 + n, "recurring_repeat")))
+            recurrences.append((LabelWindow(s1, s1 + n, "recurring_first"),
+                                LabelWindow(s2, s2 + n, "recurring_repeat")))
 
     events.sort(key=lambda ev: (ev.start, ev.kind))
     plan.events = events

@@ -4,8 +4,7 @@ must round-trip the stream bit for bit."""
 import numpy as np
 import pytest
 
-from oryx_ts.datasets import SyntheticConfig, TelemetryStream, generate
-from oryx_ts.datasets import adapters
+from oryx_ts.datasets import SyntheticConfig, TelemetryStream, adapters, generate
 
 pytest.importorskip("pandas", reason="adapters need the forecasting extra (pandas)")
 
