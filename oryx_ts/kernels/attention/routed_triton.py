@@ -56,7 +56,7 @@ def _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_va
     return k, v, kpos, ok
 
 
-@triton.autotune(configs=_configs([4, 8], [2, 3]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC"])
+@triton.autotune(configs=_configs([4, 8], [3]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC"])
 @triton.jit
 def _fwd_kernel(Q, Kc, Vc, O, LSE, QPOS, KPOS, KVALID, KEND, KFULL,
                 s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_ot, s_oh, s_valid_b,
@@ -121,8 +121,7 @@ def _fwd_kernel(Q, Kc, Vc, O, LSE, QPOS, KPOS, KVALID, KEND, KFULL,
     tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=m_mask)
 
 
-@triton.autotune(configs=_configs([4, 8], [2, 3]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC"],
-                 reset_to_zero=[])
+@triton.autotune(configs=_configs([4, 8], [2]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC"])
 @triton.jit
 def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, QPOS, KPOS, KVALID, QSTART,
                      s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dot, s_doh, s_valid_b,
@@ -169,7 +168,7 @@ def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, QPOS, KPOS, KVALID, QS
              dv.to(DV_.dtype.element_ty), mask=n_mask[:, None] & (offs_v[None, :] < DV))
 
 
-@triton.autotune(configs=_configs([4, 8], [2, 3]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC"])
+@triton.autotune(configs=_configs([4, 8], [2]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC"])
 @triton.jit
 def _bwd_dq_kernel(Q, Kc, Vc, DO, DQ, LSE, DELTA, QPOS, KPOS, KVALID, KEND,
                    s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dot, s_doh, s_valid_b,
