@@ -3,43 +3,8 @@
 import argparse
 import json
 import sys
-from pathlib import Path
 
-import numpy as np
-
-
-def _read_stream(path: Path, *, timestamp: str | None = None, channels: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    """Channel columns of a CSV or Parquet file as a (L, C) float32 array (nulls become NaN).
-
-    Channels are the named columns, or else every numeric column except the timestamp column.
-    """
-    import polars as pl
-
-    if not path.is_file():
-        raise ValueError(f"data file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        frame = pl.read_parquet(path)
-    elif suffix in (".csv", ".txt"):
-        frame = pl.read_csv(path, null_values=["", "NA", "NaN", "nan", "?"], infer_schema_length=10_000)
-    else:
-        raise ValueError(f"unsupported data file {path}: expected .csv or .parquet")
-    for name in [timestamp, *(channels or [])]:
-        if name is not None and name not in frame.columns:
-            raise ValueError(f"{path} has no column {name!r} (columns: {frame.columns})")
-    if timestamp is not None:
-        if not frame[timestamp].is_sorted():
-            _unsorted(path, timestamp)
-    numeric = channels or [c for c, t in frame.schema.items() if t.is_numeric() and c != timestamp]
-    if not numeric:
-        raise ValueError(f"{path} has no numeric columns (columns: {frame.columns})")
-    values = frame.select(pl.col(numeric).cast(pl.Float32).fill_null(float("nan"))).to_numpy()
-    return values.astype(np.float32), numeric
-
-
-def _unsorted(path: Path, column: str):
-    raise ValueError(f"{path}: timestamps in column {column!r} are not in increasing order")
-
+from oryx_ts.datasets.cli import add_parser as add_data_parser
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from oryx_ts.demo import run_demo
@@ -53,8 +18,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from oryx_ts.train import train
 
     config = OryxConfig.load(args.config) if args.config else preset(args.preset)
+    from oryx_ts.datasets import read
+
     channels = args.channels.split(",") if args.channels else None
-    values, columns = _read_stream(Path(args.data), timestamp=args.timestamp, channels=channels)
+    try:
+        stream = read(args.data, timestamp=args.timestamp, channels=channels, step=args.step)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from e
+    values, columns = stream.values, list(stream.channels)
     overrides: dict[str, dict] = {"tokenizer": {"channels": values.shape[1]}}
     for item in args.set or []:
         key, _, raw = item.partition("=")
@@ -83,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train on a CSV or Parquet file (numeric columns are channels)")
     tr.add_argument("--data", required=True, help="CSV or Parquet file")
     tr.add_argument("--timestamp", default=None, help="timestamp column (must be increasing; not a channel)")
+    tr.add_argument("--step", default=None, help="resampling step, e.g. 1m or 15min (default: inferred)")
     tr.add_argument("--channels", default=None, help="comma-separated channel columns (default: all numeric)")
     tr.add_argument("--preset", default="debug", choices=["debug", "small", "base"])
     tr.add_argument("--config", default=None, help="JSON config file (instead of a preset)")
@@ -91,12 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=_cmd_train)
 
-    try:
-        from oryx_ts.datasets.cli import add_parser as add_data_parser
-    except ImportError:
-        pass
-    else:
-        add_data_parser(sub)
+    add_data_parser(sub)
     return parser
 
 

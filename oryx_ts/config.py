@@ -223,7 +223,7 @@ PRESETS: dict[str, OryxConfig] = {
         tokenizer=TokenizerConfig(channels=4, patch_len=8),
         block=BlockConfig(d_model=64, n_layers=2, n_heads=4, head_dim_k=8, head_dim_v=16, chunk_size=16),
         head=HeadConfig(horizon=16, quantiles=(0.1, 0.5, 0.9)),
-        train=TrainConfig(steps=300, batch_size=16, window_tokens=64),
+        train=TrainConfig(steps=300, batch_size=8, window_tokens=128),
     ),
     "small": OryxConfig(
         tokenizer=TokenizerConfig(channels=8, patch_len=16),
