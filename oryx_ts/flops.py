@@ -55,17 +55,22 @@ def layer_flops(block: BlockConfig, mode: int, cache_len: int) -> dict[str, int]
         "lin_q_proj": 2 * D * H * K,
         "gates": gates,
         "conv": 2 * W * H * (2 * K + V),
-        # state read(s) as matmuls (counted by the counter) plus the elementwise decay and write
-        "recurrent": 2 * H * K * V * (2 if block.mixer == "gdn" else 1) + 3 * H * K * V,
+        "recurrent": 2 * H * K * V * (2 if block.mixer == "gdn" else 1),  # state reads (the delta rule reads twice)
+        "recurrent_update": 3 * H * K * V,  # elementwise decay and rank-one write
         "z_o_proj": 2 * D * H * V * 2,
         "mlp": 3 * 2 * D * block.mlp_hidden,
         "att_q_proj": 0,
         "attention": 0,
+        "softmax": 0,
     }
     if mode == ATTENTION:
         terms["att_q_proj"] = 2 * D * H * K
-        terms["attention"] = H * cache_len * (2 * K + 2 * V + 5)
+        terms["attention"] = 2 * H * cache_len * (K + V)
+        terms["softmax"] = 5 * H * cache_len
     return terms
+
+
+ELEMENTWISE_TERMS = ("recurrent_update", "softmax")  # terms the FLOP counter does not see
 
 
 def token_flops(config: OryxConfig, mode: int, cache_len: int) -> int:

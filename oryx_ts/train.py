@@ -5,6 +5,8 @@ pattern shared by its windows (so attention is computed only for the attention c
 `mode_chunk` tokens run in attention mode with probability `attention_fraction`, and a share
 `full_mode_fraction` of batches runs entirely in one mode, half of them all-attention, so that
 each mode alone and every mix work.
+
+`train_router` fits a `LearnedRouter` against a trained, frozen forecaster (see its docstring).
 """
 
 import math
@@ -19,6 +21,10 @@ from oryx_ts.checkpoint import save
 from oryx_ts.config import OryxConfig
 from oryx_ts.datasets.windows import WindowSampler
 from oryx_ts.model import OryxForecaster
+from oryx_ts.routers.features import surprise_features
+from oryx_ts.routers.heuristics import RouterInputs
+from oryx_ts.routers.learned import LearnedRouter
+from oryx_ts.routers.runtime import forecast_steps
 
 
 @dataclass
@@ -123,4 +129,99 @@ def train(
     model.eval()
     if out_dir is not None:
         result.checkpoint = save(model, out_dir, extra={"history": result.history})
+    return result
+
+
+@dataclass
+class RouterTrainResult:
+    router: LearnedRouter
+    history: list[dict] = field(default_factory=list)
+
+
+def router_inputs(model: OryxForecaster, x_BLC: torch.Tensor) -> RouterInputs:
+    """Router inputs for windows that start a stream: surprise from the all-recurrent forecasts of the previous tokens.
+
+    Streaming computes the same features from the forecasts the routed model made; under a small
+    budget those are mostly recurrent, which is why training reads the all-recurrent ones.
+    """
+    config = model.config
+    P, Pf = config.tokenizer.patch_len, forecast_steps(config)
+    B, L, C = x_BLC.shape
+    T = L // P
+    with torch.no_grad():
+        base = model(x_BLC)
+        tokens = model.tokenizer(x_BLC)[0]
+    prev = torch.cat([base.new_zeros(B, 1, Pf, C, base.shape[-1]), base[:, :-1, :Pf]], dim=1)
+    feats, _ = surprise_features(
+        x_BLC.reshape(B, T, P, C), prev, torch.arange(T) > 0, torch.zeros(B, dtype=torch.float64),
+        median_index=config.head.median_index, decay=config.router.surprise_decay,
+    )
+    return RouterInputs(tokens, feats, torch.arange(T))
+
+
+def train_router(
+    model: OryxForecaster,
+    values: np.ndarray | torch.Tensor,
+    *,
+    router: LearnedRouter | None = None,
+    label_mask: np.ndarray | None = None,
+    progress: bool = True,
+) -> RouterTrainResult:
+    """Fit a learned router on the training part of a `(L, C)` stream against the frozen `model`.
+
+    Per batch of windows: router logits from token embeddings and surprise features; modes relaxed
+    with logistic noise (binary Gumbel) so the forecast loss reaches the router; a dual variable
+    holds the mean attention probability at `config.router.budget_fraction`. `label_mask` (L,)
+    booleans, used only when `config.router.label_weight > 0`, adds a cross-entropy on labelled
+    tokens. The forecaster's weights are left as they were. Raises `ValueError` for a stream of
+    the wrong shape.
+    """
+    config = model.config
+    rc, t = config.router, config.train
+    values = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    if values.dim() != 2 or values.shape[1] != config.tokenizer.channels:
+        raise ValueError(f"expected a stream of shape (length, {config.tokenizer.channels}), got {tuple(values.shape)}")
+    P = config.tokenizer.patch_len
+    window = t.window_tokens * P
+    split = int(values.shape[0] * (1 - t.val_fraction))
+    sampler = WindowSampler(values, window, stop=split, align=P)
+    labels = None if label_mask is None or rc.label_weight == 0 else torch.as_tensor(np.asarray(label_mask, dtype=bool))
+
+    torch.manual_seed(rc.seed)
+    generator = torch.Generator().manual_seed(rc.seed)
+    router = router or LearnedRouter(config.block.d_model, rc)
+    router.train()
+    opt = torch.optim.AdamW(router.parameters(), lr=rc.lr, weight_decay=0.0)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    dual = 0.0
+    result = RouterTrainResult(router=router)
+    try:
+        bar = tqdm(range(1, rc.steps + 1), desc="router", disable=not progress, dynamic_ncols=True)
+        for step in bar:
+            starts = sampler.starts[torch.randint(len(sampler.starts), (rc.batch_size,), generator=generator)]
+            x = torch.stack([values[s : s + window] for s in starts.tolist()])
+            inputs = router_inputs(model, x)
+            logits = router.logits(inputs)
+            modes = router.relaxed_modes(logits, generator)
+            forecast_loss = model.loss(x, modes)
+            rate = torch.sigmoid(logits).mean()
+            loss = forecast_loss + dual * (rate - rc.budget_fraction)
+            if labels is not None:
+                token_labels = torch.stack([labels[s : s + window].reshape(-1, P).any(1) for s in starts.tolist()])
+                loss = loss + rc.label_weight * router.label_loss(logits, token_labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            dual = max(0.0, dual + rc.dual_lr * (rate.item() - rc.budget_fraction))
+            result.history.append({"step": step, "forecast_loss": forecast_loss.item(), "rate": rate.item(), "dual": dual})
+            bar.set_postfix(loss=f"{forecast_loss.item():.4f}", rate=f"{rate.item():.3f}", dual=f"{dual:.3f}")
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    router.eval()
     return result

@@ -52,9 +52,9 @@ class Budget:
     fraction: float | None = None
     flops: float | None = None
     of: Literal["surcharge", "attention"] = "surcharge"
-    window: int = 64
+    window: int = 128
     slack: float = 0.0
-    reserve: float = 0.5
+    reserve: float = 0.1
     spike_level: float = 0.9
     threshold_lr: float = 0.02
 

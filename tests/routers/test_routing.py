@@ -1,0 +1,165 @@
+"""Routed forward and routed streaming must make the same decisions and forecasts, and routing state must persist like the rest of the state."""
+
+import numpy as np
+import pytest
+import torch
+
+import oryx_ts
+from oryx_ts.checkpoint import load_router
+from oryx_ts.config import preset
+from oryx_ts.routers import (
+    AllRouter,
+    Budget,
+    FixedRouter,
+    LearnedRouter,
+    NoneRouter,
+    OracleRouter,
+    RandomRouter,
+    RoutedState,
+    SurpriseRouter,
+)
+from oryx_ts.train import train_router
+from tests.conftest import random_model
+
+T = 28
+
+
+def stream(seed: int = 0, B: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T * 8, 4, generator=g).cumsum(1) * 0.3
+    x[:, 150:166] += 6.0  # a level shift the surprise features must notice
+    return x
+
+
+def learned(seed: int = 0) -> LearnedRouter:
+    torch.manual_seed(seed)
+    router = LearnedRouter(64)
+    with torch.no_grad():
+        router.net[-1].bias.fill_(0.5)
+        router.net[-1].weight.normal_(0, 1.0)
+    return router.eval()
+
+
+ROUTERS = {
+    "fixed": lambda: FixedRouter(4),
+    "random": lambda: RandomRouter(0.3, seed=3),
+    "surprise": lambda: SurpriseRouter(),
+    "surprise-threshold": lambda: SurpriseRouter(threshold=1.0),
+    "learned": learned,
+    "all": AllRouter,
+    "none": NoneRouter,
+    "oracle": lambda: OracleRouter(np.arange(T) % 5 == 0),
+}
+
+
+def stream_through_step(model, x, router, budget):
+    P = model.config.tokenizer.patch_len
+    state = model.init_state(x.shape[0], budget=budget, routed=True)
+    forecasts, modes, flops = [], [], []
+    for n in range(x.shape[1] // P):
+        f, state = model.step(x[:, n * P : (n + 1) * P], state, router=router, budget=budget)
+        forecasts.append(f)
+        modes.append(state.last_mode_B)
+        flops.append(state.last_flops_B)
+    return torch.stack(forecasts, 1), torch.stack(modes, 1), torch.stack(flops, 1), state
+
+
+@pytest.mark.parametrize("name", list(ROUTERS))
+@pytest.mark.parametrize("budget", [Budget(fraction=0.25, window=8), None], ids=["budget", "no-budget"])
+def test_forward_and_step_make_the_same_decisions_and_forecasts(name, budget):
+    model = random_model("gdn")
+    router, x = ROUTERS[name](), stream()
+    with torch.no_grad():
+        out = model(x, router=router, budget=budget)
+    forecast, modes, flops, _ = stream_through_step(model, x, router, budget)
+    assert torch.equal(out.modes_BT, modes)
+    assert torch.equal(out.flops_BT, flops)
+    torch.testing.assert_close(out.forecast, forecast, rtol=1e-4, atol=1e-4)
+    if name not in ("none",) and budget is not None:
+        assert 0 < modes.sum() < modes.numel()  # the pattern mixes modes, so the comparison means something
+
+
+def test_mamba2_routed_forward_equals_step_with_the_learned_router():
+    model = random_model("mamba2")
+    budget = Budget(fraction=0.3, window=6)
+    x = stream(1)
+    with torch.no_grad():
+        out = model(x, router=learned(1), budget=budget)
+    forecast, modes, _, _ = stream_through_step(model, x, learned(1), budget)
+    assert torch.equal(out.modes_BT, modes)
+    torch.testing.assert_close(out.forecast, forecast, rtol=1e-4, atol=1e-4)
+
+
+def test_surprise_router_attends_where_the_level_shifts():
+    model = random_model("gdn")
+    with torch.no_grad():
+        out = model(stream(), router=SurpriseRouter(), budget=Budget(fraction=0.2, window=12))
+    assert out.modes_BT[:, 150 // 8 : 150 // 8 + 2].any(1).all()
+
+
+def test_routed_state_resumes_from_disk_bit_for_bit(tmp_path):
+    model, router, budget = random_model("gdn"), SurpriseRouter(), Budget(fraction=0.25, window=8)
+    x = stream(2)
+    P = 8
+    state = model.init_state(2, budget=budget)
+    for n in range(10):
+        model.step(x[:, n * P : (n + 1) * P], state, router=router, budget=budget)
+    state.save(tmp_path / "state.safetensors")
+    resumed = RoutedState.load(tmp_path / "state.safetensors")
+    copy = state.clone()
+    for n in range(10, T):
+        a, state = model.step(x[:, n * P : (n + 1) * P], state, router=router, budget=budget)
+        b, resumed = model.step(x[:, n * P : (n + 1) * P], resumed, router=router, budget=budget)
+        c, copy = model.step(x[:, n * P : (n + 1) * P], copy, router=router, budget=budget)
+        assert torch.equal(a, b) and torch.equal(a, c)
+        assert torch.equal(state.last_mode_B, resumed.last_mode_B)
+    assert torch.equal(state.spent_B, resumed.spent_B)
+    assert state.nbytes() > oryx_ts.State.nbytes(state)
+
+
+def test_plain_state_file_is_not_taken_for_a_routed_one(tmp_path):
+    model = random_model("gdn")
+    model.init_state(1).save(tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="no routing state"):
+        RoutedState.load(tmp_path / "plain.safetensors")
+
+
+def test_misuse_raises_value_error():
+    model = random_model("gdn")
+    patch = torch.randn(1, 8, 4)
+    with pytest.raises(ValueError, match="RoutedState"):
+        model.step(patch, model.init_state(1), router=AllRouter())
+    with pytest.raises(ValueError, match="not both"):
+        model.step(patch, model.init_state(1, routed=True), torch.ones(1), router=AllRouter())
+    with pytest.raises(ValueError, match="needs a router"):
+        model(torch.randn(1, 16, 4), budget=Budget(fraction=0.1))
+    with pytest.raises(ValueError, match="window"):
+        model.step(patch, model.init_state(1, budget=Budget(fraction=0.1, window=4)), router=AllRouter(), budget=Budget(fraction=0.1, window=8))
+
+
+def test_learned_router_round_trips_through_the_checkpoint(tmp_path):
+    model, router = random_model("gdn"), learned(4)
+    path = oryx_ts.save(model, tmp_path / "ckpt", router=router)
+    loaded = load_router(path)
+    x = stream(3)
+    with torch.no_grad():
+        assert torch.equal(model(x, router=loaded).modes_BT, model(x, router=router).modes_BT)
+        assert torch.equal(loaded.net[0].weight, router.net[0].weight)
+    oryx_ts.save(model, path)  # saving without a router drops the old one
+    assert load_router(path) is None
+    with pytest.raises(TypeError):
+        oryx_ts.save(model, tmp_path / "other", router=AllRouter())
+
+
+def test_train_router_fits_the_router_and_leaves_the_forecaster_alone():
+    config = preset("debug", train={"window_tokens": 16}, router={"steps": 6, "batch_size": 4, "budget_fraction": 0.2})
+    torch.manual_seed(0)
+    model = oryx_ts.OryxForecaster(config).eval()
+    values = np.random.default_rng(0).normal(size=(4000, 4)).cumsum(0).astype(np.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_router(model, values, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert len(result.history) == 6 and result.history[-1]["dual"] >= 0
+    first = result.router.net[0].weight.clone()
+    assert not torch.equal(first, LearnedRouter(64, config.router).net[0].weight)
