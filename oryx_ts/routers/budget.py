@@ -56,7 +56,7 @@ class Budget:
     slack: float = 0.0
     reserve: float = 0.1
     spike_level: float = 0.9
-    threshold_lr: float = 0.02
+    threshold_lr: float = 0.05
 
     def __post_init__(self) -> None:
         if (self.fraction is None) == (self.flops is None):
@@ -103,6 +103,7 @@ class ControllerState:
 
     @classmethod
     def init(cls, batch_size: int, window: int, device=None) -> "ControllerState":
+        """Empty history and a threshold of 0.5."""
         return cls(
             excess_BW=torch.zeros(batch_size, max(window - 1, 0), dtype=torch.float64, device=device),
             tau_B=torch.full((batch_size,), 0.5, dtype=torch.float64, device=device),
@@ -126,6 +127,7 @@ def controller_step(
     B = scores.shape[0]
     # worst window through this token: L past tokens (newest first), this one, W-1-L future recurrent ones
     past_L = torch.cat([past.new_zeros(B, 1), past.flip(1).cumsum(1)], dim=1)  # (B, W)
+    past_L[:, position + 1 :] = float("-inf")  # windows that would start before the stream are not windows
     fut = torch.cat([rec.new_zeros(1), (rec[1:] - k * allow[1:]).cumsum(0)])  # (W,) future prefix sums
     worst = (past_L + fut.flip(0)[None, :]).amax(1) + (att[0] - k * allow[0])
     scale = float(k * allow[: W].sum())

@@ -40,7 +40,7 @@ def forecast_steps(config: OryxConfig) -> int:
 
 def make_routed_state(state, config: OryxConfig, budget: Budget | None) -> RoutedState:
     shape = (forecast_steps(config), config.tokenizer.channels, len(config.head.quantiles))
-    return RoutedState.from_state(state, forecast_shape=shape, window=budget.window if budget else 1)
+    return RoutedState.from_state(state, forecast_shape=shape, budget=budget)
 
 
 def _decide(scores_B: torch.Tensor, ctrl: ControllerState, budget: Budget | None, config: OryxConfig, n: int):

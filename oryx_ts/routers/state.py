@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from oryx_ts.routers.budget import ControllerState
+from oryx_ts.routers.budget import Budget, ControllerState
 from oryx_ts.state import State
 
 _ROUTING = ("prev_forecast_BPCQ", "ema_B", "excess_BW", "tau_B", "last_score_B", "last_mode_B", "last_flops_B",
@@ -35,14 +35,14 @@ class RoutedState(State):
     allowed_B: torch.Tensor | None = None  # float64, allowance summed since the start of the stream
 
     @classmethod
-    def from_state(cls, state: State, *, forecast_shape: tuple[int, int, int], window: int) -> "RoutedState":
+    def from_state(cls, state: State, *, forecast_shape: tuple[int, int, int], budget: Budget | None) -> "RoutedState":
         """Wrap a fresh `State` with empty routing state; `forecast_shape` is (Pf, C, Q)."""
         B, device = state.batch_size, state.norm_stats_B3C.device
         f64 = lambda: torch.zeros(B, dtype=torch.float64, device=device)  # noqa: E731
         return cls(
             layers=state.layers, norm_stats_B3C=state.norm_stats_B3C, n_tokens=state.n_tokens,
             prev_forecast_BPCQ=torch.zeros(B, *forecast_shape, device=device),
-            ema_B=f64(), controller=ControllerState.init(B, window, device),
+            ema_B=f64(), controller=ControllerState.init(B, budget.window if budget else 1, device),
             last_score_B=torch.zeros(B, device=device), last_mode_B=torch.zeros(B, device=device),
             last_flops_B=f64(), last_allowance_B=f64(), spent_B=f64(), allowed_B=f64(),
         )

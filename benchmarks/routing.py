@@ -1,0 +1,182 @@
+"""Routing benchmark: which router spends an expected-FLOPs budget where the stream needs attention.
+
+On a labelled synthetic stream (anomaly windows covering about 3% of the steps, plus regime
+switches) it trains the `debug` forecaster, then a learned router without labels, and streams a
+held-out stream (a fresh seed, cut into consecutive segments run as a batch of series) through
+every router at budgets of 5%, 10% and 25% of the attention surcharge. Per router and budget it
+prints window recall (an attention token among a window's first 3 tokens), token precision,
+realized FLOPs over the allowance, and MAE/CRPS inside anomaly windows and overall; all-recurrent
+and all-attention run as references. Writes `results.json`, `routing.png` and `stream.png`.
+
+    python benchmarks/routing.py [--out runs/routing] [--quick]
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from oryx_ts.config import preset
+from oryx_ts.evaluation.audit import rare_regime_audit, token_mask
+from oryx_ts.evaluation.metrics import crps_quantiles, horizon_targets, mae
+from oryx_ts.flops import mode_costs
+from oryx_ts.routers import Budget, FixedRouter, OracleRouter, RandomRouter, SurpriseRouter
+from oryx_ts.train import train, train_router
+
+BUDGETS = (0.05, 0.10, 0.25)
+WARMUP = 16  # tokens of each segment left out of the error metrics while normalization settles
+ANOMALY = ("spike", "level_shift", "variance_burst", "fault", "drift")
+
+
+def labelled_stream(length: int, channels: int, seed: int):
+    """`(values (L, C) float32, windows)`: the project's synthetic telemetry with short, frequent anomalies."""
+    from oryx_ts.datasets.synthetic import SyntheticConfig, generate
+
+    cfg = SyntheticConfig(
+        level_shift_length=(16, 96), variance_burst_length=(16, 96), fault_length=(16, 96),
+        drift_length=(96, 288), recurring_rate=0.0,
+    ).with_coverage(anomaly=0.03)
+    s = generate(length, channels, seed=seed, config=cfg)
+    return s.values, list(s.labels)
+
+
+def run_router(model, x_BLC, router, budget):
+    with torch.no_grad():
+        out = model(x_BLC, router=router, budget=budget)
+    return out.forecast, out.modes_BT, out.flops_BT, out.allowance_BT
+
+
+def flatten(t: torch.Tensor) -> np.ndarray:
+    """Segments (B, T, ...) back into one stream (B*T, ...)."""
+    return t.reshape(-1, *t.shape[2:]).cpu().numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/routing")
+    ap.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
+    args = ap.parse_args()
+    started = time.time()
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    config = preset("debug")
+    if args.quick:
+        config = config.replace(train={"steps": 20, "window_tokens": 32}, router={"steps": 10})
+    P, C = config.tokenizer.patch_len, config.tokenizer.channels
+    seg_tokens, n_seg = (160, 2) if args.quick else (1280, 4)
+    train_values, _ = labelled_stream(6000 if args.quick else 32768, C, seed=0)
+    values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=1)
+    L = seg_tokens * n_seg * P
+    x = torch.as_tensor(values[:L]).reshape(n_seg, seg_tokens * P, C)
+    T = seg_tokens * n_seg
+    anomaly_tokens = token_mask(windows, T, P, kinds=ANOMALY)
+    print(f"eval stream: {L} steps x {C} channels as {n_seg} segments; anomaly windows cover {anomaly_tokens.mean():.1%} of tokens; "
+          f"{sum(w.kind in ANOMALY for w in windows)} anomaly and {sum(w.kind == 'regime_switch' for w in windows)} regime-switch windows")
+
+    model = train(config, train_values, progress=True).model
+    router = train_router(model, train_values, progress=True).router
+    print(f"trained forecaster and router ({time.time() - started:.0f}s)")
+
+    quantiles, mid = np.asarray(config.head.quantiles), config.head.median_index
+    scored = np.tile(np.arange(seg_tokens) >= WARMUP, n_seg)
+    rec_T = np.tile(mode_costs(config, 0, seg_tokens).recurrent_T, n_seg)
+    ends = np.arange(T) * P + P - 1
+    target = horizon_targets(values, ends, config.head.horizon)
+
+    def overall(forecast):
+        return mae(forecast[scored][..., mid], target[scored]), crps_quantiles(forecast[scored], target[scored], quantiles)
+
+    rows, decisions = [], {}
+    with torch.no_grad():
+        for name, modes in (("all-recurrent", 0.0), ("all-attention", 1.0)):
+            forecast = flatten(model(x, torch.full((n_seg, seg_tokens), modes)))
+            audit = rare_regime_audit(np.full(T, modes), forecast, values, windows, patch_len=P, quantiles=quantiles,
+                                      median_index=mid, kinds=ANOMALY, scored=scored)
+            rows.append({"budget": None, "router": name, **audit.to_dict(), **dict(zip(("mae_all", "crps_all"), overall(forecast)))})
+    oracle = OracleRouter(token_mask(windows, T, P, kinds=ANOMALY).reshape(n_seg, seg_tokens))
+    runs = [(f, name) for f in BUDGETS for name in ("fixed 1-in-k", "random", "surprise", "learned", "oracle")]
+    for f, name in tqdm(runs, desc="routing runs"):
+        budget = Budget(fraction=f)
+        r = {"fixed 1-in-k": FixedRouter(round(1 / f)), "random": RandomRouter(f, seed=1), "surprise": SurpriseRouter(),
+             "learned": router, "oracle": oracle}[name]
+        forecast, modes, flops, allow = (flatten(t) for t in run_router(model, x, r, budget))
+        audit = rare_regime_audit(modes, forecast, values, windows, patch_len=P, quantiles=quantiles, median_index=mid,
+                                  flops_T=flops, allowance_T=allow, recurrent_T=rec_T, kinds=ANOMALY, scored=scored)
+        regime = rare_regime_audit(modes, forecast, values, windows, patch_len=P, quantiles=quantiles, median_index=mid,
+                                   kinds=("regime_switch",), scored=scored)
+        rows.append({"budget": f, "router": name, **audit.to_dict(), "regime_recall": regime.window_recall,
+                     **dict(zip(("mae_all", "crps_all"), overall(forecast)))})
+        decisions[(f, name)] = modes
+
+    header = "| budget | router | window recall | regime recall | token precision | FLOPs / budget | surcharge / budget | MAE in | CRPS in | MAE all | CRPS all |"
+    lines = [header, "|" + "---|" * 11]
+    fmt = lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"  # noqa: E731
+    for r in rows:
+        b = "-" if r["budget"] is None else f"{r['budget']:.0%}"
+        lines.append(f"| {b} | {r['router']} | {fmt(r['window_recall'])} | {fmt(r.get('regime_recall'))} | {fmt(r['token_precision'])} | "
+                     f"{fmt(r['realized_over_budget'])} | {fmt(r['surcharge_over_budget'])} | {fmt(r['mae_in'])} | {fmt(r['crps_in'])} | "
+                     f"{fmt(r['mae_all'])} | {fmt(r['crps_all'])} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "seconds": time.time() - started}, indent=2))
+    plot_summary(out / "routing.png", rows)
+    plot_stream(out / "stream.png", values, windows, decisions[(0.10, "learned")], P, seg_tokens)
+    print(f"\nwrote {out / 'results.json'}, {out / 'routing.png'}, {out / 'stream.png'} ({time.time() - started:.0f}s)")
+
+
+def plot_summary(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = sorted({r["router"] for r in rows if r["budget"] is not None})
+    for name in names:
+        sel = [r for r in rows if r["router"] == name]
+        a1.plot([100 * r["budget"] for r in sel], [r["window_recall"] for r in sel], marker="o", label=name)
+        a2.plot([100 * r["budget"] for r in sel], [r["mae_in"] for r in sel], marker="o", label=name)
+    for r, style in zip([r for r in rows if r["budget"] is None], ("--", ":")):
+        a2.axhline(r["mae_in"], color="gray", ls=style, label=r["router"])
+    a1.set(xlabel="budget (% of attention surcharge)", ylabel="anomaly window recall", title="recall of anomaly windows", ylim=(0, 1.05))
+    a2.set(xlabel="budget (% of attention surcharge)", ylabel="MAE at anomaly origins", title="forecast error inside anomaly windows")
+    a1.legend(fontsize=8)
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_stream(path: Path, values: np.ndarray, windows, modes: np.ndarray, P: int, seg_tokens: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    span = (0, min(len(modes), seg_tokens) * P)
+    fig, ax = plt.subplots(figsize=(14, 4))
+    t = np.arange(*span)
+    ax.plot(t, values[t, 0], color="black", lw=0.6, label="channel 0")
+    for w in windows:
+        if w.start < span[1] and w.end > span[0]:
+            ax.axvspan(w.start, w.end, color="orange" if w.kind in ANOMALY else "tab:green", alpha=0.25)
+    for n in np.flatnonzero(modes[: span[1] // P] > 0):
+        ax.axvline(n * P + P - 1, color="tab:red", alpha=0.5, lw=0.6)
+    ax.plot([], [], color="tab:red", label="attention token (learned, 10% budget)")
+    ax.fill_between([], [], color="orange", alpha=0.25, label="anomaly window")
+    ax.fill_between([], [], color="tab:green", alpha=0.25, label="regime switch")
+    ax.set(xlabel="step", title="first segment of the evaluation stream")
+    ax.legend(loc="upper left", fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
