@@ -8,37 +8,72 @@ T x T or (all tokens) x S is ever formed.
 
 Legend: B batch, Tq routed queries, S retained keys, H heads, K key dim, V value dim.
 
-Positions must be ascending (`q_pos` along the routed queries, `k_pos` along the cache), as the
-model produces them; the block ranges are found by binary search on the device, so the call never
-waits on the host. If `k_pos` is not ascending the kernels fall back to scanning every key
-(still correct, no longer proportional).
+Requirements: `q_pos` ascending along the routed queries and `k_pos` ascending along the cache, as
+the model produces them; a small search kernel finds each block's key (or query) range on the
+device, so a call never waits on the host.
 
-Numerics: logits, softmax statistics and accumulators in fp32; `exp2` with log2(e) folded into
-the logits; the per-head temperature is applied to q before the kernels so autograd gives its
-gradient. A query that sees no key returns zeros (the reference returns NaN there).
+Long rows are split: when there are too few query blocks to fill the GPU, the key range of every
+query block is cut into NSPLIT pieces run by separate programs (forward: partial outputs merged by
+their log-sum-exp; dq: fp32 atomic adds), so the time is not set by the longest row alone.
+
+Numerics: logits, softmax statistics and accumulators in fp32; `exp2` with log2(e) folded into the
+logits; the per-head temperature multiplies q in fp32 inside the kernels and its gradient is
+`sum(q * dq_scaled)`. A query that sees no key returns zeros (the reference returns NaN there).
 """
 
 import os
+from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_MIN_SPLIT_KEYS = 1024  # below this many keys a split costs more than it balances
 
-# block sizes are fixed per kernel because the host-side block ranges depend on them
-FWD_BLOCK_M, FWD_BLOCK_N = 128, 64
-DKDV_BLOCK_M, DKDV_BLOCK_N = 32, 128
-DQ_BLOCK_M, DQ_BLOCK_N = 128, 32
-if _INTERPRET:  # keep the CPU interpreter quick
-    FWD_BLOCK_M = FWD_BLOCK_N = DKDV_BLOCK_M = DKDV_BLOCK_N = DQ_BLOCK_M = DQ_BLOCK_N = 16
+
+def _blocks(dtype: torch.dtype) -> dict[str, tuple[int, int]]:
+    """(BLOCK_M, BLOCK_N) per kernel; fp32 tiles are smaller (4-byte operands, fp32 dot)."""
+    if _INTERPRET:
+        return dict(fwd=(16, 16), dkdv=(16, 16), dq=(16, 16))
+    if dtype == torch.float32:
+        return dict(fwd=(64, 32), dkdv=(32, 64), dq=(64, 32))
+    return dict(fwd=(128, 64), dkdv=(32, 128), dq=(128, 32))
 
 
 def _configs(warps: list[int], stages: list[int]) -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
     return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
+
+
+@triton.jit
+def _search_kernel(P, n_p, SRC, n_src, OUT, n_out, BLK, OFF,
+                   LOG_N: tl.constexpr, STRICT: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[i] = #{j < n_p : P[j] <= x_i} (or < x_i if STRICT), x_i = SRC[min(i * BLK + OFF, n_src - 1)]; P ascending."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n_out
+    x = tl.load(SRC + tl.minimum(i * BLK + OFF, n_src - 1), mask=m, other=0)
+    lo = tl.zeros([BLOCK], dtype=tl.int32)
+    hi = tl.zeros([BLOCK], dtype=tl.int32) + n_p
+    for _ in range(LOG_N):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        p = tl.load(P + mid, mask=active & m, other=0)
+        go = (p < x) if STRICT else (p <= x)
+        lo = tl.where(active & go, mid + 1, lo)
+        hi = tl.where(active & (go == 0), mid, hi)
+    tl.store(OUT + i, lo, mask=m)
+
+
+def _search(p: torch.Tensor, src: torch.Tensor, n_out: int, blk: int, off: int, strict: bool) -> torch.Tensor:
+    out = torch.empty(n_out, device=p.device, dtype=torch.int32)
+    BLOCK = 128
+    _search_kernel[(triton.cdiv(n_out, BLOCK),)](
+        p, p.numel(), src, src.numel(), out, n_out, blk, off,
+        LOG_N=max(1, p.numel().bit_length()), STRICT=strict, BLOCK=BLOCK,
+    )
+    return out
 
 
 @triton.jit
@@ -56,74 +91,120 @@ def _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_va
     return k, v, kpos, ok
 
 
-@triton.autotune(configs=_configs([4, 8], [3]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC"])
 @triton.jit
-def _fwd_kernel(Q, Kc, Vc, O, LSE, QPOS, KPOS, KVALID, KEND, KFULL,
+def _load_q(Q, SCALE, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK: tl.constexpr):
+    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qt + offs_k[None, :],
+                mask=m_mask[:, None] & (offs_k[None, :] < DK), other=0.0)
+    return (q.to(tl.float32) * tl.load(SCALE + h).to(tl.float32)).to(q.dtype)
+
+
+@triton.jit
+def _softmax_step(q, k, v, kpos, ok, qpos, m_i, l_i, acc, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr,
+                  PREC: tl.constexpr):
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * 1.4426950408889634
+    if CAUSAL:
+        qk = tl.where(ok[None, :] & (kpos[None, :] <= qpos[:, None]), qk, float("-inf"))
+    elif HAS_VALID:
+        qk = tl.where(ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.autotune(configs=_configs([4, 8], [3]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC", "SPLIT_OUT"])
+@triton.jit
+def _fwd_kernel(Q, Kc, Vc, O, LSE, OP, LP, SCALE, QPOS, KPOS, KVALID, KEND, KFULL,
                 s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_ot, s_oh, s_valid_b,
-                H, TQ, S,
+                B, H, TQ, S, SPLIT,
                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+                SPLIT_OUT: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_V)
     m_mask = offs_m < TQ
-    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qt + offs_k[None, :],
-                mask=m_mask[:, None] & (offs_k[None, :] < DK), other=0.0)
-    qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
     kend = tl.load(KEND + pid_m)
-    kfull = tl.load(KFULL + pid_m)
-    n_full = (kfull // BLOCK_N) * BLOCK_N
-    Kp = Kc + b.to(tl.int64) * s_kb + h * s_kh
-    Vp = Vc + b.to(tl.int64) * s_vb + h * s_vh
-
+    lo = pid_s * SPLIT
+    hi = tl.minimum(lo + SPLIT, kend)
+    n_full = tl.minimum((tl.load(KFULL + pid_m) // BLOCK_N) * BLOCK_N, hi)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-    # keys every row of this block can see: no causal mask
-    for start_n in range(0, n_full, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
-                                    DK, DV, HAS_VALID)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * 1.4426950408889634
-        if HAS_VALID:
-            qk = tl.where(ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
-    # keys near the diagonal: causal mask per row
-    for start_n in range(n_full, kend, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
-                                    DK, DV, HAS_VALID)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * 1.4426950408889634
-        visible = ok[None, :] & (kpos[None, :] <= qpos[:, None])
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+    if lo < hi:
+        q = _load_q(Q, SCALE, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK)
+        qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
+        Kp = Kc + b.to(tl.int64) * s_kb + h * s_kh
+        Vp = Vc + b.to(tl.int64) * s_vb + h * s_vh
+        # keys every row of this block can see: no causal mask
+        for start_n in range(lo, n_full, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
+                                        DK, DV, HAS_VALID)
+            m_i, l_i, acc = _softmax_step(q, k, v, kpos, ok, qpos, m_i, l_i, acc, False, HAS_VALID, PREC)
+        # keys near the diagonal: causal mask per row
+        for start_n in range(tl.maximum(lo, n_full), hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
+                                        DK, DV, HAS_VALID)
+            m_i, l_i, acc = _softmax_step(q, k, v, kpos, ok, qpos, m_i, l_i, acc, True, HAS_VALID, PREC)
 
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if SPLIT_OUT:
+        # partial result of this key range: normalized output and its log2-sum-exp (-inf if empty)
+        lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        row = (pid_s * B * H + pid_bh).to(tl.int64) * TQ + offs_m
+        tl.store(OP + row[:, None] * BLOCK_V + offs_v[None, :], o, mask=m_mask[:, None])
+        tl.store(LP + row, lse, mask=m_mask)
+    else:
+        tl.store(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_ot + offs_v[None, :],
+                 o.to(O.dtype.element_ty), mask=m_mask[:, None] & (offs_v[None, :] < DV))
+        # log2-domain log-sum-exp; +inf for rows that see nothing, so the backward gives them p = 0
+        lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
+        tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
+def _combine_kernel(OP, LP, O, LSE, s_ob, s_ot, s_oh, B, H, TQ, NSPLIT,
+                    DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_v = tl.arange(0, BLOCK_V)
+    m_mask = offs_m < TQ
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, NSPLIT):
+        lp = tl.load(LP + (s * B * H + pid_bh).to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("-inf"))
+        m_i = tl.maximum(m_i, lp)
+    seen = m_i > float("-inf")
+    m_safe = tl.where(seen, m_i, 0.0)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for s in range(0, NSPLIT):
+        row = (s * B * H + pid_bh).to(tl.int64) * TQ + offs_m
+        w = tl.math.exp2(tl.load(LP + row, mask=m_mask, other=float("-inf")) - m_safe)
+        acc += w[:, None] * tl.load(OP + row[:, None] * BLOCK_V + offs_v[None, :], mask=m_mask[:, None], other=0.0)
+        l_i += w
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_ot + offs_v[None, :],
              o.to(O.dtype.element_ty), mask=m_mask[:, None] & (offs_v[None, :] < DV))
-    # log2-domain log-sum-exp; +inf for rows that see nothing, so the backward gives them p = 0
-    lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
+    lse = tl.where(seen, m_safe + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=m_mask)
 
 
 @triton.autotune(configs=_configs([4, 8], [2]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC"])
 @triton.jit
-def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, QPOS, KPOS, KVALID, QSTART,
+def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, SCALE, QPOS, KPOS, KVALID, QSTART,
                      s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dot, s_doh, s_valid_b,
                      H, TQ, S,
                      DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -142,13 +223,11 @@ def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, QPOS, KPOS, KVALID, QS
     dk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     q_lo = (tl.load(QSTART + pid_n) // BLOCK_M) * BLOCK_M
-    Qp = Q + b.to(tl.int64) * s_qb + h * s_qh
     DOp = DO + b.to(tl.int64) * s_dob + h * s_doh
     for start_m in range(q_lo, TQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_mask = offs_m < TQ
-        q = tl.load(Qp + offs_m[:, None].to(tl.int64) * s_qt + offs_k[None, :],
-                    mask=m_mask[:, None] & (offs_k[None, :] < DK), other=0.0)
+        q = _load_q(Q, SCALE, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK)
         do = tl.load(DOp + offs_m[:, None].to(tl.int64) * s_dot + offs_v[None, :],
                      mask=m_mask[:, None] & (offs_v[None, :] < DV), other=0.0)
         qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
@@ -168,136 +247,141 @@ def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, QPOS, KPOS, KVALID, QS
              dv.to(DV_.dtype.element_ty), mask=n_mask[:, None] & (offs_v[None, :] < DV))
 
 
-@triton.autotune(configs=_configs([4, 8], [2]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC"])
+@triton.autotune(configs=_configs([4, 8], [2]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC", "ATOMIC"],
+                 reset_to_zero=["DQ"])
 @triton.jit
-def _bwd_dq_kernel(Q, Kc, Vc, DO, DQ, LSE, DELTA, QPOS, KPOS, KVALID, KEND,
+def _bwd_dq_kernel(Q, Kc, Vc, DO, DQ, LSE, DELTA, SCALE, QPOS, KPOS, KVALID, KEND,
                    s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dot, s_doh, s_valid_b,
-                   H, TQ, S,
+                   H, TQ, S, SPLIT,
                    DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+                   ATOMIC: tl.constexpr):
+    """dq with respect to the temperature-scaled q, accumulated in fp32 (atomically when key ranges are split)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_V)
     m_mask = offs_m < TQ
-    q_ptrs = Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qt + offs_k[None, :]
-    q = tl.load(q_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < DK), other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * s_dob + h * s_doh + offs_m[:, None].to(tl.int64) * s_dot + offs_v[None, :],
-                 mask=m_mask[:, None] & (offs_v[None, :] < DV), other=0.0)
-    qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=0.0)
-    kend = tl.load(KEND + pid_m)
-    Kp = Kc + b.to(tl.int64) * s_kb + h * s_kh
-    Vp = Vc + b.to(tl.int64) * s_vb + h * s_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for start_n in range(0, kend, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
-                                    DK, DV, HAS_VALID)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * 1.4426950408889634
-        visible = ok[None, :] & (kpos[None, :] <= qpos[:, None])
-        p = tl.where(visible, tl.math.exp2(qk - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    tl.store(DQ + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qt + offs_k[None, :],
-             dq.to(DQ.dtype.element_ty), mask=m_mask[:, None] & (offs_k[None, :] < DK))
-
-
-def _block_max(pos: torch.Tensor, block: int, pad: int) -> torch.Tensor:
-    n = triton.cdiv(pos.numel(), block)
-    padded = torch.full((n * block,), pad, dtype=torch.int64, device=pos.device)
-    padded[: pos.numel()] = pos
-    return padded.view(n, block)
-
-
-def _key_ranges(q_pos: torch.Tensor, k_pos: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block: keys to scan (`kend`) and keys visible to all its rows (`kfull`), as int32 on device."""
-    S = k_pos.numel()
-    blocks_min = _block_max(q_pos, block_m, 2**62).min(1).values
-    blocks_max = _block_max(q_pos, block_m, -1).max(1).values
-    kend = torch.searchsorted(k_pos, blocks_max, right=True)
-    kfull = torch.searchsorted(k_pos, blocks_min, right=True)
-    ascending = (k_pos[1:] >= k_pos[:-1]).all() if S > 1 else torch.ones((), dtype=torch.bool, device=k_pos.device)
-    kend = torch.where(ascending, kend, torch.full_like(kend, S))
-    kfull = torch.where(ascending, kfull, torch.zeros_like(kfull))
-    return kend.to(torch.int32), kfull.to(torch.int32)
-
-
-def _query_starts(q_pos: torch.Tensor, k_pos: torch.Tensor, block_n: int) -> torch.Tensor:
-    """Per key block: the first routed query that can see one of its keys, as int32 on device."""
-    kmin = _block_max(k_pos, block_n, 2**62).min(1).values
-    start = torch.searchsorted(q_pos, kmin, right=False)
-    Tq = q_pos.numel()
-    ascending = (q_pos[1:] >= q_pos[:-1]).all() if Tq > 1 else torch.ones((), dtype=torch.bool, device=q_pos.device)
-    return torch.where(ascending, start, torch.zeros_like(start)).to(torch.int32)
+    lo = pid_s * SPLIT
+    hi = tl.minimum(lo + SPLIT, tl.load(KEND + pid_m))
+    if lo < hi:
+        q = _load_q(Q, SCALE, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK)
+        do = tl.load(DO + b.to(tl.int64) * s_dob + h * s_doh + offs_m[:, None].to(tl.int64) * s_dot + offs_v[None, :],
+                     mask=m_mask[:, None] & (offs_v[None, :] < DV), other=0.0)
+        qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=0.0)
+        Kp = Kc + b.to(tl.int64) * s_kb + h * s_kh
+        Vp = Vc + b.to(tl.int64) * s_vb + h * s_vh
+        dq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
+                                        DK, DV, HAS_VALID)
+            qk = tl.dot(q, tl.trans(k), input_precision=PREC) * 1.4426950408889634
+            visible = ok[None, :] & (kpos[None, :] <= qpos[:, None])
+            p = tl.where(visible, tl.math.exp2(qk - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        p_dq = DQ + ((b * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :]
+        dq_mask = m_mask[:, None] & (offs_k[None, :] < DK)
+        if ATOMIC:
+            tl.atomic_add(p_dq, dq, mask=dq_mask, sem="relaxed")
+        else:
+            tl.store(p_dq, dq, mask=dq_mask)
 
 
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _n_split(n_programs: int, S: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """How many pieces to cut each key range into so the grid fills the GPU; returns (NSPLIT, keys per piece)."""
+    sms = 4 if _INTERPRET else _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    n = max(1, min(triton.cdiv(S, _MIN_SPLIT_KEYS), triton.cdiv(8 * sms, n_programs)))
+    if _INTERPRET:
+        n = max(1, min(triton.cdiv(S, 32), 3))  # exercise the split path on small inputs
+    piece = triton.cdiv(triton.cdiv(S, n), block_n) * block_n
+    return triton.cdiv(S, piece), piece
+
+
 class _RoutedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, k_pos, k_valid):
+    def forward(ctx, q, k, v, scale, q_pos, k_pos, k_valid):
         B, Tq, H, K = q.shape
         S, V = k.shape[1], v.shape[-1]
+        BM, BN = _blocks(q.dtype)["fwd"]
+        BLOCK_K, BLOCK_V = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
         o = torch.empty(B, Tq, H, V, device=q.device, dtype=v.dtype)
         lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-        kend, kfull = _key_ranges(q_pos, k_pos, FWD_BLOCK_M)
+        n_mblocks = triton.cdiv(Tq, BM)
+        kend = _search(k_pos, q_pos, n_mblocks, BM, BM - 1, strict=False)
+        kfull = _search(k_pos, q_pos, n_mblocks, BM, 0, strict=False)
         has_valid = k_valid is not None
         valid = k_valid.to(torch.int8).contiguous() if has_valid else q_pos
-        grid = (triton.cdiv(Tq, FWD_BLOCK_M), B * H)
-        _fwd_kernel[grid](
-            q, k, v, o, lse, q_pos, k_pos, valid, kend, kfull,
+        nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device)
+        if nsplit > 1:
+            op = torch.empty(nsplit, B, H, Tq, BLOCK_V, device=q.device, dtype=torch.float32)
+            lp = torch.empty(nsplit, B, H, Tq, device=q.device, dtype=torch.float32)
+        else:
+            op, lp = lse, lse
+        _fwd_kernel[(n_mblocks, nsplit, B * H)](
+            q, k, v, o, lse, op, lp, scale, q_pos, k_pos, valid, kend, kfull,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], valid.stride(0) if has_valid else 0,
-            H, Tq, S,
-            DK=K, DV=V, BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_V=max(16, triton.next_power_of_2(V)),
-            BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N, HAS_VALID=has_valid, PREC=_prec(q.dtype),
+            B, H, Tq, S, piece,
+            DK=K, DV=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, BLOCK_M=BM, BLOCK_N=BN, HAS_VALID=has_valid,
+            PREC=_prec(q.dtype), SPLIT_OUT=nsplit > 1,
         )
-        ctx.save_for_backward(q, k, v, o, lse, q_pos, k_pos, valid)
+        if nsplit > 1:
+            _combine_kernel[(triton.cdiv(Tq, 64), B * H)](
+                op, lp, o, lse, *o.stride()[:3], B, H, Tq, nsplit, DV=V, BLOCK_V=BLOCK_V, BLOCK_M=64,
+            )
+        ctx.save_for_backward(q, k, v, scale, o, lse, q_pos, k_pos, valid)
         ctx.has_valid = has_valid
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, q_pos, k_pos, valid = ctx.saved_tensors
+        q, k, v, scale, o, lse, q_pos, k_pos, valid = ctx.saved_tensors
         B, Tq, H, K = q.shape
         S, V = k.shape[1], v.shape[-1]
+        blocks = _blocks(q.dtype)
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Tq]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
         common = dict(DK=K, DV=V, BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_V=max(16, triton.next_power_of_2(V)),
                       HAS_VALID=ctx.has_valid, PREC=_prec(q.dtype))
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
                    valid.stride(0) if ctx.has_valid else 0)
-        qstart = _query_starts(q_pos, k_pos, DKDV_BLOCK_N)
-        _bwd_dkdv_kernel[(triton.cdiv(S, DKDV_BLOCK_N), B * H)](
-            q, k, v, do, dk, dv, lse, delta, q_pos, k_pos, valid, qstart, *strides, H, Tq, S,
-            BLOCK_M=DKDV_BLOCK_M, BLOCK_N=DKDV_BLOCK_N, **common,
+        BM, BN = blocks["dkdv"]
+        n_nblocks = triton.cdiv(S, BN)
+        qstart = _search(q_pos, k_pos, n_nblocks, BN, 0, strict=True)
+        _bwd_dkdv_kernel[(n_nblocks, B * H)](
+            q, k, v, do, dk, dv, lse, delta, scale, q_pos, k_pos, valid, qstart, *strides, H, Tq, S,
+            BLOCK_M=BM, BLOCK_N=BN, **common,
         )
-        kend, _ = _key_ranges(q_pos, k_pos, DQ_BLOCK_M)
-        _bwd_dq_kernel[(triton.cdiv(Tq, DQ_BLOCK_M), B * H)](
-            q, k, v, do, dq, lse, delta, q_pos, k_pos, valid, kend, *strides, H, Tq, S,
-            BLOCK_M=DQ_BLOCK_M, BLOCK_N=DQ_BLOCK_N, **common,
+        BM, BN = blocks["dq"]
+        n_mblocks = triton.cdiv(Tq, BM)
+        kend = _search(k_pos, q_pos, n_mblocks, BM, BM - 1, strict=False)
+        nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device)
+        dq_s = torch.zeros(B, Tq, H, K, device=q.device, dtype=torch.float32)
+        _bwd_dq_kernel[(n_mblocks, nsplit, B * H)](
+            q, k, v, do, dq_s, lse, delta, scale, q_pos, k_pos, valid, kend, *strides, H, Tq, S, piece,
+            BLOCK_M=BM, BLOCK_N=BN, ATOMIC=nsplit > 1, **common,
         )
-        return dq, dk, dv, None, None, None
-
-
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
-    """Whether the kernels take these shapes and dtypes, and why not."""
-    K, V = q.shape[-1], v.shape[-1]
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False, f"dtype {q.dtype} is not supported"
-    if not (k.dtype == q.dtype and v.dtype == q.dtype):
-        return False, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-    if not (16 <= K <= 128 and 16 <= V <= 128):
-        return False, f"head dims must lie in [16, 128], got K={K}, V={V}"
-    return True, ""
+        dscale = (q.float() * dq_s).sum((0, 1, 3)).to(scale.dtype) if ctx.needs_input_grad[3] else None
+        dq = (dq_s * scale.float()[None, None, :, None]).to(q.dtype)
+        return dq, dk, dv, dscale, None, None, None
 
 
 def routed_attention_triton(
@@ -310,13 +394,15 @@ def routed_attention_triton(
     scale_H: torch.Tensor,
     k_valid_BS: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Routed attention on the GPU; differentiable in q, k, v and `scale_H`. Returns o_BTqHV in v's dtype."""
+    """Routed attention on the GPU; differentiable in q, k, v and `scale_H`. Returns o_BTqHV in v's dtype.
+
+    `q_pos_Tq` and `k_pos_S` must be ascending (see the module docstring).
+    """
     dtype = q_BTqHK.dtype
     B, Tq, H, K = q_BTqHK.shape
     if Tq == 0:
         return v_BSHV.new_zeros(B, 0, H, v_BSHV.shape[-1])
-    q = (q_BTqHK.float() * scale_H.float()[None, None, :, None]).to(dtype)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_BSHK.to(dtype), v_BSHV.to(dtype)))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_BTqHK, k_BSHK.to(dtype), v_BSHV.to(dtype)))
     q_pos = q_pos_Tq.to(torch.int64).contiguous()
     k_pos = k_pos_S.to(torch.int64).contiguous()
-    return _RoutedAttention.apply(q, k, v, q_pos, k_pos, k_valid_BS).to(v_BSHV.dtype)
+    return _RoutedAttention.apply(q, k, v, scale_H, q_pos, k_pos, k_valid_BS).to(v_BSHV.dtype)
