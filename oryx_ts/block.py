@@ -20,7 +20,7 @@ from torch import nn
 from oryx_ts.config import BlockConfig
 from oryx_ts.kernels import dispatch
 from oryx_ts.kernels.attention.rope import rope
-from oryx_ts.state import LayerState
+from oryx_ts.state import LayerState, SlotPlan
 
 
 class RMSNorm(nn.Module):
@@ -139,10 +139,20 @@ class OryxMixer(nn.Module):
             o = o + self.lin_D[:, None].to(o.dtype) * v_BTHV
         return o, rec
 
-    def extend(self, u_BTD: torch.Tensor, m_BT: torch.Tensor, st: LayerState | None, pos0: int) -> torch.Tensor:
+    def extend(
+        self,
+        u_BTD: torch.Tensor,
+        m_BT: torch.Tensor,
+        st: LayerState | None,
+        pos0: int,
+        *,
+        k_until_BT: torch.Tensor | None = None,
+        plan: SlotPlan | None = None,
+    ) -> torch.Tensor:
         """Mix T new tokens at positions pos0.. given a layer state (None: empty stream, nothing kept).
 
-        With a state, its KV cache, recurrent state and conv tails are updated in place.
+        With a state, its KV cache, recurrent state and conv tails are updated in place. Bounded
+        retention comes as `k_until_BT` (parallel form, no state) or as a `plan` (one step).
         """
         c = self.config
         B, T, _ = u_BTD.shape
@@ -152,20 +162,20 @@ class OryxMixer(nn.Module):
 
         pos_T = torch.arange(pos0, pos0 + T, device=u_BTD.device)
         k_att = rope(k, pos_T, base=c.rope_base) if c.rope else k
+        if st is not None:
+            keys, values, k_pos, k_valid = self._write_cache(st, k_att, v, pos0, plan)
+        else:
+            keys, values, k_pos, k_valid = k_att, v, pos_T, None
+
         routed_T = (m_BT != 0).any(0)
         if routed_T.any():
             idx = routed_T.nonzero().squeeze(1)
             q_att = _l2norm(self.att_q(u_BTD[:, idx]).view(B, idx.numel(), H, c.head_dim_k))
             if c.rope:
                 q_att = rope(q_att, pos_T[idx], base=c.rope_base)
-            if st is not None and pos0 > 0:
-                keys = torch.cat([st.k_cache_BSHK[:, :pos0], k_att], dim=1)
-                values = torch.cat([st.v_cache_BSHV[:, :pos0], v], dim=1)
-            else:
-                keys, values = k_att, v
-            k_pos = torch.arange(keys.shape[1], device=u_BTD.device)
             o_sel = dispatch.routed_attention(
-                q_att, keys, values, q_pos_Tq=pos_T[idx], k_pos_S=k_pos, scale_H=self.att_log_temp.exp()
+                q_att, keys, values, q_pos_Tq=pos_T[idx], k_pos_S=k_pos, scale_H=self.att_log_temp.exp(),
+                k_valid_BS=k_valid, k_until_BS=k_until_BT,
             )
             o_att = o_lin.new_zeros(B, T, H, V).index_copy(1, idx, o_sel.to(o_lin.dtype))
             m = m_BT.to(o_lin.dtype)[..., None, None]
@@ -174,15 +184,31 @@ class OryxMixer(nn.Module):
             o = o_lin
 
         if st is not None:
-            st.ensure_capacity(pos0 + T)
-            st.k_cache_BSHK[:, pos0 : pos0 + T] = k_att.detach()
-            st.v_cache_BSHV[:, pos0 : pos0 + T] = v.detach()
             st.rec_BHKV = rec.detach()
             st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX = (t.detach() for t in tails)
 
         z = self.z_proj(u_BTD).view(B, T, H, V)
         o = self.o_norm(o.to(u_BTD.dtype)) * F.silu(z)
         return self.o_proj(o.reshape(B, T, H * V))
+
+    @staticmethod
+    def _write_cache(st: LayerState, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, pos0: int, plan: SlotPlan | None):
+        """Put the new keys and values into the cache; returns what attention reads: keys, values, positions, validity."""
+        T = k_BTHK.shape[1]
+        if plan is None:  # retention `all`: slot = position
+            st.ensure_capacity(pos0 + T)
+            st.k_cache_BSHK[:, pos0 : pos0 + T] = k_BTHK.detach()
+            st.v_cache_BSHV[:, pos0 : pos0 + T] = v_BTHV.detach()
+            k_pos = torch.arange(pos0 + T, device=k_BTHK.device)
+            return st.k_cache_BSHK[:, : pos0 + T], st.v_cache_BSHV[:, : pos0 + T], k_pos, None
+        assert T == 1, "bounded retention advances a state one token at a time"
+        rows = plan.pin_rows_B.nonzero().squeeze(1)
+        for cache, new in ((st.k_cache_BSHK, k_BTHK), (st.v_cache_BSHV, v_BTHV)):
+            cache[rows, plan.pin_slot_B[rows]] = cache[rows, plan.write_slot]
+            cache[:, plan.write_slot] = new[:, 0].detach()
+        # every retained slot holds a past token: visibility is the slot mask alone
+        k_pos = torch.zeros(st.k_cache_BSHK.shape[1], dtype=torch.long, device=k_BTHK.device)
+        return st.k_cache_BSHK, st.v_cache_BSHV, k_pos, plan.valid_BS
 
     def init_layer_state(self, batch_size: int, capacity: int, device=None, dtype=torch.float32) -> LayerState:
         c = self.config
@@ -208,8 +234,17 @@ class OryxBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
 
-    def forward(self, x_BTD: torch.Tensor, m_BT: torch.Tensor, st: LayerState | None = None, pos0: int = 0) -> torch.Tensor:
-        x_BTD = x_BTD + self.mixer.extend(self.mixer_norm(x_BTD), m_BT, st, pos0)
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        m_BT: torch.Tensor,
+        st: LayerState | None = None,
+        pos0: int = 0,
+        *,
+        k_until_BT: torch.Tensor | None = None,
+        plan: SlotPlan | None = None,
+    ) -> torch.Tensor:
+        x_BTD = x_BTD + self.mixer.extend(self.mixer_norm(x_BTD), m_BT, st, pos0, k_until_BT=k_until_BT, plan=plan)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
     def mode_specific_parameters(self) -> dict[str, int]:

@@ -22,7 +22,7 @@ from oryx_ts.config import OryxConfig
 from oryx_ts.routers import runtime as routing
 from oryx_ts.routers.budget import Budget
 from oryx_ts.routers.heuristics import Router
-from oryx_ts.state import State
+from oryx_ts.state import State, bounded_until
 from oryx_ts.tokenizer import PatchTokenizer
 
 
@@ -89,8 +89,10 @@ class OryxForecaster(nn.Module):
         self.tokenizer.check_input(x_BLC)
         x_BTD, mean, std, _ = self.tokenizer(x_BLC)
         m_BT = self._modes(modes, x_BTD.shape[0], x_BTD.shape[1], x_BTD.device)
+        b = self.config.block
+        k_until_BT = bounded_until(m_BT, b.window, b.pinned) if b.retention == "bounded" else None
         for block in self.blocks:
-            x_BTD = block(x_BTD, m_BT)
+            x_BTD = block(x_BTD, m_BT, k_until_BT=k_until_BT)
         return self.head(self.norm(x_BTD)), mean, std
 
     def forward(
@@ -131,7 +133,10 @@ class OryxForecaster(nn.Module):
     def init_state(
         self, batch_size: int, *, capacity: int = 256, device=None, budget: Budget | None = None, routed: bool = False
     ) -> State:
-        """An empty state for `batch_size` series; the KV cache holds `capacity` tokens before it grows.
+        """An empty state for `batch_size` series.
+
+        Under retention `all` the KV cache holds `capacity` tokens before it grows; under `bounded`
+        it has `window + pinned` slots and never grows.
 
         With a `budget` or `routed=True` it is a `RoutedState`, which routed steps need.
         """
@@ -139,12 +144,19 @@ class OryxForecaster(nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = device or next(self.parameters()).device
         dtype = next(self.parameters()).dtype
+        b = self.config.block
+        bounded = b.retention == "bounded"
+        slots = b.window + b.pinned if bounded else capacity
         state = State(
-            layers=[blk.mixer.init_layer_state(batch_size, capacity, device, dtype) for blk in self.blocks],
+            layers=[blk.mixer.init_layer_state(batch_size, slots, device, dtype) for blk in self.blocks],
             norm_stats_B3C=self.tokenizer.init_stats(batch_size, device),
         )
         if budget is not None or routed:
             state = routing.make_routed_state(state, self.config, budget)
+        if bounded:
+            state.slot_pos_BS = torch.full((batch_size, slots), -1, dtype=torch.long, device=device)
+            state.slot_mode_BS = torch.zeros(batch_size, slots, dtype=torch.bool, device=device)
+            state.pins_B = torch.zeros(batch_size, dtype=torch.long, device=device)
         return state
 
     @torch.no_grad()
@@ -169,6 +181,9 @@ class OryxForecaster(nn.Module):
         B = patch_BPC.shape[0]
         if state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} series, patch has {B}")
+        b = self.config.block
+        if (b.retention == "bounded") != state.bounded:
+            raise ValueError(f"state was made for another retention policy than the model's {b.retention!r}")
         if router is not None and mode is not None:
             raise ValueError("give either mode or a router, not both")
         if router is None and budget is not None:
@@ -178,8 +193,9 @@ class OryxForecaster(nn.Module):
             m_B1 = routing.route_token(router, budget, self.config, state, x_B1D, patch_BPC)
         else:
             m_B1 = self._modes(None if mode is None else torch.as_tensor(mode).reshape(B, 1), B, 1, patch_BPC.device)
+        plan = state.plan_bounded_step(m_B1[:, 0], b.window, b.pinned) if state.bounded else None
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
-            x_B1D = block(x_B1D, m_B1, layer_state, state.n_tokens)
+            x_B1D = block(x_B1D, m_B1, layer_state, state.n_tokens, plan=plan)
         state.norm_stats_B3C = stats
         state.n_tokens += 1
         pred = self.head(self.norm(x_B1D))

@@ -182,3 +182,77 @@ def test_state_memory_grows_only_with_retained_tokens():
     assert (growth == growth[0]).all() and growth[0] > 0
     c = model.config.block
     assert growth[0] == c.n_layers * c.n_heads * (c.head_dim_k + c.head_dim_v) * 4
+
+
+BOUNDED = {"retention": "bounded", "window": 5, "pinned": 3}
+
+
+@pytest.mark.parametrize("pinned", [0, 3])
+def test_bounded_retention_step_equals_forward(mixer, pinned):
+    gen = torch.Generator().manual_seed(7 + pinned)
+    model = random_model(mixer, block={**BOUNDED, "pinned": pinned})
+    B, T = 3, 2 * CHUNK + 9
+    x = torch.randn(B, T * 8, 4, generator=gen)
+    modes = (torch.rand(B, T, generator=gen) < 0.35).float()
+    with torch.no_grad():
+        parallel = model(x, modes)
+        unbounded = random_model(mixer)
+        unbounded.load_state_dict(model.state_dict())
+        everything = unbounded(x, modes)
+    assert rel_err(stream(model, x, modes), parallel) < 1e-4
+    assert rel_err(everything, parallel) > 1e-3  # eviction really changes what attention sees
+
+
+def test_bounded_until_matches_a_slot_simulation():
+    from oryx_ts.state import NEVER, bounded_until
+
+    gen = torch.Generator().manual_seed(3)
+    window, pinned, T = 4, 2, 60
+    m = (torch.rand(2, T, generator=gen) < 0.3).float()
+    until = bounded_until(m, window, pinned)
+    for b in range(2):
+        recent, pins = [], []
+        for t in range(T):
+            recent.append(t)
+            if len(recent) > window:
+                leaving = recent.pop(0)
+                if m[b, leaving] > 0.5:
+                    pins = (pins + [leaving])[-pinned:]
+            visible = set(recent) | set(pins)
+            expected = {j for j in range(t + 1) if until[b, j] > t}
+            assert visible == expected, (b, t)
+        assert pins and any(until[b, j] == NEVER for j in pins), "the stream must exercise pinning"
+
+
+def test_bounded_state_size_stays_constant():
+    model = random_model(block=BOUNDED)
+    state = model.init_state(2)
+    sizes = []
+    for n in range(40):
+        model.step(torch.randn(2, 8, 4), state, (torch.rand(2) < 0.5).float())
+        sizes.append(state.nbytes())
+    assert len(set(sizes[BOUNDED["window"] + BOUNDED["pinned"] :])) == 1
+    assert state.layers[0].k_cache_BSHK.shape[1] == BOUNDED["window"] + BOUNDED["pinned"]
+
+
+def test_bounded_state_round_trips_through_a_file(tmp_path):
+    from oryx_ts.state import State
+
+    model = random_model("mamba2", block=BOUNDED)
+    x = torch.randn(1, 30 * 8, 4)
+    modes = (torch.rand(1, 30) < 0.5).float()
+    state = model.init_state(1)
+    for n in range(12):
+        model.step(x[:, n * 8 : (n + 1) * 8], state, modes[:, n])
+    state.save(tmp_path / "s.safetensors")
+    restored = State.load(tmp_path / "s.safetensors")
+    for n in range(12, 30):
+        a, _ = model.step(x[:, n * 8 : (n + 1) * 8], state, modes[:, n])
+        b, _ = model.step(x[:, n * 8 : (n + 1) * 8], restored, modes[:, n])
+        assert torch.equal(a, b)
+
+
+def test_state_of_another_retention_policy_is_refused():
+    bounded = random_model(block=BOUNDED)
+    with pytest.raises(ValueError, match="retention"):
+        bounded.step(torch.randn(1, 8, 4), random_model().init_state(1))

@@ -171,13 +171,21 @@ def routed_attention(
     k_pos_S: torch.Tensor,
     scale_H: torch.Tensor,
     k_valid_BS: torch.Tensor | None = None,
+    k_until_BS: torch.Tensor | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Causal softmax attention for routed queries only; see `kernels.attention.naive.routed_attention`.
 
+    Per-key eviction positions (`k_until_BS`, the parallel form of bounded retention) run on the
+    torch path; the streaming step expresses the same retention as a slot mask (`k_valid_BS`).
+
     The fast path needs `q_pos_Tq` and `k_pos_S` ascending to stay proportional to the routed
     queries (it stays correct otherwise), and returns zeros for a query that sees no key.
     """
+    if k_until_BS is not None:
+        if backend == "triton":
+            raise ValueError("backend='triton' cannot run: per-key eviction positions (k_until_BS) need the torch path")
+        backend = "torch"
     path = select_backend(q_BTqHK, backend, "routed_attention", v_BSHV)
     last_backend["routed_attention"] = path
     if path == "triton":
@@ -187,5 +195,5 @@ def routed_attention(
             q_BTqHK, k_BSHK, v_BSHV, q_pos_Tq=q_pos_Tq, k_pos_S=k_pos_S, scale_H=scale_H, k_valid_BS=k_valid_BS
         )
     return _routed_attention_torch(
-        q_BTqHK, k_BSHK, v_BSHV, q_pos_Tq=q_pos_Tq, k_pos_S=k_pos_S, scale_H=scale_H, k_valid_BS=k_valid_BS
+        q_BTqHK, k_BSHK, v_BSHV, q_pos_Tq=q_pos_Tq, k_pos_S=k_pos_S, scale_H=scale_H, k_valid_BS=k_valid_BS, k_until_BS=k_until_BS
     )

@@ -18,6 +18,7 @@ def routed_attention(
     k_pos_S: torch.Tensor,
     scale_H: torch.Tensor,
     k_valid_BS: torch.Tensor | None = None,
+    k_until_BS: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of routed queries over retained keys.
 
@@ -28,6 +29,8 @@ def routed_attention(
             `k_pos <= q_pos` (causal, the query's own key included).
         scale_H: per-head logit scale (the learnable temperature).
         k_valid_BS: optional mask of keys that exist (a bounded cache may have holes).
+        k_until_BS: optional first query position (int64) at which each key is no longer
+            retained (bounded retention evicts keys); a key is visible while `q_pos < k_until`.
 
     Returns:
         o_BTqHV in the dtype of `v`, computed in fp32.
@@ -38,6 +41,8 @@ def routed_attention(
     visible = (k_pos_S[None, :] <= q_pos_Tq[:, None])[None, None]
     if k_valid_BS is not None:
         visible = visible & k_valid_BS[:, None, None, :]
+    if k_until_BS is not None:
+        visible = visible & (q_pos_Tq[None, :, None] < k_until_BS[:, None, :])[:, None]
     logits_BHTqS = logits_BHTqS.masked_fill(~visible, float("-inf"))
     p_BHTqS = torch.softmax(logits_BHTqS, dim=-1)
     o = torch.einsum("bhqs,bshv->bqhv", p_BHTqS, v_BSHV.float())
