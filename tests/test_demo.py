@@ -21,7 +21,7 @@ def test_demo_stream_has_labelled_anomalies_that_stand_out():
 
 
 def test_short_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "10", "--length", "6000", "--quiet"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--steps", "10", "--length", "8000", "--quiet"]) == 0
     out = capsys.readouterr().out
     for row in ("oryx 1-in-4", "all-recurrent", "all-attention", "seasonal naive"):
         assert row in out
