@@ -3,10 +3,12 @@
 On a labelled synthetic stream (anomaly windows covering about 3% of the steps, plus regime
 switches) it trains the `debug` forecaster, then a learned router without labels, and streams a
 held-out stream (a fresh seed, cut into consecutive segments run as a batch of series) through
-every router at budgets of 5%, 10% and 25% of the attention surcharge. Per router and budget it
+every router at budgets of 5%, 10% and 25% of the attention surcharge. The learned router is
+trained without labels; a second one (`learned+labels`) also fits the training stream's labels. Per router and budget it
 prints window recall (an attention token among a window's first 3 tokens), token precision,
 realized FLOPs over the allowance, and MAE/CRPS inside anomaly windows and overall; all-recurrent
-and all-attention run as references. Writes `results.json`, `routing.png` and `stream.png`.
+and all-attention run as references. Writes `results.json`, `routing.png`, `stream.png` and the
+trained model with its label-free router (`model/`).
 
     python benchmarks/routing.py [--out runs/routing] [--quick]
 """
@@ -20,11 +22,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import oryx_ts
 from oryx_ts.config import preset
+from oryx_ts.datasets.labels import mask_from_windows
 from oryx_ts.evaluation.audit import rare_regime_audit, token_mask
 from oryx_ts.evaluation.metrics import crps_quantiles, horizon_targets, mae
 from oryx_ts.flops import mode_costs
-from oryx_ts.routers import Budget, FixedRouter, OracleRouter, RandomRouter, SurpriseRouter
+from oryx_ts.routers import Budget, FixedRouter, LearnedRouter, OracleRouter, RandomRouter, SurpriseRouter
 from oryx_ts.train import train, train_router
 
 BUDGETS = (0.05, 0.10, 0.25)
@@ -59,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/routing")
     ap.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
+    ap.add_argument("--checkpoint", help="reuse this trained forecaster instead of training one")
     args = ap.parse_args()
     started = time.time()
     torch.manual_seed(0)
@@ -70,7 +75,7 @@ def main() -> None:
         config = config.replace(train={"steps": 20, "window_tokens": 32}, router={"steps": 10})
     P, C = config.tokenizer.patch_len, config.tokenizer.channels
     seg_tokens, n_seg = (160, 2) if args.quick else (1280, 4)
-    train_values, _ = labelled_stream(6000 if args.quick else 32768, C, seed=0)
+    train_values, train_windows = labelled_stream(6000 if args.quick else 32768, C, seed=0)
     values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=1)
     L = seg_tokens * n_seg * P
     x = torch.as_tensor(values[:L]).reshape(n_seg, seg_tokens * P, C)
@@ -79,9 +84,16 @@ def main() -> None:
     print(f"eval stream: {L} steps x {C} channels as {n_seg} segments; anomaly windows cover {anomaly_tokens.mean():.1%} of tokens; "
           f"{sum(w.kind in ANOMALY for w in windows)} anomaly and {sum(w.kind == 'regime_switch' for w in windows)} regime-switch windows")
 
-    model = train(config, train_values, progress=True).model
+    if args.checkpoint:
+        model = oryx_ts.load(args.checkpoint)
+    else:
+        model = train(config, train_values, progress=True).model
     router = train_router(model, train_values, progress=True).router
-    print(f"trained forecaster and router ({time.time() - started:.0f}s)")
+    labelled = model.config.replace(router={"label_weight": 1.0})
+    supervised = train_router(model, train_values, router=LearnedRouter(labelled.block.d_model, labelled.router),
+                              label_mask=mask_from_windows(train_windows, len(train_values), kind=ANOMALY), progress=True).router
+    oryx_ts.save(model, out / "model", router=router)
+    print(f"trained forecaster and routers ({time.time() - started:.0f}s); checkpoint {out / 'model'}")
 
     quantiles, mid = np.asarray(config.head.quantiles), config.head.median_index
     scored = np.tile(np.arange(seg_tokens) >= WARMUP, n_seg)
@@ -100,11 +112,11 @@ def main() -> None:
                                       median_index=mid, kinds=ANOMALY, scored=scored)
             rows.append({"budget": None, "router": name, **audit.to_dict(), **dict(zip(("mae_all", "crps_all"), overall(forecast)))})
     oracle = OracleRouter(token_mask(windows, T, P, kinds=ANOMALY).reshape(n_seg, seg_tokens))
-    runs = [(f, name) for f in BUDGETS for name in ("fixed 1-in-k", "random", "surprise", "learned", "oracle")]
+    runs = [(f, name) for f in BUDGETS for name in ("fixed 1-in-k", "random", "surprise", "learned", "learned+labels", "oracle")]
     for f, name in tqdm(runs, desc="routing runs"):
         budget = Budget(fraction=f)
         r = {"fixed 1-in-k": FixedRouter(round(1 / f)), "random": RandomRouter(f, seed=1), "surprise": SurpriseRouter(),
-             "learned": router, "oracle": oracle}[name]
+             "learned": router, "learned+labels": supervised, "oracle": oracle}[name]
         forecast, modes, flops, allow = (flatten(t) for t in run_router(model, x, r, budget))
         audit = rare_regime_audit(modes, forecast, values, windows, patch_len=P, quantiles=quantiles, median_index=mid,
                                   flops_T=flops, allowance_T=allow, recurrent_T=rec_T, kinds=ANOMALY, scored=scored)

@@ -171,7 +171,8 @@ def train_router(
 
     Per batch of windows: router logits from token embeddings and surprise features; modes relaxed
     with logistic noise (binary Gumbel) so the forecast loss reaches the router; a dual variable
-    holds the mean attention probability at `config.router.budget_fraction`. `label_mask` (L,)
+    (of either sign) holds the mean attention probability at `config.router.budget_fraction`, so
+    the router learns where to spend that rate, not whether to spend it. `label_mask` (L,)
     booleans, used only when `config.router.label_weight > 0`, adds a cross-entropy on labelled
     tokens. The forecaster's weights are left as they were. Raises `ValueError` for a stream of
     the wrong shape.
@@ -216,7 +217,8 @@ def train_router(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            dual = max(0.0, dual + rc.dual_lr * (rate.item() - rc.budget_fraction))
+            # an equality constraint: the dual may turn negative and pay for attention when the router spends too little
+            dual = dual + rc.dual_lr * (rate.item() - rc.budget_fraction)
             result.history.append({"step": step, "forecast_loss": forecast_loss.item(), "rate": rate.item(), "dual": dual})
             bar.set_postfix(loss=f"{forecast_loss.item():.4f}", rate=f"{rate.item():.3f}", dual=f"{dual:.3f}")
     finally:
