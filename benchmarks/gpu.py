@@ -51,7 +51,7 @@ def bench(fn, warmup=25, rep=100) -> float:
 
 
 def rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
 
 
@@ -158,16 +158,18 @@ def section_mixers():
     beta = torch.rand(B, T, H, device="cuda").requires_grad_()
     do = torch.randn(B, T, H, D, device="cuda", dtype=DT)
     case = f"B{B} T{T} H{H} D{D}"
-    for name, fn in (
-        ("fla chunk_gated_delta_rule", lambda: fla_chunk_gdn(q, k, v, g, beta)[0]),
-        ("mamba-ssm chunk_scan_combined", lambda: mamba_ssm_chunk_ssd(q, k, v, g)[0]),
-        ("fla chunk_simple_gla", lambda: fla_chunk_ssd(q, k, v, g)[0]),
+    for name, fn, backward in (
+        ("fla chunk_gated_delta_rule", lambda: fla_chunk_gdn(q, k, v, g, beta)[0], True),
+        ("mamba-ssm chunk_scan_combined", lambda: mamba_ssm_chunk_ssd(q, k, v, g)[0], True),
+        # fla refuses this backward on Hopper with triton < 3.7.1 for 16-bit inputs (issue 640)
+        ("fla chunk_simple_gla", lambda: fla_chunk_ssd(q, k, v, g)[0], False),
     ):
         try:
             add("mixers", case, f"{name} fwd", bench(fn))
             with torch.no_grad():
                 add("mixers", case, f"{name} fwd (no grad)", bench(fn))
-            add("mixers", case, f"{name} fwd+bwd", bench(lambda: fn().backward(do)))
+            if backward:
+                add("mixers", case, f"{name} fwd+bwd", bench(lambda: fn().backward(do)))
         except Exception as e:
             notes.append(f"mixers {name}: {type(e).__name__}: {str(e)[:160]}")
             print("  skipped:", notes[-1], flush=True)
@@ -391,7 +393,7 @@ def write(out: Path, env: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="attention,mixers,layer,step")
+    ap.add_argument("--sections", default="step,layer,attention,mixers")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip sections that start after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench"))
     args = ap.parse_args()

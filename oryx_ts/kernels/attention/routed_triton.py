@@ -9,8 +9,8 @@ T x T or (all tokens) x S is ever formed.
 Legend: B batch, Tq routed queries, S retained keys, H heads, K key dim, V value dim.
 
 Requirements: `q_pos` ascending along the routed queries and `k_pos` ascending along the cache, as
-the model produces them; a small search kernel finds each block's key (or query) range on the
-device, so a call never waits on the host.
+the model produces them; each program finds its key (or query) range by a binary search on the
+device, so a call never waits on the host and launches one kernel per pass.
 
 Long rows are split: when there are too few query blocks to fill the GPU, the key range of every
 query block is cut into NSPLIT pieces run by separate programs (forward: partial outputs merged by
@@ -48,32 +48,20 @@ def _configs(warps: list[int], stages: list[int]) -> list[triton.Config]:
 
 
 @triton.jit
-def _search_kernel(P, n_p, SRC, n_src, OUT, n_out, BLK, OFF,
-                   LOG_N: tl.constexpr, STRICT: tl.constexpr, BLOCK: tl.constexpr):
-    """OUT[i] = #{j < n_p : P[j] <= x_i} (or < x_i if STRICT), x_i = SRC[min(i * BLK + OFF, n_src - 1)]; P ascending."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = i < n_out
-    x = tl.load(SRC + tl.minimum(i * BLK + OFF, n_src - 1), mask=m, other=0)
-    lo = tl.zeros([BLOCK], dtype=tl.int32)
-    hi = tl.zeros([BLOCK], dtype=tl.int32) + n_p
+def _count2(P, n_p, x0, x1, LOG_N, STRICT: tl.constexpr):
+    """(#{j : P[j] <= x0}, #{j : P[j] <= x1}) over ascending P[0:n_p] (< instead of <= if STRICT)."""
+    two = tl.arange(0, 2)
+    x = tl.where(two == 0, x0, x1)
+    lo = tl.zeros([2], dtype=tl.int32)
+    hi = tl.zeros([2], dtype=tl.int32) + n_p
     for _ in range(LOG_N):
         active = lo < hi
         mid = (lo + hi) // 2
-        p = tl.load(P + mid, mask=active & m, other=0)
+        p = tl.load(P + mid, mask=active, other=0)
         go = (p < x) if STRICT else (p <= x)
         lo = tl.where(active & go, mid + 1, lo)
         hi = tl.where(active & (go == 0), mid, hi)
-    tl.store(OUT + i, lo, mask=m)
-
-
-def _search(p: torch.Tensor, src: torch.Tensor, n_out: int, blk: int, off: int, strict: bool) -> torch.Tensor:
-    out = torch.empty(n_out, device=p.device, dtype=torch.int32)
-    BLOCK = 128
-    _search_kernel[(triton.cdiv(n_out, BLOCK),)](
-        p, p.numel(), src, src.numel(), out, n_out, blk, off,
-        LOG_N=max(1, p.numel().bit_length()), STRICT=strict, BLOCK=BLOCK,
-    )
-    return out
+    return tl.sum(tl.where(two == 0, lo, 0)), tl.sum(tl.where(two == 1, lo, 0))
 
 
 @triton.jit
@@ -116,9 +104,9 @@ def _softmax_step(q, k, v, kpos, ok, qpos, m_i, l_i, acc, CAUSAL: tl.constexpr, 
 
 @triton.autotune(configs=_configs([4, 8], [3]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC", "SPLIT_OUT"])
 @triton.jit
-def _fwd_kernel(Q, Kc, Vc, O, LSE, OP, LP, SCALE, QPOS, KPOS, KVALID, KEND, KFULL,
+def _fwd_kernel(Q, Kc, Vc, O, LSE, OP, LP, SCALE, QPOS, KPOS, KVALID,
                 s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_ot, s_oh, s_valid_b,
-                B, H, TQ, S, SPLIT,
+                B, H, TQ, S, SPLIT, LOG_S,
                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
                 SPLIT_OUT: tl.constexpr):
@@ -131,10 +119,13 @@ def _fwd_kernel(Q, Kc, Vc, O, LSE, OP, LP, SCALE, QPOS, KPOS, KVALID, KEND, KFUL
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_V)
     m_mask = offs_m < TQ
-    kend = tl.load(KEND + pid_m)
+    # keys visible to some row (kend) and to every row (kfull) of this block; positions ascend
+    q_first = tl.load(QPOS + pid_m * BLOCK_M)
+    q_last = tl.load(QPOS + tl.minimum(pid_m * BLOCK_M + BLOCK_M, TQ) - 1)
+    kend, kfull = _count2(KPOS, S, q_last, q_first, LOG_S, False)
     lo = pid_s * SPLIT
     hi = tl.minimum(lo + SPLIT, kend)
-    n_full = tl.minimum((tl.load(KFULL + pid_m) // BLOCK_N) * BLOCK_N, hi)
+    n_full = tl.minimum((kfull // BLOCK_N) * BLOCK_N, hi)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
@@ -204,9 +195,9 @@ def _combine_kernel(OP, LP, O, LSE, s_ob, s_ot, s_oh, B, H, TQ, NSPLIT,
 
 @triton.autotune(configs=_configs([4, 8], [2]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC"])
 @triton.jit
-def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, SCALE, QPOS, KPOS, KVALID, QSTART,
+def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, SCALE, QPOS, KPOS, KVALID,
                      s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dot, s_doh, s_valid_b,
-                     H, TQ, S,
+                     H, TQ, S, LOG_TQ,
                      DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -222,7 +213,10 @@ def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, SCALE, QPOS, KPOS, KVA
                                 DK, DV, HAS_VALID)
     dk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    q_lo = (tl.load(QSTART + pid_n) // BLOCK_M) * BLOCK_M
+    # the first routed query that can see a key of this block
+    k_first = tl.load(KPOS + tl.minimum(pid_n * BLOCK_N, S - 1))
+    q_lo, _ = _count2(QPOS, TQ, k_first, k_first, LOG_TQ, True)
+    q_lo = (q_lo // BLOCK_M) * BLOCK_M
     DOp = DO + b.to(tl.int64) * s_dob + h * s_doh
     for start_m in range(q_lo, TQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -250,9 +244,9 @@ def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, SCALE, QPOS, KPOS, KVA
 @triton.autotune(configs=_configs([4, 8], [2]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC", "ATOMIC"],
                  reset_to_zero=["DQ"])
 @triton.jit
-def _bwd_dq_kernel(Q, Kc, Vc, DO, DQ, LSE, DELTA, SCALE, QPOS, KPOS, KVALID, KEND,
+def _bwd_dq_kernel(Q, Kc, Vc, DO, DQ, LSE, DELTA, SCALE, QPOS, KPOS, KVALID,
                    s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dot, s_doh, s_valid_b,
-                   H, TQ, S, SPLIT,
+                   H, TQ, S, SPLIT, LOG_S,
                    DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
                    ATOMIC: tl.constexpr):
@@ -266,8 +260,10 @@ def _bwd_dq_kernel(Q, Kc, Vc, DO, DQ, LSE, DELTA, SCALE, QPOS, KPOS, KVALID, KEN
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_V)
     m_mask = offs_m < TQ
+    q_last = tl.load(QPOS + tl.minimum(pid_m * BLOCK_M + BLOCK_M, TQ) - 1)
+    kend, _ = _count2(KPOS, S, q_last, q_last, LOG_S, False)
     lo = pid_s * SPLIT
-    hi = tl.minimum(lo + SPLIT, tl.load(KEND + pid_m))
+    hi = tl.minimum(lo + SPLIT, kend)
     if lo < hi:
         q = _load_q(Q, SCALE, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK)
         do = tl.load(DO + b.to(tl.int64) * s_dob + h * s_doh + offs_m[:, None].to(tl.int64) * s_dot + offs_v[None, :],
@@ -297,7 +293,9 @@ def _bwd_dq_kernel(Q, Kc, Vc, DO, DQ, LSE, DELTA, SCALE, QPOS, KPOS, KVALID, KEN
 
 
 def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 operands: three tf32 products (near-fp32 accuracy on the tensor cores); "ieee" would
+    # lower to scalar FMAs that take minutes to compile at these tile sizes
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 @cache
@@ -325,8 +323,6 @@ class _RoutedAttention(torch.autograd.Function):
         o = torch.empty(B, Tq, H, V, device=q.device, dtype=v.dtype)
         lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
         n_mblocks = triton.cdiv(Tq, BM)
-        kend = _search(k_pos, q_pos, n_mblocks, BM, BM - 1, strict=False)
-        kfull = _search(k_pos, q_pos, n_mblocks, BM, 0, strict=False)
         has_valid = k_valid is not None
         valid = k_valid.to(torch.int8).contiguous() if has_valid else q_pos
         nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device)
@@ -336,9 +332,9 @@ class _RoutedAttention(torch.autograd.Function):
         else:
             op, lp = lse, lse
         _fwd_kernel[(n_mblocks, nsplit, B * H)](
-            q, k, v, o, lse, op, lp, scale, q_pos, k_pos, valid, kend, kfull,
+            q, k, v, o, lse, op, lp, scale, q_pos, k_pos, valid,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], valid.stride(0) if has_valid else 0,
-            B, H, Tq, S, piece,
+            B, H, Tq, S, piece, S.bit_length(),
             DK=K, DV=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, BLOCK_M=BM, BLOCK_N=BN, HAS_VALID=has_valid,
             PREC=_prec(q.dtype), SPLIT_OUT=nsplit > 1,
         )
@@ -365,18 +361,16 @@ class _RoutedAttention(torch.autograd.Function):
                    valid.stride(0) if ctx.has_valid else 0)
         BM, BN = blocks["dkdv"]
         n_nblocks = triton.cdiv(S, BN)
-        qstart = _search(q_pos, k_pos, n_nblocks, BN, 0, strict=True)
         _bwd_dkdv_kernel[(n_nblocks, B * H)](
-            q, k, v, do, dk, dv, lse, delta, scale, q_pos, k_pos, valid, qstart, *strides, H, Tq, S,
+            q, k, v, do, dk, dv, lse, delta, scale, q_pos, k_pos, valid, *strides, H, Tq, S, Tq.bit_length(),
             BLOCK_M=BM, BLOCK_N=BN, **common,
         )
         BM, BN = blocks["dq"]
         n_mblocks = triton.cdiv(Tq, BM)
-        kend = _search(k_pos, q_pos, n_mblocks, BM, BM - 1, strict=False)
         nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device)
         dq_s = torch.zeros(B, Tq, H, K, device=q.device, dtype=torch.float32)
         _bwd_dq_kernel[(n_mblocks, nsplit, B * H)](
-            q, k, v, do, dq_s, lse, delta, scale, q_pos, k_pos, valid, kend, *strides, H, Tq, S, piece,
+            q, k, v, do, dq_s, lse, delta, scale, q_pos, k_pos, valid, *strides, H, Tq, S, piece, S.bit_length(),
             BLOCK_M=BM, BLOCK_N=BN, ATOMIC=nsplit > 1, **common,
         )
         dscale = (q.float() * dq_s).sum((0, 1, 3)).to(scale.dtype) if ctx.needs_input_grad[3] else None
