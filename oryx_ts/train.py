@@ -171,14 +171,14 @@ def train_router(
 
     Per batch of windows: router logits from token embeddings and surprise features; modes relaxed
     with logistic noise (binary Gumbel) so the forecast loss reaches the router; a dual variable
-    (of either sign) holds the mean attention probability at `config.router.budget_fraction`, so
-    the router learns where to spend that rate, not whether to spend it. `label_mask` (L,)
-    booleans, used only when `config.router.label_weight > 0`, adds a cross-entropy on labelled
-    tokens. The forecaster's weights are left as they were. Raises `ValueError` for a stream of
+    (of either sign) holds the mean attention probability at `budget_fraction`, so the router
+    learns where to spend that rate, not whether to spend it. Router settings come from
+    `router.config` when a router is given, else from `model.config.router`. `label_mask` (L,)
+    booleans, used only when `label_weight > 0`, adds a cross-entropy on labelled tokens. The forecaster's weights are left as they were. Raises `ValueError` for a stream of
     the wrong shape.
     """
     config = model.config
-    rc, t = config.router, config.train
+    rc, t = (router.config if router is not None else config.router), config.train
     values = torch.as_tensor(np.asarray(values, dtype=np.float32))
     if values.dim() != 2 or values.shape[1] != config.tokenizer.channels:
         raise ValueError(f"expected a stream of shape (length, {config.tokenizer.channels}), got {tuple(values.shape)}")

@@ -15,9 +15,12 @@ state this needs.
 
 Which affordable tokens take attention: a token whose score reaches the adaptive threshold `tau`
 does, as long as a `reserve` of the window's surcharge allowance stays unspent; a token whose
-score reaches `spike_level` may spend the reserve too, so a surprise spike can use budget saved
-in quiet spans. `tau` tracks the score quantile that spends the budget rate (a stochastic
-quantile update), so the realized spend follows the budget whatever the scale of the scores.
+score lies `spike_z` deviations above the running mean score may spend the reserve too, so a surprise spike can use budget saved
+in quiet spans. The threshold is `tau = mean + z * dev` over running (bias-corrected EMA) mean
+and mean absolute deviation of the scores, clipped to [TAU_MIN, 1]; `z` takes a stochastic
+quantile step towards spending the budget rate. Being relative to the spread of the scores, the
+step neither drowns the ranking of narrowly spread scores nor crawls on widely spread ones; the
+clip keeps scores of 1 always above and scores of 0 always below the threshold.
 """
 
 from dataclasses import dataclass
@@ -30,6 +33,8 @@ from oryx_ts.config import OryxConfig
 from oryx_ts.flops import mode_costs
 
 TAU_MIN = 1e-6  # scores of 0 never pass; scores of 1 always reach the threshold
+SCORE_EMA = 0.01  # weight of a new score in the running mean and deviation
+Z_MAX = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,8 +50,8 @@ class Budget:
     window: W, the length of the sliding windows the guarantee holds over.
     slack: the guarantee is `spent <= (1 + slack) * allowance` over every window.
     reserve: share of a window's surcharge allowance that only spikes may spend.
-    spike_level: scores at or above this are spikes.
-    threshold_lr: step of the adaptive threshold.
+    spike_z: a score is a spike when it lies this many deviations above the running mean score.
+    threshold_lr: step of the adaptive threshold, in deviations of the scores.
     """
 
     fraction: float | None = None
@@ -54,8 +59,8 @@ class Budget:
     of: Literal["surcharge", "attention"] = "surcharge"
     window: int = 128
     slack: float = 0.0
-    reserve: float = 0.1
-    spike_level: float = 0.9
+    reserve: float = 0.3
+    spike_z: float = 2.0
     threshold_lr: float = 0.05
 
     def __post_init__(self) -> None:
@@ -96,17 +101,22 @@ class Budget:
 
 @dataclass
 class ControllerState:
-    """Per-series controller state: excess of the last W-1 tokens (oldest first) and the threshold."""
+    """Per-series controller state: excess of the last W-1 tokens (oldest first) and the threshold's statistics."""
 
     excess_BW: torch.Tensor  # float64 (B, W-1)
-    tau_B: torch.Tensor  # float64 (B,)
+    z_B: torch.Tensor  # float64 (B,), threshold in deviations above the mean score
+    score_mean_B: torch.Tensor  # float64 (B,), EMA without bias correction
+    score_dev_B: torch.Tensor  # float64 (B,), EMA of |score - mean| without bias correction
+
+    FIELDS = ("excess_BW", "z_B", "score_mean_B", "score_dev_B")
 
     @classmethod
     def init(cls, batch_size: int, window: int, device=None) -> "ControllerState":
-        """Empty history and a threshold of 0.5."""
+        """Empty history; the threshold starts one deviation above the mean score."""
+        zeros = lambda: torch.zeros(batch_size, dtype=torch.float64, device=device)  # noqa: E731
         return cls(
             excess_BW=torch.zeros(batch_size, max(window - 1, 0), dtype=torch.float64, device=device),
-            tau_B=torch.full((batch_size,), 0.5, dtype=torch.float64, device=device),
+            z_B=zeros() + 1.0, score_mean_B=zeros(), score_dev_B=zeros(),
         )
 
 
@@ -135,12 +145,19 @@ def controller_step(
     surcharge_allow = float(W * (allow[0] - rec[0]))
     fits_spike = worst <= eps
     fits_ordinary = worst <= -budget.reserve * surcharge_allow + eps
-    tau = st.tau_B.cpu()
-    modes = ((scores >= tau) & fits_ordinary) | ((scores >= budget.spike_level) & fits_spike)
+    dev_ = st.score_mean_B.device
+    correction = 1.0 - (1.0 - SCORE_EMA) ** (position + 1)  # tokens seen, this one included
+    mean = st.score_mean_B.cpu() + SCORE_EMA * (scores - st.score_mean_B.cpu())
+    dev = st.score_dev_B.cpu() + SCORE_EMA * ((scores - mean / correction).abs() - st.score_dev_B.cpu())
+    z = st.z_B.cpu()
+    tau = (mean / correction + z * (dev / correction + 1e-9)).clamp(TAU_MIN, 1.0)
+    spike = (mean / correction + budget.spike_z * (dev / correction + 1e-9)).clamp(TAU_MIN, 1.0)
+    modes = ((scores >= tau) & fits_ordinary) | ((scores >= spike) & fits_spike)
     m = modes.to(torch.float64)
     flops = rec[0] + m * (att[0] - rec[0])
     rate = float(((allow[0] - rec[0]) / (att[0] - rec[0])).clamp(0.0, 1.0))
-    st.tau_B = (tau + budget.threshold_lr * (m - rate)).clamp(TAU_MIN, 1.0).to(st.tau_B.device)
+    st.z_B = (z + budget.threshold_lr * (m - rate)).clamp(-Z_MAX, Z_MAX).to(dev_)
+    st.score_mean_B, st.score_dev_B = mean.to(dev_), dev.to(dev_)
     if W > 1:
         st.excess_BW = torch.cat([past[:, 1:], (flops - k * allow[0])[:, None]], dim=1).to(st.excess_BW.device)
     return m.to(torch.float32), flops, allow[0].expand(B).clone()

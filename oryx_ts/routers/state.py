@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from oryx_ts.routers.budget import Budget, ControllerState
 from oryx_ts.state import State
 
-_ROUTING = ("prev_forecast_BPCQ", "ema_B", "excess_BW", "tau_B", "last_score_B", "last_mode_B", "last_flops_B",
+_ROUTING = ("prev_forecast_BPCQ", "ema_B", *ControllerState.FIELDS, "last_score_B", "last_mode_B", "last_flops_B",
             "last_allowance_B", "spent_B", "allowed_B")
 
 
@@ -50,7 +50,7 @@ class RoutedState(State):
     def _routing_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for name in _ROUTING:
-            t = getattr(self.controller, name) if name in ("excess_BW", "tau_B") else getattr(self, name)
+            t = getattr(self.controller, name) if name in ControllerState.FIELDS else getattr(self, name)
             out[f"routing.{name}"] = t.contiguous()
         return out
 
@@ -69,7 +69,7 @@ class RoutedState(State):
     def _build(cls, base: State, t: dict[str, torch.Tensor]) -> "RoutedState":
         return cls(
             layers=base.layers, norm_stats_B3C=base.norm_stats_B3C, n_tokens=base.n_tokens,
-            controller=ControllerState(excess_BW=t.pop("excess_BW"), tau_B=t.pop("tau_B")), **t,
+            controller=ControllerState(**{f: t.pop(f) for f in ControllerState.FIELDS}), **t,
         )
 
     @classmethod

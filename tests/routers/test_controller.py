@@ -37,11 +37,11 @@ score_streams = st.one_of(
     window=st.integers(1, 48),
     slack=st.sampled_from([0.0, 0.05, 0.2]),
     reserve=st.floats(0, 1),
-    spike_level=st.floats(0, 1),
+    spike_z=st.floats(-1, 5),
     n0=st.integers(0, 500),
 )
-def test_realized_flops_never_exceed_the_budget_on_any_window(scores, fraction, window, slack, reserve, spike_level, n0):
-    budget = Budget(fraction=fraction, window=window, slack=slack, reserve=reserve, spike_level=spike_level)
+def test_realized_flops_never_exceed_the_budget_on_any_window(scores, fraction, window, slack, reserve, spike_z, n0):
+    budget = Budget(fraction=fraction, window=window, slack=slack, reserve=reserve, spike_z=spike_z)
     s = np.asarray(scores)
     _, flops, allow = run(np.stack([s, s[::-1]]), budget, n0)
     for b in range(2):
@@ -70,11 +70,11 @@ def test_continuous_scores_spend_close_to_the_budget():
 def test_a_spike_after_a_quiet_span_spends_the_saved_reserve():
     rng = np.random.default_rng(1)
     scores = np.concatenate([rng.random(400) * 0.5, [0.99]])
-    modes, _, _ = run(scores, Budget(fraction=0.1, window=64, reserve=0.3, spike_level=0.9))
+    modes, _, _ = run(scores, Budget(fraction=0.1, window=64, reserve=0.3, spike_z=3.0))
     assert modes[0, :-1].mean() > 0.05  # quiet tokens do spend the ordinary part of the budget
     assert modes[0, -1] == 1
-    # the same spike without the spike level is held back by the reserve
-    modes, _, _ = run(scores, Budget(fraction=0.1, window=64, reserve=0.3, spike_level=1.0))
+    # the same score is no spike when spikes must lie 10 deviations out: the reserve holds it back
+    modes, _, _ = run(scores, Budget(fraction=0.1, window=64, reserve=0.3, spike_z=10.0))
     assert modes[0, -1] == 0
 
 

@@ -167,3 +167,18 @@ def test_train_router_fits_the_router_and_leaves_the_forecaster_alone():
     assert all((d1 - d0) * (r - 0.2) >= 0 for d0, d1, r in zip([0.0] + duals, duals, rates))  # the dual follows the rate gap
     first = result.router.net[0].weight.clone()
     assert not torch.equal(first, LearnedRouter(64, config.router).net[0].weight)
+
+
+def test_train_router_takes_its_settings_from_the_router_it_is_given():
+    config = preset("debug", train={"window_tokens": 16}, router={"steps": 3, "batch_size": 2})
+    torch.manual_seed(0)
+    model = oryx_ts.OryxForecaster(config).eval()
+    values = np.random.default_rng(0).normal(size=(3000, 4)).cumsum(0).astype(np.float32)
+    mask = np.zeros(3000, dtype=bool)
+    mask[::50] = True
+    labelled = config.replace(router={"label_weight": 1.0}).router
+    plain = train_router(model, values, label_mask=mask, progress=False).router
+    torch.manual_seed(0)
+    supervised = train_router(model, values, router=LearnedRouter(64, labelled), label_mask=mask, progress=False).router
+    assert supervised.config.label_weight == 1.0
+    assert not torch.equal(plain.net[0].weight, supervised.net[0].weight)
