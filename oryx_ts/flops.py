@@ -29,7 +29,9 @@ ATTENTION, RECURRENT = 1, 0
 def retained_keys(block: BlockConfig, position: int | np.ndarray) -> int | np.ndarray:
     """Keys an attention query at token `position` (0-based) sees, itself included.
 
-    Retention `all` keeps every token; `bounded` keeps at most `window + pinned` of them.
+    Retention `all` keeps every token; `bounded` keeps at most `window + pinned` of them (the count
+    used here; the pinned slots fill only as attention tokens leave the window, and the torch path
+    scores every slot, so it is exact once the slots are full and a bound on the keys seen before).
     """
     n = np.asarray(position) + 1
     if block.retention == "bounded":

@@ -7,7 +7,7 @@ the running surprise mean (its trend), the budget controller's past excess and t
 last token's score, mode, FLOPs and allowance, and the FLOPs spent and allowed so far.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from safetensors import SafetensorError
@@ -40,7 +40,7 @@ class RoutedState(State):
         B, device = state.batch_size, state.norm_stats_B3C.device
         f64 = lambda: torch.zeros(B, dtype=torch.float64, device=device)  # noqa: E731
         return cls(
-            layers=state.layers, norm_stats_B3C=state.norm_stats_B3C, n_tokens=state.n_tokens,
+            **{f.name: getattr(state, f.name) for f in fields(State)},
             prev_forecast_BPCQ=torch.zeros(B, *forecast_shape, device=device),
             ema_B=f64(), controller=ControllerState.init(B, budget.window if budget else 1, device),
             last_score_B=torch.zeros(B, device=device), last_mode_B=torch.zeros(B, device=device),
@@ -68,7 +68,7 @@ class RoutedState(State):
     @classmethod
     def _build(cls, base: State, t: dict[str, torch.Tensor]) -> "RoutedState":
         return cls(
-            layers=base.layers, norm_stats_B3C=base.norm_stats_B3C, n_tokens=base.n_tokens,
+            **{f.name: getattr(base, f.name) for f in fields(State)},
             controller=ControllerState(**{f: t.pop(f) for f in ControllerState.FIELDS}), **t,
         )
 

@@ -182,3 +182,21 @@ def test_train_router_takes_its_settings_from_the_router_it_is_given():
     supervised = train_router(model, values, router=LearnedRouter(64, labelled), label_mask=mask, progress=False).router
     assert supervised.config.label_weight == 1.0
     assert not torch.equal(plain.net[0].weight, supervised.net[0].weight)
+
+
+def test_routing_under_bounded_retention_matches_between_forward_and_step_and_survives_a_restart(tmp_path):
+    model = random_model("gdn", block={"retention": "bounded", "window": 6, "pinned": 3})
+    router, budget, x = SurpriseRouter(), Budget(fraction=0.3, window=8), stream(5)
+    with torch.no_grad():
+        out = model(x, router=router, budget=budget)
+    forecast, modes, _, state = stream_through_step(model, x, router, budget)
+    assert torch.equal(out.modes_BT, modes) and 0 < modes.sum() < modes.numel()
+    torch.testing.assert_close(out.forecast, forecast, rtol=1e-4, atol=1e-4)
+    state.save(tmp_path / "s.safetensors")
+    resumed, copy = RoutedState.load(tmp_path / "s.safetensors"), state.clone()
+    assert resumed.bounded and copy.bounded
+    patch = torch.randn(2, 8, 4)
+    a, _ = model.step(patch, state, router=router, budget=budget)
+    b, _ = model.step(patch, resumed, router=router, budget=budget)
+    c, _ = model.step(patch, copy, router=router, budget=budget)
+    assert torch.equal(a, b) and torch.equal(a, c)
