@@ -11,7 +11,12 @@ Fast paths (all Triton; imported on first use, so the CPU install never imports 
                   (differentiable) or fla `chunk_simple_gla` (`impl="fla"`; forward-only on Hopper
                   with triton < 3.7.1)
     linear_step   our fused single-token kernel (`kernels.step_triton`), any number of series
-    routed_attention  our routed-query kernel (`kernels.attention.routed_triton`)
+    routed_attention  our routed-query kernel (`kernels.attention.routed_triton`); per-key eviction
+                  positions (`k_until_BS`) still take the torch path
+
+Measured on an H100 (docs/BENCHMARKS.md): every fast path matches its reference in bf16; fla's
+GDN gradients with fp32 inputs did not (train in bf16), and fla's fp32 `chunk_simple_gla` is slow
+to compile.
 
 Legend: B batch, T tokens, H heads, K key dim, V value dim, S retained keys.
 """
