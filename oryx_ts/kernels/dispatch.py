@@ -15,8 +15,9 @@ Fast paths (all Triton; imported on first use, so the CPU install never imports 
                   positions (`k_until_BS`) still take the torch path
 
 Measured on an H100 (docs/BENCHMARKS.md): every fast path matches its reference in bf16; fla's
-GDN gradients with fp32 inputs did not (train in bf16), and fla's fp32 `chunk_simple_gla` is slow
-to compile.
+GDN backward with fp32 inputs fails to compile in TileLang there, so `auto` sends fp32 GDN training
+on Hopper with triton < 3.7.1 to the torch path (train in bf16 for speed); fla's fp32
+`chunk_simple_gla` is slow to compile.
 
 Legend: B batch, T tokens, H heads, K key dim, V value dim, S retained keys.
 """
@@ -63,10 +64,28 @@ def fast_path_available(device: torch.device, op: str | None = None) -> tuple[bo
     return True, ""
 
 
+@cache
+def _fla_bwd_via_tilelang(device_index: int) -> bool:
+    """fla 0.6 hands its gated-chunk backward to TileLang on Hopper with triton < 3.7.1 (fla issue 640)."""
+    import triton
+
+    major, minor, patch = (int("".join(c for c in part if c.isdigit()) or 0) for part in (triton.__version__.split(".") + ["0", "0"])[:3])
+    return torch.cuda.get_device_capability(device_index)[0] == 9 and (major, minor, patch) < (3, 7, 1)
+
+
 def _shape_ok(op: str, q: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
     K, V = q.shape[-1], v.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False, f"dtype {q.dtype} is not supported"
+    if (
+        op == "gdn_chunk"
+        and v.dtype == torch.float32
+        and torch.is_grad_enabled()
+        and (q.requires_grad or v.requires_grad)
+        and _fla_bwd_via_tilelang(q.device.index or 0)
+    ):
+        # measured on an H100: TileLang fails to compile that backward for fp32 inputs
+        return False, "fla's GDN backward on Hopper with triton < 3.7.1 (TileLang) does not compile for fp32; use bf16"
     if op == "routed_attention":
         return (True, "") if 16 <= K <= 128 and 16 <= V <= 128 else (False, f"head dims must lie in [16, 128], got K={K}, V={V}")
     if op == "linear_step":
