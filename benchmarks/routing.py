@@ -4,7 +4,8 @@ On a labelled synthetic stream (anomaly windows covering about 3% of the steps, 
 switches) it trains the `debug` forecaster, then a learned router without labels, and streams a
 held-out stream (a fresh seed, cut into consecutive segments run as a batch of series) through
 every router at budgets of 5%, 10% and 25% of the attention surcharge. The learned router is
-trained without labels; a second one (`learned+labels`) also fits the training stream's labels. Per router and budget it
+trained without labels (forecast loss plus the self-supervised surprise objective of
+`train_router`); a second one (`learned+labels`) also fits the training stream's labels. Per router and budget it
 prints window recall (an attention token among a window's first 3 tokens), token precision,
 realized FLOPs over the allowance, and MAE/CRPS inside anomaly windows and overall; all-recurrent
 and all-attention run as references. Writes `results.json`, `routing.png`, `stream.png` and the

@@ -135,6 +135,13 @@ class RouterConfig:
     The router is trained after the forecaster, which stays frozen: modes are relaxed with logistic
     (binary Gumbel) noise at `temperature`, and a dual variable, stepped by `dual_lr`, holds the
     expected attention rate at `budget_fraction` of the attention surcharge.
+
+    Without labels the forecast loss alone says little about where to route (where attention does
+    not lower it, the router learns nothing), so a self-supervised term, weighted by
+    `surprise_weight`, fits the router to the stream's own surprise: a token is a positive when its
+    patch, or one of the next `surprise_lookahead` patches, is among the `budget_fraction` most
+    surprising of its training window under the all-recurrent forecasts (see
+    `oryx_ts.routers.features.surprise_targets`). It reads no labels.
     """
 
     hidden: int = 32
@@ -145,6 +152,8 @@ class RouterConfig:
     dual_lr: float = 0.5
     temperature: float = 0.5
     budget_fraction: float = 0.1
+    surprise_weight: float = 1.0  # weight of the label-free surprise cross-entropy; 0 = forecast loss only
+    surprise_lookahead: int = 0  # patches after a token whose surprise also makes it a positive
     label_weight: float = 0.0  # > 0: also fit labelled windows (binary cross-entropy) when labels are given
     seed: int = 0
 
@@ -155,6 +164,8 @@ class RouterConfig:
         _check(0.0 < self.budget_fraction <= 1.0, f"router.budget_fraction must be in (0, 1], got {self.budget_fraction}")
         _check(self.lr > 0 and self.dual_lr >= 0 and self.temperature > 0, "router.lr and router.temperature must be > 0, router.dual_lr >= 0")
         _check(self.label_weight >= 0, f"router.label_weight must be >= 0, got {self.label_weight}")
+        _check(self.surprise_weight >= 0, f"router.surprise_weight must be >= 0, got {self.surprise_weight}")
+        _check(self.surprise_lookahead >= 0, f"router.surprise_lookahead must be >= 0, got {self.surprise_lookahead}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from oryx_ts.checkpoint import save
 from oryx_ts.config import OryxConfig
 from oryx_ts.datasets.windows import WindowSampler
 from oryx_ts.model import OryxForecaster
-from oryx_ts.routers.features import surprise_features
+from oryx_ts.routers.features import surprise_features, surprise_targets
 from oryx_ts.routers.heuristics import RouterInputs
 from oryx_ts.routers.learned import LearnedRouter
 from oryx_ts.routers.runtime import forecast_steps
@@ -138,6 +139,9 @@ class RouterTrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+TARGET_FEATURE = 1  # surprise of the worst channel: an event in one channel of many still stands out
+
+
 def router_inputs(model: OryxForecaster, x_BLC: torch.Tensor) -> RouterInputs:
     """Router inputs for windows that start a stream: surprise from the all-recurrent forecasts of the previous tokens.
 
@@ -174,8 +178,14 @@ def train_router(
     (of either sign) holds the mean attention probability at `budget_fraction`, so the router
     learns where to spend that rate, not whether to spend it. Router settings come from
     `router.config` when a router is given, else from `model.config.router`. `label_mask` (L,)
-    booleans, used only when `label_weight > 0`, adds a cross-entropy on labelled tokens. The forecaster's weights are left as they were. Raises `ValueError` for a stream of
-    the wrong shape.
+    booleans, used only when `label_weight > 0`, adds a cross-entropy on labelled tokens.
+
+    With `surprise_weight > 0` a label-free cross-entropy also fits the logits to
+    `surprise_targets` of each window: the `budget_fraction` of its tokens whose own patch the
+    all-recurrent forecast missed worst (feature `TARGET_FEATURE` of the surprise features), each
+    with the `surprise_lookahead` tokens before it. The router sees only causal features, so it
+    learns what announces a surprising patch. The forecaster's weights are left as they were.
+    Raises `ValueError` for a stream of the wrong shape.
     """
     config = model.config
     rc, t = (router.config if router is not None else config.router), config.train
@@ -211,6 +221,13 @@ def train_router(
             forecast_loss = model.loss(x, modes)
             rate = torch.sigmoid(logits).mean()
             loss = forecast_loss + dual * (rate - rc.budget_fraction)
+            record = {}
+            if rc.surprise_weight > 0:
+                targets = surprise_targets(inputs.surprise_BTF[..., TARGET_FEATURE], inputs.positions_T > 0,
+                                           fraction=rc.budget_fraction, lookahead=rc.surprise_lookahead)
+                surprise_loss = F.binary_cross_entropy_with_logits(logits, targets)
+                loss = loss + rc.surprise_weight * surprise_loss
+                record["surprise_loss"] = surprise_loss.item()
             if labels is not None:
                 token_labels = torch.stack([labels[s : s + window].reshape(-1, P).any(1) for s in starts.tolist()])
                 loss = loss + rc.label_weight * router.label_loss(logits, token_labels)
@@ -219,7 +236,7 @@ def train_router(
             opt.step()
             # an equality constraint: the dual may turn negative and pay for attention when the router spends too little
             dual = dual + rc.dual_lr * (rate.item() - rc.budget_fraction)
-            result.history.append({"step": step, "forecast_loss": forecast_loss.item(), "rate": rate.item(), "dual": dual})
+            result.history.append({"step": step, "forecast_loss": forecast_loss.item(), "rate": rate.item(), "dual": dual, **record})
             bar.set_postfix(loss=f"{forecast_loss.item():.4f}", rate=f"{rate.item():.3f}", dual=f"{dual:.3f}")
     finally:
         for p, flag in frozen:

@@ -15,6 +15,8 @@ The first token of a stream has no earlier forecast: its features 0-3 are zero. 
 serves streaming (T = 1), routed forwards and router training, so all three see the same inputs.
 """
 
+import math
+
 import torch
 
 N_FEATURES = 5
@@ -58,3 +60,32 @@ def surprise_features(
     missing = torch.isnan(patch_BTPC).to(torch.float64).mean((2, 3))
     feats = torch.stack([f0, f1, outside, trend, missing], dim=-1)
     return feats.to(torch.float32), ema
+
+
+def surprise_targets(surprise_BT: torch.Tensor, has_prev_T: torch.Tensor, *, fraction: float, lookahead: int = 0) -> torch.Tensor:
+    """Label-free router targets `(B, T)` float32 in {0, 1}: where a window of the stream is most surprising.
+
+    `surprise_BT` scores each token's own patch (for instance feature 1 of `surprise_features`
+    under the all-recurrent forecasts); tokens without an earlier forecast (`has_prev_T` False)
+    are never surprising. A token is *hot* when its score is among the `ceil(fraction * n)`
+    largest of its series' n scored tokens (ties at the threshold count as hot); it is a positive
+    when it or one of the next `lookahead` tokens is hot. The targets read the whole window, the
+    future included, so they are for training only; a router meets them from causal features.
+    Raises `ValueError` for a fraction outside (0, 1] or a negative lookahead.
+    """
+    if not 0.0 < fraction <= 1.0 or lookahead < 0:
+        raise ValueError(f"need fraction in (0, 1] and lookahead >= 0, got {fraction}, {lookahead}")
+    valid_T = has_prev_T.to(torch.bool)
+    n = int(valid_T.sum())
+    B, T = surprise_BT.shape
+    if n == 0:
+        return surprise_BT.new_zeros(B, T, dtype=torch.float32)
+    s = torch.where(valid_T[None, :], surprise_BT.to(torch.float64), float("-inf"))
+    k = math.ceil(fraction * n)
+    threshold_B = s.topk(k, dim=1).values[:, -1:]
+    hot = (s >= threshold_B) & valid_T[None, :]
+    if lookahead:
+        # positive at n when any of n .. n + lookahead is hot: a running max over the next tokens
+        padded = torch.cat([hot, hot.new_zeros(B, lookahead)], dim=1).float()
+        hot = padded.unfold(1, lookahead + 1, 1).amax(-1) > 0
+    return hot.to(torch.float32)
