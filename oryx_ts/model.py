@@ -82,7 +82,20 @@ class OryxForecaster(nn.Module):
             modes = modes.expand(B, T)
         if modes.shape != (B, T):
             raise ValueError(f"modes must have shape ({B}, {T}) (batch, tokens) or ({T},), got {tuple(modes.shape)}")
-        return modes.to(device=device, dtype=torch.float32)
+        modes = modes.to(device=device, dtype=torch.float32)
+        if not ((modes >= 0) & (modes <= 1)).all():
+            raise ValueError("modes must lie in [0, 1] (1 = attention, 0 = recurrence)")
+        return modes
+
+    @staticmethod
+    def _series_modes(mode, B: int) -> torch.Tensor:
+        """A step's modes as (B,): a scalar applies to every series."""
+        mode = torch.as_tensor(mode)
+        if mode.dim() == 0:
+            return mode.expand(B)
+        if mode.shape != (B,):
+            raise ValueError(f"mode must be a scalar or have shape ({B},) (one per series), got {tuple(mode.shape)}")
+        return mode
 
     def forward_normalized(self, x_BLC: torch.Tensor, modes: torch.Tensor | None = None):
         """Forecasts in normalized units. Returns `(pred_BTHzCQ, mean_BTC, std_BTC)`."""
@@ -192,7 +205,7 @@ class OryxForecaster(nn.Module):
         if router is not None:
             m_B1 = routing.route_token(router, budget, self.config, state, x_B1D, patch_BPC)
         else:
-            m_B1 = self._modes(None if mode is None else torch.as_tensor(mode).reshape(B, 1), B, 1, patch_BPC.device)
+            m_B1 = self._modes(None if mode is None else self._series_modes(mode, B)[:, None], B, 1, patch_BPC.device)
         plan = state.plan_bounded_step(m_B1[:, 0], b.window, b.pinned) if state.bounded else None
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
             x_B1D = block(x_B1D, m_B1, layer_state, state.n_tokens, plan=plan)

@@ -58,6 +58,14 @@ def test_step_equals_forward_for_every_mode_pattern(mixer, T):
         assert rel_err(streamed, parallel) < 1e-4, f"{mixer} T={T} {name}"
 
 
+def test_a_scalar_step_mode_applies_to_every_series():
+    model = random_model()
+    x = torch.randn(2, 8, 4)
+    a, _ = model.step(x, model.init_state(2), 1.0)
+    b, _ = model.step(x, model.init_state(2), torch.ones(2))
+    assert torch.equal(a, b)
+
+
 def test_modes_change_the_forecast(mixer):
     # guards the test above: if modes were ignored, step == forward would prove little
     model = random_model(mixer)
@@ -151,6 +159,10 @@ def test_wrong_step_inputs_raise_value_error():
         model(torch.randn(2, 16, 4), torch.zeros(3))
     with pytest.raises(ValueError, match="inf"):
         model(torch.full((1, 8, 4), float("inf")))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        model.step(torch.randn(2, 8, 4), state, torch.ones(3))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.step(torch.randn(2, 8, 4), state, torch.tensor([0.0, float("nan")]))
     assert state.n_tokens == 0, "a rejected patch must leave the state untouched"
 
 
