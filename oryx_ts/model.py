@@ -195,6 +195,12 @@ class OryxForecaster(nn.Module):
         if state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} series, patch has {B}")
         b = self.config.block
+        expected_rec = (B, b.n_heads, b.head_dim_k, b.head_dim_v)
+        if len(state.layers) != len(self.blocks) or tuple(state.layers[0].rec_BHKV.shape) != expected_rec:
+            raise ValueError(
+                f"state does not fit this model: {len(state.layers)} layers with recurrent state "
+                f"{tuple(state.layers[0].rec_BHKV.shape)}, expected {len(self.blocks)} layers with {expected_rec}"
+            )
         if (b.retention == "bounded") != state.bounded:
             raise ValueError(f"state was made for another retention policy than the model's {b.retention!r}")
         if router is not None and mode is not None:

@@ -264,6 +264,12 @@ def test_bounded_state_round_trips_through_a_file(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_state_of_another_model_is_refused():
+    small = random_model(block={"n_layers": 1})
+    with pytest.raises(ValueError, match="does not fit this model"):
+        random_model().step(torch.randn(1, 8, 4), small.init_state(1))
+
+
 def test_state_of_another_retention_policy_is_refused():
     bounded = random_model(block=BOUNDED)
     with pytest.raises(ValueError, match="retention"):
