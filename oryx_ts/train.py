@@ -214,7 +214,7 @@ def train_router(
         bar = tqdm(range(1, rc.steps + 1), desc="router", disable=not progress, dynamic_ncols=True)
         for step in bar:
             starts = sampler.starts[torch.randint(len(sampler.starts), (rc.batch_size,), generator=generator)]
-            x = torch.stack([values[s : s + window] for s in starts.tolist()])
+            x = sampler.windows_at(starts)
             inputs = router_inputs(model, x)
             logits = router.logits(inputs)
             modes = router.relaxed_modes(logits, generator)

@@ -32,17 +32,18 @@ class WindowSampler:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def _gather(self, starts: torch.Tensor) -> torch.Tensor:
+    def windows_at(self, starts: torch.Tensor) -> torch.Tensor:
+        """The windows `(len(starts), window, C)` that begin at the given steps."""
         return torch.stack([self.data[s : s + self.window] for s in starts.tolist()])
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """A random batch `(batch_size, window, C)` (starts drawn with replacement)."""
         pick = torch.randint(len(self.starts), (batch_size,), generator=generator)
-        return self._gather(self.starts[pick])
+        return self.windows_at(self.starts[pick])
 
     def sequential(self, batch_size: int, *, stride: int | None = None) -> Iterator[torch.Tensor]:
         """Batches of windows in stream order, `stride` steps apart (default: non-overlapping)."""
         stride = stride or self.window
         starts = self.starts[(self.starts - self.starts[0]) % stride == 0]
         for i in range(0, len(starts), batch_size):
-            yield self._gather(starts[i : i + batch_size])
+            yield self.windows_at(starts[i : i + batch_size])
