@@ -270,6 +270,39 @@ def section_layer():
         torch.cuda.empty_cache()
 
 
+def section_profile():
+    """Where the Oryx layer's time goes at T=32k: torch.profiler tables (device time per op) at 0% and 10%."""
+    from torch.profiler import ProfilerActivity, profile
+
+    c = BlockConfig(d_model=512, n_layers=1, n_heads=8, head_dim_k=64, head_dim_v=64, mixer="gdn", chunk_size=64)
+    torch.manual_seed(0)
+    oryx = OryxBlock(c).cuda().to(DT)
+    T = 32768
+    x = torch.randn(1, T, c.d_model, device="cuda", dtype=DT, requires_grad=True)
+    dy = torch.randn_like(x)
+    out = Path(os.environ.get("OUT", "runs/bench"))
+    out.mkdir(parents=True, exist_ok=True)
+    for frac in (0.0, 0.1):
+        m = torch.zeros(1, T, device="cuda", dtype=DT)
+        if frac > 0:
+            m[:, routed_positions(T, frac, seed=T)] = 1
+        for _ in range(3):
+            oryx(x, m).backward(dy)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            for _ in range(5):
+                oryx(x, m).backward(dy)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) / 5 * 1e3
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 5 / 1e3
+        head = f"Oryx layer T={T} attention {frac:.0%}: wall {wall:.2f} ms per fwd+bwd, device busy {busy:.2f} ms"
+        print(head + "\n" + table, flush=True)
+        (out / f"profile_layer_{int(frac * 100)}.txt").write_text(head + "\n" + table)
+        notes.append(head)
+
+
 # ----------------------------------------------------------------------------- step
 def _graph(fn):
     """Capture `fn` in a CUDA graph (after a warm-up on a side stream); returns the replay callable."""
@@ -360,7 +393,8 @@ def section_step():
 
 
 # ----------------------------------------------------------------------------- main
-SECTIONS = {"attention": section_attention, "mixers": section_mixers, "layer": section_layer, "step": section_step}
+SECTIONS = {"attention": section_attention, "mixers": section_mixers, "layer": section_layer, "step": section_step,
+            "profile": section_profile}
 
 
 def environment() -> dict:

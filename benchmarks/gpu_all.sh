@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: install the carried wheels, run the GPU parity tests, then time.
+#
+#   bash benchmarks/gpu_all.sh [parity] [bench[=SECTIONS]] [profile]
+#
+# With no argument it does all three (parity, the full benchmark, the layer profile). Expects the
+# wheels of fla-core, flash-linear-attention, mamba-ssm (Triton-only build), tilelang and its two
+# helpers in .whl/, plus libz3.so.xz (tilelang's solver library); see docs/BENCHMARKS.md. Writes
+# everything under $OUT (default runs/gpu): parity.txt, parity.xml, gpu_bench.{md,json}, profiles.
+set -u
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export OUT
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(parity bench profile)
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "installing the wheels from .whl/ failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+mkdir -p /tmp/z3 && xz -dc .whl/libz3.so.xz > /tmp/z3/libz3.so && export LD_LIBRARY_PATH=/tmp/z3:${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+rc=0
+for step in "${steps[@]}"; do
+  case $step in
+    parity)
+      # the GPU tests live in one file (the rest of the suite needs the CPU extras, absent here);
+      # fla's fp32 chunk_simple_gla takes about 2.5 minutes to compile on an H100
+      python3 -m pytest -p no:cacheprovider -m gpu -o addopts="" --timeout 400 -q -rs \
+        --junitxml "$OUT/parity.xml" tests/kernels/test_gpu_parity.py 2>&1 | tee "$OUT/parity.txt"
+      rc=$((rc | ${PIPESTATUS[0]}))
+      ;;
+    bench|bench=*)
+      sections=${step#bench}; sections=${sections#=}
+      python3 benchmarks/gpu.py --out "$OUT" ${sections:+--sections "$sections"} || rc=1
+      ;;
+    profile)
+      python3 benchmarks/gpu.py --out "$OUT/profile" --sections profile || rc=1
+      ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+exit $rc
