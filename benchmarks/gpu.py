@@ -11,8 +11,11 @@ with `triton.testing.do_bench` (median, ms), prints one table and writes `gpu_be
                fractions 0 / 0.1 / 0.25 / 1 vs a pure fla GDN layer and a pure SDPA layer
     step       streaming step of 4 layers' mixers for 1 / 1024 / 16384 series, caches 512 / 4096:
                our fused kernel (CUDA graph) vs fla's recurrent step and SDPA decode
+    profile    (not in the default run) torch.profiler tables of the Oryx layer at T=32k, 0% and
+               10% attention: where its time goes
 
 Usage: python benchmarks/gpu.py [--sections attention,mixers,layer,step] [--budget-s 420]
+`benchmarks/gpu_all.sh` installs the carried wheels and runs the parity tests and this script.
 Routing in every section: chunks of 128 tokens, each routed to attention at random with the given
 rate (seeded), so the routed fraction is what the table says up to sampling.
 """
