@@ -93,6 +93,7 @@ class SyntheticConfig:
     recurring_rate: float = 0.004
     recurring_length: tuple[int, int] = (64, 160)
     recurring_min_gap: int = 2016
+    recurring_max_gap: int | None = None  # steps between the end of a first occurrence and its repeat; None: any
 
     def __post_init__(self) -> None:
         if self.steps_per_day < 4:
@@ -113,6 +114,8 @@ class SyntheticConfig:
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name} must be (min, max) with 1 <= min <= max, got {(lo, hi)}")
+        if self.recurring_max_gap is not None and self.recurring_max_gap < self.recurring_min_gap:
+            raise ValueError(f"recurring_max_gap ({self.recurring_max_gap}) must be >= recurring_min_gap ({self.recurring_min_gap})")
         for name in ("daily_amplitude", "weekly_amplitude", "wander_scale", "trend_scale", "noise",
                      "heteroscedasticity", "weekend_factor", "recurring_min_gap"):
             if getattr(self, name) < 0:
@@ -323,7 +326,10 @@ def _plan(length: int, channels: int, seed: int, config: SyntheticConfig) -> _Pl
             if last_first < 0:
                 break
             s1 = int(rrng.integers(0, last_first + 1))
-            s2 = int(rrng.integers(s1 + n + cfg.recurring_min_gap, length - n + 1))
+            last_second = length - n
+            if cfg.recurring_max_gap is not None:
+                last_second = min(last_second, s1 + n + cfg.recurring_max_gap)
+            s2 = int(rrng.integers(s1 + n + cfg.recurring_min_gap, last_second + 1))
             if any(a <= s + n and s <= b for s in (s1, s2) for a, b in taken):
                 continue
             taken += [(s1, s1 + n), (s2, s2 + n)]

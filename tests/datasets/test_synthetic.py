@@ -160,6 +160,16 @@ def test_recurring_events_repeat_the_same_pattern_much_later():
     assert not np.allclose(patterns[0][:32], patterns[1][:32], atol=0.1)  # each pair is distinctive
 
 
+def test_recurring_max_gap_bounds_the_distance_to_the_repeat():
+    config = dataclasses.replace(SyntheticConfig().without_regimes(), recurring_rate=0.1, recurring_min_gap=64,
+                                 recurring_max_gap=512)
+    stream = generate(60_000, 2, seed=4, config=config)
+    gaps = [repeat.start - first.end for first, repeat in stream.recurrences]
+    assert len(gaps) >= 10 and all(64 <= g <= 512 for g in gaps), gaps
+    with pytest.raises(ValueError, match="recurring_max_gap"):
+        dataclasses.replace(config, recurring_max_gap=10)
+
+
 def test_anomaly_coverage_can_be_set():
     config = SyntheticConfig().with_coverage(anomaly=0.03)
     assert sum(config.rate(k) for k in ANOMALY_KINDS) == pytest.approx(0.03)
