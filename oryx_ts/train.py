@@ -22,7 +22,7 @@ from oryx_ts.checkpoint import save
 from oryx_ts.config import OryxConfig
 from oryx_ts.datasets.windows import WindowSampler
 from oryx_ts.model import OryxForecaster
-from oryx_ts.routers.features import surprise_features, surprise_targets
+from oryx_ts.routers.features import novelty_scores, surprise_features, surprise_targets
 from oryx_ts.routers.heuristics import RouterInputs
 from oryx_ts.routers.learned import LearnedRouter
 from oryx_ts.routers.runtime import forecast_steps
@@ -139,9 +139,6 @@ class RouterTrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-TARGET_FEATURE = 1  # surprise of the worst channel: an event in one channel of many still stands out
-
-
 def router_inputs(model: OryxForecaster, x_BLC: torch.Tensor) -> RouterInputs:
     """Router inputs for windows that start a stream: surprise from the all-recurrent forecasts of the previous tokens.
 
@@ -163,6 +160,23 @@ def router_inputs(model: OryxForecaster, x_BLC: torch.Tensor) -> RouterInputs:
     return RouterInputs(tokens, feats, torch.arange(T))
 
 
+def batch_targets(inputs: RouterInputs, fraction: float, lookahead: int = 0) -> torch.Tensor:
+    """Label-free router targets `(B, T)` for a batch of windows, pooled over the batch.
+
+    Novelty is standardized over all windows of the batch together and the `fraction` most novel
+    tokens of the batch are positives, so a quiet window may hold none and a busy one many (a
+    per-window quota would teach the router to spend in every window, on noise when it is quiet).
+    """
+    B, T, F = inputs.surprise_BTF.shape
+    has_prev = (inputs.positions_T > 0).repeat(B)
+    pooled = novelty_scores(inputs.surprise_BTF.reshape(1, B * T, F), has_prev)
+    hot = surprise_targets(pooled, has_prev, fraction=fraction).reshape(B, T)
+    if lookahead:  # within each window: the windows are separate streams
+        padded = torch.cat([hot, hot.new_zeros(B, lookahead)], dim=1)
+        hot = (padded.unfold(1, lookahead + 1, 1).amax(-1) > 0).float()
+    return hot
+
+
 def train_router(
     model: OryxForecaster,
     values: np.ndarray | torch.Tensor,
@@ -181,9 +195,10 @@ def train_router(
     booleans, used only when `label_weight > 0`, adds a cross-entropy on labelled tokens.
 
     With `surprise_weight > 0` a label-free cross-entropy also fits the logits to
-    `surprise_targets` of each window: the `budget_fraction` of its tokens whose own patch the
-    all-recurrent forecast missed worst (feature `TARGET_FEATURE` of the surprise features), each
-    with the `surprise_lookahead` tokens before it. The router sees only causal features, so it
+    `batch_targets`: the `budget_fraction` of the batch's tokens whose own patch is most
+    unusual under the all-recurrent forecasts (`features.novelty_scores`: the worst channel's
+    error, the dispersion or the flatness of the patch, whichever stands out most), each with the
+    `surprise_lookahead` tokens before it. The router sees only causal features, so it
     learns what announces a surprising patch. The forecaster's weights are left as they were.
     Raises `ValueError` for a stream of the wrong shape.
     """
@@ -223,8 +238,7 @@ def train_router(
             loss = forecast_loss + dual * (rate - rc.budget_fraction)
             record = {}
             if rc.surprise_weight > 0:
-                targets = surprise_targets(inputs.surprise_BTF[..., TARGET_FEATURE], inputs.positions_T > 0,
-                                           fraction=rc.budget_fraction, lookahead=rc.surprise_lookahead)
+                targets = batch_targets(inputs, rc.budget_fraction, rc.surprise_lookahead)
                 surprise_loss = F.binary_cross_entropy_with_logits(logits, targets)
                 loss = loss + rc.surprise_weight * surprise_loss
                 record["surprise_loss"] = surprise_loss.item()

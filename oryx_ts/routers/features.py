@@ -11,7 +11,12 @@ interval), so they are free of units. Features, in order:
     2  share of observed values outside the outer quantile interval
     3  feature 0 minus its running mean over earlier tokens (the trend; EMA with `decay`)
     4  share of missing values in the patch
-The first token of a stream has no earlier forecast: its features 0-3 are zero. The same function
+    5  dispersion: log of the spread of step-to-step changes within the patch (std of first
+       differences) over the forecast's spread, largest channel (variance bursts, spikes)
+    6  flatness: minus the same log ratio, flattest channel (a stuck sensor: changes vanish)
+Features 5 and 6 read only channels with at least two observed differences (0 when none) and are
+floored at log(1e-3) per channel, so an exactly constant channel gives 6.9, not infinity.
+The first token of a stream has no earlier forecast: its features 0-3, 5 and 6 are zero. The same function
 serves streaming (T = 1), routed forwards and router training, so all three see the same inputs.
 """
 
@@ -19,7 +24,8 @@ import math
 
 import torch
 
-N_FEATURES = 5
+N_FEATURES = 7
+NOVELTY_FEATURES = (1, 5, 6)  # what `novelty_scores` combines: the worst channel's error, dispersion, flatness
 
 
 def surprise_features(
@@ -58,8 +64,44 @@ def surprise_features(
         trend[:, n] = torch.where(prev[:, n], f0[:, n] - ema, 0.0)
         ema = torch.where(prev[:, n], decay * ema + (1 - decay) * f0[:, n], ema)
     missing = torch.isnan(patch_BTPC).to(torch.float64).mean((2, 3))
-    feats = torch.stack([f0, f1, outside, trend, missing], dim=-1)
+    disp, flat = _dispersion(x, width)
+    disp, flat = (torch.where(prev, t, 0.0) for t in (disp, flat))
+    feats = torch.stack([f0, f1, outside, trend, missing, disp, flat], dim=-1)
     return feats.to(torch.float32), ema
+
+
+def _dispersion(x_BTPC: torch.Tensor, width_BTPC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features 5 and 6 `(B, T)` float64 from the patch (NaN = missing) and the forecast's half-width."""
+    d = x_BTPC.diff(dim=2)
+    ok = ~torch.isnan(d)
+    n = ok.sum(2)
+    d0 = torch.where(ok, d, 0.0)
+    mean = d0.sum(2) / n.clamp_min(1)
+    var = (torch.where(ok, d0 - mean[:, :, None], 0.0) ** 2).sum(2) / (n - 1).clamp_min(1)
+    width_BTC = width_BTPC.mean(2)
+    ratio = torch.log((var.sqrt() + 1e-3 * width_BTC) / width_BTC).clamp(max=10.0)
+    valid = n >= 2
+    disp = torch.where(valid, ratio, -torch.inf).amax(-1)
+    flat = -torch.where(valid, ratio, torch.inf).amin(-1)
+    any_valid = valid.any(-1)
+    return torch.where(any_valid, disp, 0.0), torch.where(any_valid, flat, 0.0)
+
+
+def novelty_scores(surprise_BTF: torch.Tensor, has_prev_T: torch.Tensor) -> torch.Tensor:
+    """A label-free score `(B, T)` of how unusual each token's own patch is within its window.
+
+    Each of the `NOVELTY_FEATURES` is standardized per series over the tokens that have an
+    earlier forecast (mean 0, std 1); the score is their maximum, so a token stands out when its
+    error, its dispersion or its flatness does. Tokens without an earlier forecast score -inf.
+    The statistics read the whole window: for training targets only.
+    """
+    valid = has_prev_T.to(torch.bool)[None, :, None]
+    f = surprise_BTF[..., list(NOVELTY_FEATURES)].to(torch.float64)
+    n = valid.sum(1, keepdim=True).clamp_min(1)
+    mean = torch.where(valid, f, 0.0).sum(1, keepdim=True) / n
+    std = (torch.where(valid, f - mean, 0.0) ** 2).sum(1, keepdim=True).div(n).sqrt()
+    z = (f - mean) / (std + 1e-6)
+    return torch.where(valid[..., 0], z.amax(-1), -torch.inf)
 
 
 def surprise_targets(surprise_BT: torch.Tensor, has_prev_T: torch.Tensor, *, fraction: float, lookahead: int = 0) -> torch.Tensor:
