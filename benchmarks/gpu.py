@@ -28,7 +28,9 @@ import sys
 import time
 import traceback
 from datetime import date
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from oryx_ts.block import OryxBlock, RMSNorm, ShortConv, SwiGLU, _l2norm  # noqa: E402
 from oryx_ts.config import BlockConfig  # noqa: E402
-from oryx_ts.kernels.attention.rope import rope  # noqa: E402
+from oryx_ts.kernels import dispatch as _dispatch  # noqa: E402
 
 DT = torch.bfloat16
 ROUTE_CHUNK = 128
@@ -234,7 +236,7 @@ class PureAttentionLayer(nn.Module):
         H, K, V = c.n_heads, c.head_dim_k, c.head_dim_v
         q, k, v, z = self.qkvz(self.norm(x)).split([H * K, H * K, H * V, H * V], -1)
         pos = torch.arange(T, device=x.device)
-        q, k = rope(q.view(B, T, H, K), pos), rope(k.view(B, T, H, K), pos)
+        q, k = _dispatch.rope(q.view(B, T, H, K), pos), _dispatch.rope(k.view(B, T, H, K), pos)
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, H, V).transpose(1, 2),
                                                is_causal=True).transpose(1, 2)
@@ -269,6 +271,10 @@ def section_layer():
             ms = bench(lambda: oryx(x, m).backward(dy), rep=50)
             add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd", ms, base_gdn, "pure GDN layer",
                 vs_attention_layer=round(ms / base_att, 3))
+            if frac == 0.1:  # the same layer with the torch RoPE (fp32, eager): what the fused rotation saves
+                with mock.patch.object(dispatch, "rope", partial(dispatch.rope, backend="torch")):
+                    ms_t = bench(lambda: oryx(x, m).backward(dy), rep=50)
+                add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd, torch RoPE", ms_t, ms, "same, fused RoPE")
         del x, dy
         torch.cuda.empty_cache()
 

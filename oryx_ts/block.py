@@ -19,7 +19,6 @@ from torch import nn
 
 from oryx_ts.config import BlockConfig
 from oryx_ts.kernels import dispatch
-from oryx_ts.kernels.attention.rope import rope
 from oryx_ts.state import LayerState, SlotPlan
 
 
@@ -161,7 +160,7 @@ class OryxMixer(nn.Module):
         o_lin, rec = self._linear(u_BTD, q_lin, k, v, st)
 
         pos_T = torch.arange(pos0, pos0 + T, device=u_BTD.device)
-        k_att = rope(k, pos_T, base=c.rope_base) if c.rope else k
+        k_att = dispatch.rope(k, pos_T, base=c.rope_base) if c.rope else k
         if st is not None:
             keys, values, k_pos, k_valid = self._write_cache(st, k_att, v, pos0, plan)
         else:
@@ -172,7 +171,7 @@ class OryxMixer(nn.Module):
             idx = routed_T.nonzero().squeeze(1)
             q_att = _l2norm(self.att_q(u_BTD[:, idx]).view(B, idx.numel(), H, c.head_dim_k))
             if c.rope:
-                q_att = rope(q_att, pos_T[idx], base=c.rope_base)
+                q_att = dispatch.rope(q_att, pos_T[idx], base=c.rope_base)
             o_sel = dispatch.routed_attention(
                 q_att, keys, values, q_pos_Tq=pos_T[idx], k_pos_S=k_pos, scale_H=self.att_log_temp.exp(),
                 k_valid_BS=k_valid, k_until_BS=k_until_BT,

@@ -13,6 +13,8 @@ Fast paths (all Triton; imported on first use, so the CPU install never imports 
     linear_step   our fused single-token kernel (`kernels.step_triton`), any number of series
     routed_attention  our routed-query kernel (`kernels.attention.routed_triton`); per-key eviction
                   positions (`k_until_BS`) still take the torch path
+    rope          fla's fused rotary kernel (one pass forward, one backward) with our fp32 tables
+                  rounded to the input dtype
 
 Measured on an H100 (docs/BENCHMARKS.md): every fast path matches its reference in bf16; fla's
 GDN backward with fp32 inputs fails to compile in TileLang there, so `auto` sends fp32 GDN training
@@ -29,6 +31,8 @@ from typing import Literal
 import torch
 
 from oryx_ts.kernels.attention.naive import routed_attention as _routed_attention_torch
+from oryx_ts.kernels.attention.rope import rope as _rope_torch
+from oryx_ts.kernels.attention.rope import rope_tables
 from oryx_ts.kernels.gdn.naive import gdn_step, naive_chunk_gdn
 from oryx_ts.kernels.mamba2.naive import naive_chunk_ssd, ssd_step
 
@@ -221,3 +225,19 @@ def routed_attention(
     return _routed_attention_torch(
         q_BTqHK, k_BSHK, v_BSHV, q_pos_Tq=q_pos_Tq, k_pos_S=k_pos_S, scale_H=scale_H, k_valid_BS=k_valid_BS, k_until_BS=k_until_BS
     )
+
+
+def rope(x_BTHK: torch.Tensor, pos_T: torch.Tensor, *, base: float = 10000.0, backend: Backend = "auto") -> torch.Tensor:
+    """Rotary embedding of `x_BTHK` at absolute positions `pos_T`; see `kernels.attention.rope.rope`."""
+    path = select_backend(x_BTHK, backend)
+    if path == "triton" and not (_installed("fla") and x_BTHK.shape[-1] % 2 == 0 and x_BTHK.shape[-1] <= 256):
+        if backend == "triton":
+            raise ValueError("backend='triton' cannot run: rope needs fla and an even head dim <= 256")
+        path = "torch"
+    last_backend["rope"] = path
+    if path == "torch":
+        return _rope_torch(x_BTHK, pos_T, base=base)
+    from fla.modules.rotary import rotary_embedding
+
+    cos, sin = (t.to(x_BTHK.dtype) for t in rope_tables(pos_T, x_BTHK.shape[-1], base=base))
+    return rotary_embedding(x_BTHK, cos, sin)

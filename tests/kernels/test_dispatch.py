@@ -47,6 +47,16 @@ def test_routed_attention_cpu_takes_torch_path(backend, inputs, rel):
     assert torch.equal(o, routed_attention(q, k, v, **kw))
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_rope_cpu_takes_torch_path(backend):
+    from oryx_ts.kernels.attention.rope import rope
+
+    x = torch.randn(2, 9, 3, 16)
+    pos = torch.arange(5, 14)
+    assert torch.equal(dispatch.rope(x, pos, base=500.0, backend=backend), rope(x, pos, base=500.0))
+    assert dispatch.last_backend["rope"] == "torch"
+
+
 def test_triton_backend_raises_on_cpu(inputs, rel):
     q, k, v, g, beta, h0 = inputs(1, 4, 2, 16, 16, mixer="gdn", init_state=True)
     with pytest.raises(ValueError, match="cannot run"):
@@ -56,6 +66,8 @@ def test_triton_backend_raises_on_cpu(inputs, rel):
     qa, ka, va, kw = _attention_inputs()
     with pytest.raises(ValueError, match="cannot run"):
         dispatch.routed_attention(qa, ka, va, backend="triton", **kw)
+    with pytest.raises(ValueError, match="cannot run"):
+        dispatch.rope(qa, kw["q_pos_Tq"], backend="triton")
     ok, why = dispatch.fast_path_available(torch.device("cpu"))
     assert not ok and "cpu" in why
 

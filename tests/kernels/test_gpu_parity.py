@@ -252,6 +252,30 @@ def test_fused_layer_step(mixer, dtype, inputs, rel):
     _check("o", out, m * o_att + (1 - m) * o_lin, rel, dtype)
 
 
+@needs_fla
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [32, 64, 128])
+def test_rope_fused_matches_torch(K, dtype, rel):
+    """fla's fused rotation with our tables vs the torch reference: output and input gradient,
+    positions from a million on (the tables must keep their phase)."""
+    from oryx_ts.kernels.attention.rope import rope as rope_torch
+
+    g = torch.Generator(device="cuda").manual_seed(K)
+    x = torch.randn(2, 300, 4, K, device="cuda", generator=g).to(dtype)
+    pos = torch.arange(10**6, 10**6 + 300, device="cuda")
+    dy = torch.randn(x.shape, device="cuda", generator=g)
+    out = {}
+    for backend in ("triton", "torch"):
+        xi = x.clone().requires_grad_()
+        y = dispatch.rope(xi, pos, base=10000.0, backend=backend)
+        assert dispatch.last_backend["rope"] == backend and y.dtype == dtype
+        (y.float() * dy).sum().backward()
+        out[backend] = (y.detach(), xi.grad)
+    ref = rope_torch(x.float(), pos)
+    _check("rope", out["triton"][0], ref, rel, dtype)
+    _check("rope grad", out["triton"][1], out["torch"][1], rel, dtype)
+
+
 @pytest.mark.parametrize("mixer", [pytest.param("gdn", marks=needs_fla), pytest.param("mamba2", marks=needs_mamba)])
 def test_model_step_equals_forward_on_gpu(mixer, rel):
     from tests.conftest import random_model
