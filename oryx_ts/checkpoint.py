@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from oryx_ts.config import OryxConfig, RouterConfig
 from oryx_ts.model import OryxForecaster
+from oryx_ts.routers.features import N_FEATURES
 from oryx_ts.routers.learned import LearnedRouter
 
 WEIGHTS = "model.safetensors"
@@ -99,6 +100,7 @@ def load_router(path: str | Path, *, map_location: str | torch.device = "cpu") -
         raise ValueError(f"corrupt router weights {path / ROUTER_WEIGHTS}: {e}") from e
     expected = router.state_dict()
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
-        raise ValueError(f"router weights in {path} do not match its settings")
+        raise ValueError(f"router weights in {path} do not match its settings (this version's router reads the token "
+                         f"embedding and {N_FEATURES} surprise features; a router saved by another version must be retrained)")
     router.load_state_dict(tensors)
     return router.to(map_location).eval()

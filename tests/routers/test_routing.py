@@ -152,6 +152,17 @@ def test_learned_router_round_trips_through_the_checkpoint(tmp_path):
         oryx_ts.save(model, tmp_path / "other", router=AllRouter())
 
 
+def test_a_router_saved_with_other_features_fails_to_load_clearly(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = oryx_ts.save(random_model("gdn"), tmp_path / "ckpt", router=learned(4))
+    tensors = load_file(str(path / "router.safetensors"))
+    tensors["net.0.weight"] = tensors["net.0.weight"][:, :-2].contiguous()  # as if saved with two features fewer
+    save_file(tensors, str(path / "router.safetensors"))
+    with pytest.raises(ValueError, match="surprise features"):
+        load_router(path)
+
+
 def test_train_router_fits_the_router_and_leaves_the_forecaster_alone():
     config = preset("debug", train={"window_tokens": 16}, router={"steps": 6, "batch_size": 4, "budget_fraction": 0.2})
     torch.manual_seed(0)
