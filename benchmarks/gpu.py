@@ -275,6 +275,11 @@ def section_layer():
                 with mock.patch.object(dispatch, "rope", partial(dispatch.rope, backend="torch")):
                     ms_t = bench(lambda: oryx(x, m).backward(dy), rep=50)
                 add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd, torch RoPE", ms_t, ms, "same, fused RoPE")
+                # modes that are not exactly 0/1 take the general mix m * o_att + (1 - m) * o_lin
+                m_soft = m * (1 - 2**-8)
+                ms_s = bench(lambda: oryx(x, m_soft).backward(dy), rep=50)
+                add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd, general mode mix", ms_s, ms,
+                    "same, hard-mode shortcut")
         del x, dy
         torch.cuda.empty_cache()
 

@@ -160,25 +160,31 @@ class OryxMixer(nn.Module):
         o_lin, rec = self._linear(u_BTD, q_lin, k, v, st)
 
         pos_T = torch.arange(pos0, pos0 + T, device=u_BTD.device)
-        k_att = dispatch.rope(k, pos_T, base=c.rope_base) if c.rope else k
+        # one host sync per layer: which tokens any series routes to attention, and whether the modes
+        # are hard (0/1) and equal across series, where the output can take o_att rows as they are
+        routed_T = (m_BT != 0).any(0)
+        hard = ((m_BT == 0) | (m_BT == 1)).all() & (m_BT == m_BT[:1]).all()
+        flags = torch.cat([routed_T, hard[None]]).cpu()
+        idx = flags[:-1].nonzero().squeeze(1).to(u_BTD.device)
+        k_att = dispatch.rope(k, pos_T, base=c.rope_base) if c.rope and (st is not None or idx.numel()) else k
         if st is not None:
             keys, values, k_pos, k_valid = self._write_cache(st, k_att, v, pos0, plan)
         else:
             keys, values, k_pos, k_valid = k_att, v, pos_T, None
 
-        routed_T = (m_BT != 0).any(0)
-        if routed_T.any():
-            idx = routed_T.nonzero().squeeze(1)
+        if idx.numel():
             q_att = _l2norm(self.att_q(u_BTD[:, idx]).view(B, idx.numel(), H, c.head_dim_k))
             if c.rope:
                 q_att = dispatch.rope(q_att, pos_T[idx], base=c.rope_base)
             o_sel = dispatch.routed_attention(
                 q_att, keys, values, q_pos_Tq=pos_T[idx], k_pos_S=k_pos, scale_H=self.att_log_temp.exp(),
                 k_valid_BS=k_valid, k_until_BS=k_until_BT,
-            )
-            o_att = o_lin.new_zeros(B, T, H, V).index_copy(1, idx, o_sel.to(o_lin.dtype))
-            m = m_BT.to(o_lin.dtype)[..., None, None]
-            o = m * o_att + (1 - m) * o_lin
+            ).to(o_lin.dtype)
+            if flags[-1]:
+                o = o_lin.index_copy(1, idx, o_sel)
+            else:
+                m = m_BT.to(o_lin.dtype)[..., None, None]
+                o = m * o_lin.new_zeros(B, T, H, V).index_copy(1, idx, o_sel) + (1 - m) * o_lin
         else:
             o = o_lin
 

@@ -274,3 +274,34 @@ def test_state_of_another_retention_policy_is_refused():
     bounded = random_model(block=BOUNDED)
     with pytest.raises(ValueError, match="retention"):
         bounded.step(torch.randn(1, 8, 4), random_model().init_state(1))
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_hard_shared_modes_take_the_same_output_as_the_general_mix(mixer):
+    """Modes that are 0/1 and equal across series take a shortcut (attention rows copied into the
+    recurrent output); a batch with one more, different series takes the general mix. The shared
+    series must get the same outputs and the same gradients (inputs 1e-6, parameters 1e-5 relative: sums over series)."""
+    from oryx_ts.block import OryxBlock
+
+    model = random_model(mixer)
+    block: OryxBlock = model.blocks[0]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, model.config.block.d_model, generator=g)
+    m = (torch.rand(40, generator=g) < 0.3).float()[None].expand(2, -1)
+    extra = torch.cat([x, torch.randn(1, 40, x.shape[-1], generator=g)])
+    m_extra = torch.cat([m, 1 - m[:1]])
+
+    def run(inp, modes):
+        inp = inp.clone().requires_grad_()
+        y = block(inp, modes)
+        y[:2].pow(2).sum().backward()
+        return y[:2].detach(), inp.grad[:2], [p.grad.clone() for p in block.parameters() if p.grad is not None]
+
+    y_hard, dx_hard, dp_hard = run(x, m)
+    block.zero_grad()
+    y_mix, dx_mix, dp_mix = run(extra, m_extra)
+    torch.testing.assert_close(y_hard, y_mix, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx_hard, dx_mix, rtol=1e-6, atol=1e-6)
+    assert len(dp_hard) == len(dp_mix) > 0
+    for a, b in zip(dp_hard, dp_mix):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
