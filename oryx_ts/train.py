@@ -22,7 +22,7 @@ from oryx_ts.checkpoint import save
 from oryx_ts.config import OryxConfig
 from oryx_ts.datasets.windows import WindowSampler
 from oryx_ts.model import OryxForecaster
-from oryx_ts.routers.features import novelty_scores, surprise_features, surprise_targets
+from oryx_ts.routers.features import mark_lookahead, novelty_scores, surprise_features, surprise_targets
 from oryx_ts.routers.heuristics import RouterInputs
 from oryx_ts.routers.learned import LearnedRouter
 from oryx_ts.routers.runtime import forecast_steps
@@ -171,10 +171,7 @@ def batch_targets(inputs: RouterInputs, fraction: float, lookahead: int = 0) -> 
     has_prev = (inputs.positions_T > 0).repeat(B)
     pooled = novelty_scores(inputs.surprise_BTF.reshape(1, B * T, F), has_prev)
     hot = surprise_targets(pooled, has_prev, fraction=fraction).reshape(B, T)
-    if lookahead:  # within each window: the windows are separate streams
-        padded = torch.cat([hot, hot.new_zeros(B, lookahead)], dim=1)
-        hot = (padded.unfold(1, lookahead + 1, 1).amax(-1) > 0).float()
-    return hot
+    return mark_lookahead(hot, lookahead)  # within each window: the windows are separate streams
 
 
 def train_router(

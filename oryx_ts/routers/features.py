@@ -104,6 +104,13 @@ def novelty_scores(surprise_BTF: torch.Tensor, has_prev_T: torch.Tensor) -> torc
     return torch.where(valid[..., 0], z.amax(-1), -torch.inf)
 
 
+def mark_lookahead(hot_BT: torch.Tensor, lookahead: int) -> torch.Tensor:
+    """`(B, T)` float32: 1 at n when any of tokens n .. n + lookahead of its row is hot (nonzero)."""
+    B = hot_BT.shape[0]
+    padded = torch.cat([hot_BT.float(), hot_BT.new_zeros(B, lookahead, dtype=torch.float32)], dim=1)
+    return (padded.unfold(1, lookahead + 1, 1).amax(-1) > 0).float()
+
+
 def surprise_targets(surprise_BT: torch.Tensor, has_prev_T: torch.Tensor, *, fraction: float, lookahead: int = 0) -> torch.Tensor:
     """Label-free router targets `(B, T)` float32 in {0, 1}: where a window of the stream is most surprising.
 
@@ -125,9 +132,4 @@ def surprise_targets(surprise_BT: torch.Tensor, has_prev_T: torch.Tensor, *, fra
     s = torch.where(valid_T[None, :], surprise_BT.to(torch.float64), float("-inf"))
     k = math.ceil(fraction * n)
     threshold_B = s.topk(k, dim=1).values[:, -1:]
-    hot = (s >= threshold_B) & valid_T[None, :]
-    if lookahead:
-        # positive at n when any of n .. n + lookahead is hot: a running max over the next tokens
-        padded = torch.cat([hot, hot.new_zeros(B, lookahead)], dim=1).float()
-        hot = padded.unfold(1, lookahead + 1, 1).amax(-1) > 0
-    return hot.to(torch.float32)
+    return mark_lookahead((s >= threshold_B) & valid_T[None, :], lookahead)
