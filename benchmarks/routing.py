@@ -1,24 +1,34 @@
 """Routing benchmark: which router spends an expected-FLOPs budget where the stream needs attention.
 
-On a labelled synthetic stream (anomaly windows covering about 3% of the steps, plus regime
-switches) it trains the `debug` forecaster, then a learned router without labels, and streams a
-held-out stream (a fresh seed, cut into consecutive segments run as a batch of series) through
-every router at budgets of 5%, 10% and 25% of the attention surcharge. The controller's reserve
+Two labelled synthetic streams (`--stream`):
+- `anomalies` (default): anomaly windows covering about 3% of the steps, plus regime switches. It
+  trains the `debug` forecaster, 300 steps. Event windows are the anomaly windows.
+- `programs`: the same, plus recurring program runs (a distinctive waveform that replaces a channel
+  group's daily cycle and plays again 64-512 steps later, twice) on about 6% of the steps. It trains
+  the `debug` forecaster without RoPE by a recall curriculum: 2,000 steps all in attention mode on
+  `recall_stream` (waveforms played several times in a row), so that attention learns to look the
+  past up, then 2,000 mixed-mode steps on telemetry whose program runs repeat often. Event windows
+  are all labelled windows: anomalies, regime switches, first plays and repeats of program runs.
+Then it trains a learned router without labels and streams a held-out stream (a fresh seed, cut
+into consecutive segments run as a batch of series) through every router at budgets of 5%, 10%
+and 25% of the attention surcharge. The controller's reserve
 and spike threshold are chosen first on a validation stream (a third seed) with the learned router
 at 10%, then used unchanged for every router on the evaluation stream. The learned router is
 trained without labels (forecast loss plus the self-supervised surprise objective of
 `train_router`); a second one (`learned+labels`) also fits the training stream's labels. Per router and budget it
-prints window recall (an attention token among a window's first 3 tokens), token precision,
-realized FLOPs over the allowance, and MAE/CRPS inside anomaly windows and overall; all-recurrent
-and all-attention run as references. Writes `results.json`, `routing.png`, `stream.png` and the
+prints window recall (an attention token among a window's first 3 tokens) over event windows and
+over anomaly windows, token precision, realized FLOPs over the allowance, and MAE/CRPS inside event
+windows, inside anomaly windows, inside repeats and overall; all-recurrent and all-attention run
+as references. Writes `results.json`, `routing.png`, `stream.png` and the
 trained model with its label-free router (`model/`).
 
-    python benchmarks/routing.py [--out runs/routing] [--quick]
+    python benchmarks/routing.py [--stream anomalies|programs] [--out runs/routing] [--quick]
 """
 
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +41,7 @@ from oryx_ts.datasets.labels import mask_from_windows
 from oryx_ts.evaluation.audit import rare_regime_audit, token_mask
 from oryx_ts.evaluation.metrics import crps_quantiles, horizon_targets, mae
 from oryx_ts.flops import mode_costs
+from oryx_ts.datasets.synthetic import recall_stream
 from oryx_ts.routers import Budget, FixedRouter, LearnedRouter, OracleRouter, RandomRouter, SurpriseRouter
 from oryx_ts.train import train, train_router
 
@@ -40,18 +51,51 @@ BUDGETS = (0.05, 0.10, 0.25)
 CONTROLLER_GRID = ((0.3, 2.0), (0.3, 3.0), (0.5, 2.0), (0.5, 3.0))  # (reserve, spike_z)
 WARMUP = 16  # tokens of each segment left out of the error metrics while normalization settles
 ANOMALY = ("spike", "level_shift", "variance_burst", "fault", "drift")
+PROGRAM_EVENTS = ANOMALY + ("regime_switch", "recurring_first", "recurring_repeat")
 
 
-def labelled_stream(length: int, channels: int, seed: int):
-    """`(values (L, C) float32, windows)`: the project's synthetic telemetry with short, frequent anomalies."""
+@dataclass(frozen=True)
+class StreamSetup:
+    """One benchmark stream and the forecaster training that goes with it."""
+
+    events: tuple[str, ...]  # the labelled kinds that count as event windows
+    programs: tuple[float, int]  # evaluation streams: (share of steps in program runs, repeats after the first play)
+    train_programs: tuple[float, int]  # the forecaster's training stream (dense repeats teach recall)
+    train_length: int
+    train_steps: int
+    recall_steps: int  # all-attention steps on `recall_stream` before the telemetry (0: none)
+    rope: bool
+
+
+STREAMS = {
+    "anomalies": StreamSetup(ANOMALY, (0.0, 1), (0.0, 1), 32768, 300, 0, True),
+    "programs": StreamSetup(PROGRAM_EVENTS, (0.06, 2), (0.45, 4), 1 << 20, 2000, 2000, False),
+}
+
+
+def labelled_stream(length: int, channels: int, seed: int, programs: tuple[float, int] = (0.0, 1)):
+    """`(values (L, C) float32, windows)`: the project's synthetic telemetry with short, frequent
+    anomalies (3% of the steps), regime switches and program runs that repeat 64-512 steps apart."""
     from oryx_ts.datasets.synthetic import SyntheticConfig, generate
 
+    rate, repeats = programs
     cfg = SyntheticConfig(
         level_shift_length=(16, 96), variance_burst_length=(16, 96), fault_length=(16, 96),
-        drift_length=(96, 288), recurring_rate=0.0,
+        drift_length=(96, 288), recurring_rate=rate, recurring_repeats=repeats, recurring_replace=True,
+        recurring_min_gap=64, recurring_max_gap=512,
     ).with_coverage(anomaly=0.03)
     s = generate(length, channels, seed=seed, config=cfg)
     return s.values, list(s.labels)
+
+
+def train_forecaster(config, train_values: np.ndarray, *, recall_steps: int, progress: bool = True):
+    """With `recall_steps`, the recall curriculum first: all-attention training on `recall_stream`; then mixed-mode training on telemetry."""
+    model = None
+    if recall_steps:
+        recall = config.replace(train={"steps": recall_steps, "attention_fraction": 1.0, "full_mode_fraction": 0.0})
+        values = recall_stream(len(train_values), config.tokenizer.channels, period=128, repeats=8, seed=5)
+        model = train(recall, values, progress=progress).model
+    return train(config, train_values, model=model, progress=progress).model
 
 
 def segments(values: np.ndarray, seg_tokens: int, n_seg: int, P: int) -> torch.Tensor:
@@ -59,21 +103,21 @@ def segments(values: np.ndarray, seg_tokens: int, n_seg: int, P: int) -> torch.T
     return torch.as_tensor(values[: seg_tokens * n_seg * P]).reshape(n_seg, seg_tokens * P, values.shape[1])
 
 
-def window_recall(modes_T: np.ndarray, windows, P: int, first_tokens: int = 3) -> tuple[int, int]:
-    """(recalled, total) anomaly windows: an attention token among a window's first tokens."""
-    spans = [w for w in windows if w.kind in ANOMALY and w.start // P < len(modes_T)]
+def window_recall(modes_T: np.ndarray, windows, P: int, kinds: tuple[str, ...], first_tokens: int = 3) -> tuple[int, int]:
+    """(recalled, total) windows of these kinds: an attention token among a window's first tokens."""
+    spans = [w for w in windows if w.kind in kinds and w.start // P < len(modes_T)]
     return sum(bool(modes_T[w.start // P : w.start // P + first_tokens].any()) for w in spans), len(spans)
 
 
-def choose_controller(model, router, seg_tokens: int, n_seg: int) -> tuple[float, float]:
+def choose_controller(model, router, seg_tokens: int, n_seg: int, setup: StreamSetup) -> tuple[float, float]:
     """Pick (reserve, spike_z) from CONTROLLER_GRID on a validation stream (seed 2), not the evaluation stream."""
     P, C = model.config.tokenizer.patch_len, model.config.tokenizer.channels
-    values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=2)
+    values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=2, programs=setup.programs)
     x = segments(values, seg_tokens, n_seg, P)
     best, best_hits = CONTROLLER_GRID[0], -1
     for reserve, spike_z in CONTROLLER_GRID:
         modes = flatten(run_router(model, x, router, Budget(fraction=0.10, reserve=reserve, spike_z=spike_z))[1])
-        hits, total = window_recall(modes, windows, P)
+        hits, total = window_recall(modes, windows, P, setup.events)
         print(f"validation (seed 2), learned router at 10%: reserve {reserve}, spike_z {spike_z}: {hits}/{total} windows")
         if hits > best_hits:
             best, best_hits = (reserve, spike_z), hits
@@ -93,6 +137,7 @@ def flatten(t: torch.Tensor) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stream", choices=sorted(STREAMS), default="anomalies")
     ap.add_argument("--out", default="runs/routing")
     ap.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
     ap.add_argument("--checkpoint", help="reuse this trained forecaster instead of training one")
@@ -102,32 +147,37 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    config = preset("debug")
+    setup = STREAMS[args.stream]
+    events = setup.events
+    config = preset("debug", block={"rope": setup.rope}, train={"steps": setup.train_steps})
+    recall_steps = setup.recall_steps
     if args.quick:
         config = config.replace(train={"steps": 20, "window_tokens": 32}, router={"steps": 10})
+        recall_steps = min(recall_steps, 10)
     P, C = config.tokenizer.patch_len, config.tokenizer.channels
     seg_tokens, n_seg = (160, 2) if args.quick else (1280, 4)
-    train_values, train_windows = labelled_stream(6000 if args.quick else 32768, C, seed=0)
-    values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=1)
+    train_values, train_windows = labelled_stream(6000 if args.quick else setup.train_length, C, seed=0, programs=setup.train_programs)
+    values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=1, programs=setup.programs)
     L = seg_tokens * n_seg * P
     x = segments(values, seg_tokens, n_seg, P)
     T = seg_tokens * n_seg
-    anomaly_tokens = token_mask(windows, T, P, kinds=ANOMALY)
-    print(f"eval stream: {L} steps x {C} channels as {n_seg} segments; anomaly windows cover {anomaly_tokens.mean():.1%} of tokens; "
-          f"{sum(w.kind in ANOMALY for w in windows)} anomaly and {sum(w.kind == 'regime_switch' for w in windows)} regime-switch windows")
+    count = lambda *kinds: sum(w.kind in kinds for w in windows)  # noqa: E731
+    print(f"eval stream: {L} steps x {C} channels as {n_seg} segments; event windows cover {token_mask(windows, T, P, kinds=events).mean():.1%} "
+          f"of tokens, anomaly windows {token_mask(windows, T, P, kinds=ANOMALY).mean():.1%}; {count(*ANOMALY)} anomaly, "
+          f"{count('regime_switch')} regime-switch, {count('recurring_first')} program-run and {count('recurring_repeat')} repeat windows")
 
     if args.checkpoint:
         model = oryx_ts.load(args.checkpoint)
     else:
-        model = train(config, train_values, progress=True).model
+        model = train_forecaster(config, train_values, recall_steps=recall_steps)
     router = train_router(model, train_values, progress=True).router
     labelled = model.config.replace(router={"label_weight": 1.0})
     supervised = train_router(model, train_values, router=LearnedRouter(labelled.block.d_model, labelled.router),
-                              label_mask=mask_from_windows(train_windows, len(train_values), kind=ANOMALY), progress=True).router
+                              label_mask=mask_from_windows(train_windows, len(train_values), kind=events), progress=True).router
     oryx_ts.save(model, out / "model", router=router)
     print(f"trained forecaster and routers ({time.time() - started:.0f}s); checkpoint {out / 'model'}")
 
-    reserve, spike_z = choose_controller(model, router, seg_tokens, n_seg)
+    reserve, spike_z = choose_controller(model, router, seg_tokens, n_seg, setup)
     print(f"controller for every router: reserve {reserve}, spike_z {spike_z}")
 
     quantiles, mid = np.asarray(config.head.quantiles), config.head.median_index
@@ -139,36 +189,39 @@ def main() -> None:
     def overall(forecast):
         return mae(forecast[scored][..., mid], target[scored]), crps_quantiles(forecast[scored], target[scored], quantiles)
 
+    def row(budget, name, modes, forecast, flops=None, allow=None):
+        common = dict(patch_len=P, quantiles=quantiles, median_index=mid, scored=scored)
+        in_events = rare_regime_audit(modes, forecast, values, windows, flops_T=flops, allowance_T=allow, recurrent_T=rec_T,
+                                   kinds=events, **common)
+        anomalies = rare_regime_audit(modes, forecast, values, windows, kinds=ANOMALY, **common)
+        repeats = rare_regime_audit(modes, forecast, values, windows, kinds=("recurring_repeat",), **common)
+        return {"budget": budget, "router": name, **in_events.to_dict(), "anomaly_recall": anomalies.window_recall,
+                "mae_anomaly": anomalies.mae_in, "mae_repeat": repeats.mae_in, **dict(zip(("mae_all", "crps_all"), overall(forecast)))}
+
     rows, decisions = [], {}
     with torch.no_grad():
         for name, modes in (("all-recurrent", 0.0), ("all-attention", 1.0)):
             forecast = flatten(model(x, torch.full((n_seg, seg_tokens), modes)))
-            audit = rare_regime_audit(np.full(T, modes), forecast, values, windows, patch_len=P, quantiles=quantiles,
-                                      median_index=mid, kinds=ANOMALY, scored=scored)
-            rows.append({"budget": None, "router": name, **audit.to_dict(), **dict(zip(("mae_all", "crps_all"), overall(forecast)))})
-    oracle = OracleRouter(token_mask(windows, T, P, kinds=ANOMALY).reshape(n_seg, seg_tokens))
+            rows.append(row(None, name, np.full(T, modes), forecast))
+    oracle = OracleRouter(token_mask(windows, T, P, kinds=events).reshape(n_seg, seg_tokens))
     runs = [(f, name) for f in BUDGETS for name in ("fixed 1-in-k", "random", "surprise", "learned", "learned+labels", "oracle")]
     for f, name in tqdm(runs, desc="routing runs"):
         budget = Budget(fraction=f, reserve=reserve, spike_z=spike_z)
         r = {"fixed 1-in-k": FixedRouter(round(1 / f)), "random": RandomRouter(f, seed=1), "surprise": SurpriseRouter(),
              "learned": router, "learned+labels": supervised, "oracle": oracle}[name]
         forecast, modes, flops, allow = (flatten(t) for t in run_router(model, x, r, budget))
-        audit = rare_regime_audit(modes, forecast, values, windows, patch_len=P, quantiles=quantiles, median_index=mid,
-                                  flops_T=flops, allowance_T=allow, recurrent_T=rec_T, kinds=ANOMALY, scored=scored)
-        regime = rare_regime_audit(modes, forecast, values, windows, patch_len=P, quantiles=quantiles, median_index=mid,
-                                   kinds=("regime_switch",), scored=scored)
-        rows.append({"budget": f, "router": name, **audit.to_dict(), "regime_recall": regime.window_recall,
-                     **dict(zip(("mae_all", "crps_all"), overall(forecast)))})
+        rows.append(row(f, name, modes, forecast, flops, allow))
         decisions[(f, name)] = modes
 
-    header = "| budget | router | window recall | regime recall | token precision | FLOPs / budget | surcharge / budget | MAE in | CRPS in | MAE all | CRPS all |"
-    lines = [header, "|" + "---|" * 11]
+    header = ("| budget | router | event recall | anomaly recall | token precision | FLOPs / budget | surcharge / budget | "
+              "MAE events | CRPS events | MAE anomalies | MAE repeats | MAE all | CRPS all |")
+    lines = [header, "|" + "---|" * 13]
     fmt = lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"  # noqa: E731
     for r in rows:
         b = "-" if r["budget"] is None else f"{r['budget']:.0%}"
-        lines.append(f"| {b} | {r['router']} | {fmt(r['window_recall'])} | {fmt(r.get('regime_recall'))} | {fmt(r['token_precision'])} | "
+        lines.append(f"| {b} | {r['router']} | {fmt(r['window_recall'])} | {fmt(r['anomaly_recall'])} | {fmt(r['token_precision'])} | "
                      f"{fmt(r['realized_over_budget'])} | {fmt(r['surcharge_over_budget'])} | {fmt(r['mae_in'])} | {fmt(r['crps_in'])} | "
-                     f"{fmt(r['mae_all'])} | {fmt(r['crps_all'])} |")
+                     f"{fmt(r['mae_anomaly'])} | {fmt(r['mae_repeat'])} | {fmt(r['mae_all'])} | {fmt(r['crps_all'])} |")
     table = "\n".join(lines)
     print("\n" + table)
     (out / "results.json").write_text(json.dumps({"rows": rows, "controller": {"reserve": reserve, "spike_z": spike_z},
@@ -192,8 +245,8 @@ def plot_summary(path: Path, rows: list[dict]) -> None:
         a2.plot([100 * r["budget"] for r in sel], [r["mae_in"] for r in sel], marker="o", label=name)
     for r, style in zip([r for r in rows if r["budget"] is None], ("--", ":")):
         a2.axhline(r["mae_in"], color="gray", ls=style, label=r["router"])
-    a1.set(xlabel="budget (% of attention surcharge)", ylabel="anomaly window recall", title="recall of anomaly windows", ylim=(0, 1.05))
-    a2.set(xlabel="budget (% of attention surcharge)", ylabel="MAE at anomaly origins", title="forecast error inside anomaly windows")
+    a1.set(xlabel="budget (% of attention surcharge)", ylabel="event window recall", title="recall of event windows", ylim=(0, 1.05))
+    a2.set(xlabel="budget (% of attention surcharge)", ylabel="MAE at event origins", title="forecast error inside event windows")
     a1.legend(fontsize=8)
     a2.legend(fontsize=8)
     fig.tight_layout()
@@ -218,7 +271,7 @@ def plot_stream(path: Path, values: np.ndarray, windows, modes: np.ndarray, P: i
         ax.axvline(n * P + P - 1, color="tab:red", alpha=0.5, lw=0.6)
     ax.plot([], [], color="tab:red", label="attention token (learned, 10% budget)")
     ax.fill_between([], [], color="orange", alpha=0.25, label="anomaly window")
-    ax.fill_between([], [], color="tab:green", alpha=0.25, label="regime switch")
+    ax.fill_between([], [], color="tab:green", alpha=0.25, label="regime switch or program run")
     ax.set(xlabel="step", title="first segment of the evaluation stream")
     ax.legend(loc="upper left", fontsize=8, ncol=4)
     fig.tight_layout()

@@ -1,15 +1,19 @@
 """The routing benchmark script runs end to end (its `--quick` size) and reports every router at every budget."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_routing_benchmark_writes_a_full_table(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--quick", "--out", str(tmp_path)],
+@pytest.mark.parametrize("stream", ["anomalies", "programs"])
+def test_quick_routing_benchmark_writes_a_full_table(tmp_path, stream):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--quick", "--stream", stream, "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
@@ -22,5 +26,6 @@ def test_quick_routing_benchmark_writes_a_full_table(tmp_path):
             # the controller's guarantee is per 128-token window; the total over a 160-token segment
             # may pass its allowance by a little (its last tokens share a window with earlier ones)
             assert 0.0 <= r["window_recall"] <= 1.0 and 0.8 < r["realized_over_budget"] < 1.01, r
+        assert math.isfinite(r["mae_all"]) and math.isfinite(r["crps_all"]), r
     for name in ("routing.png", "stream.png", "model/config.json"):
         assert (tmp_path / name).stat().st_size > 0

@@ -37,6 +37,7 @@ __all__ = [
     "SyntheticStream",
     "generate",
     "iter_chunks",
+    "recall_stream",
     "to_parquet",
 ]
 
@@ -94,6 +95,8 @@ class SyntheticConfig:
     recurring_length: tuple[int, int] = (64, 160)
     recurring_min_gap: int = 2016
     recurring_max_gap: int | None = None  # steps between the end of a first occurrence and its repeat; None: any
+    recurring_repeats: int = 1  # repeats after each first occurrence, each `recurring_min_gap`..`recurring_max_gap` steps after the previous one
+    recurring_replace: bool = False  # the pattern replaces the daily and weekly cycle in its window (a program run) instead of adding to it
 
     def __post_init__(self) -> None:
         if self.steps_per_day < 4:
@@ -114,6 +117,8 @@ class SyntheticConfig:
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name} must be (min, max) with 1 <= min <= max, got {(lo, hi)}")
+        if self.recurring_repeats < 1:
+            raise ValueError(f"recurring_repeats must be >= 1, got {self.recurring_repeats}")
         if self.recurring_max_gap is not None and self.recurring_max_gap < self.recurring_min_gap:
             raise ValueError(f"recurring_max_gap ({self.recurring_max_gap}) must be >= recurring_min_gap ({self.recurring_min_gap})")
         for name in ("daily_amplitude", "weekly_amplitude", "wander_scale", "trend_scale", "noise",
@@ -314,31 +319,36 @@ def _plan(length: int, channels: int, seed: int, config: SyntheticConfig) -> _Pl
 
     recurrences: list[tuple[LabelWindow, LabelWindow]] = []
     lo, hi = cfg.recurring_length
-    pairs = _count(cfg.recurring_rate, length, 2 * lo, 2 * hi)
-    if pairs:
+    R = cfg.recurring_repeats
+    groups = _count(cfg.recurring_rate, length, (1 + R) * lo, (1 + R) * hi)
+    if groups:
         rrng = _rng(seed, _KEY_EVENT["recurring"])
         taken: list[tuple[int, int]] = []
-        for _ in range(pairs * 20):
-            if len(recurrences) == pairs:
+        placed = 0
+        for _ in range(groups * 20):
+            if placed == groups:
                 break
             n = int(rrng.integers(lo, hi + 1))
-            last_first = length - 2 * n - cfg.recurring_min_gap
+            last_first = length - (1 + R) * n - R * cfg.recurring_min_gap
             if last_first < 0:
                 break
-            s1 = int(rrng.integers(0, last_first + 1))
-            last_second = length - n
-            if cfg.recurring_max_gap is not None:
-                last_second = min(last_second, s1 + n + cfg.recurring_max_gap)
-            s2 = int(rrng.integers(s1 + n + cfg.recurring_min_gap, last_second + 1))
-            if any(a <= s + n and s <= b for s in (s1, s2) for a, b in taken):
+            starts = [int(rrng.integers(0, last_first + 1))]
+            for i in range(1, R + 1):  # each repeat after the previous one, leaving room for the rest
+                last = length - n - (R - i) * (n + cfg.recurring_min_gap)
+                if cfg.recurring_max_gap is not None:
+                    last = min(last, starts[-1] + n + cfg.recurring_max_gap)
+                starts.append(int(rrng.integers(starts[-1] + n + cfg.recurring_min_gap, last + 1)))
+            if any(a <= s + n and s <= b for s in starts for a, b in taken):
                 continue
-            taken += [(s1, s1 + n), (s2, s2 + n)]
+            taken += [(s, s + n) for s in starts]
+            placed += 1
             ch = _channel_subset(rrng, C, max(1, C // 2), C)
             pattern = _recurring_pattern(rrng, n, len(ch))
-            events.append(_Event("recurring_first", s1, s1 + n, ch, np.zeros(len(ch)), pattern))
-            events.append(_Event("recurring_repeat", s2, s2 + n, ch, np.zeros(len(ch)), pattern))
-            recurrences.append((LabelWindow(s1, s1 + n, "recurring_first"),
-                                LabelWindow(s2, s2 + n, "recurring_repeat")))
+            first = LabelWindow(starts[0], starts[0] + n, "recurring_first")
+            events.append(_Event("recurring_first", starts[0], starts[0] + n, ch, np.zeros(len(ch)), pattern))
+            for s in starts[1:]:
+                events.append(_Event("recurring_repeat", s, s + n, ch, np.zeros(len(ch)), pattern))
+                recurrences.append((first, LabelWindow(s, s + n, "recurring_repeat")))
 
     events.sort(key=lambda ev: (ev.start, ev.kind))
     plan.events = events
@@ -430,6 +440,8 @@ def _render(plan: _Plan, a: int, b: int) -> np.ndarray:
             season[s:e, cols] *= np.float32(ev.extra[0])
             sigma[s:e, cols] *= np.float32(ev.extra[1])
             offset[s:e, cols] += ev.amount.astype(np.float32)
+        elif ev.kind in ("recurring_first", "recurring_repeat") and cfg.recurring_replace:
+            season[s:e, cols] = 0.0
 
     z = _noise(plan, a, b)
     z *= sigma
@@ -595,3 +607,25 @@ def to_parquet(
     frame.sink_parquet(path, metadata={PARQUET_META_KEY: json.dumps(meta)}, row_group_size=chunk,
                        engine="streaming")
     return path
+
+
+def recall_stream(length: int, channels: int, *, period: int = 128, repeats: int = 8, noise: float = 0.05,
+                  seed: int = 0) -> np.ndarray:
+    """An unlabelled `(length, channels)` float32 stream for teaching a model to look the past up.
+
+    Back-to-back blocks, each one random waveform of `period` steps (a normalized random walk per
+    channel) played `repeats` times with fresh noise: after the first play, the rest of a block is
+    predictable only by recalling the play before. Training a forecaster's attention on it first
+    (a curriculum) is what lets the model later use attention on repeats of rare patterns in real
+    telemetry, which a small model does not learn from their rare occurrences alone.
+    """
+    if length < 1 or channels < 1 or period < 1 or repeats < 1:
+        raise ValueError(f"length, channels, period and repeats must be >= 1, got {(length, channels, period, repeats)}")
+    rng = _rng(seed, 99)
+    blocks, n = [], 0
+    while n < length:
+        wave = np.cumsum(rng.standard_normal((period, channels)), axis=0)
+        wave = (wave - wave.mean(0)) / (wave.std(0) + 1e-6)
+        blocks.append(np.tile(wave, (repeats, 1)) + noise * rng.standard_normal((period * repeats, channels)))
+        n += period * repeats
+    return np.concatenate(blocks)[:length].astype(np.float32)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from oryx_ts.datasets import ANOMALY_KINDS, SyntheticConfig, generate, iter_chunks, read, to_parquet
+from oryx_ts.datasets.synthetic import recall_stream
 
 SHORT = dict(length=40_000, channels=8)
 
@@ -168,6 +169,46 @@ def test_recurring_max_gap_bounds_the_distance_to_the_repeat():
     assert len(gaps) >= 10 and all(64 <= g <= 512 for g in gaps), gaps
     with pytest.raises(ValueError, match="recurring_max_gap"):
         dataclasses.replace(config, recurring_max_gap=10)
+
+
+def test_program_runs_repeat_several_times_and_replace_the_daily_cycle():
+    base = dataclasses.replace(SyntheticConfig(missing_rate=0.0).without_regimes(), recurring_rate=0.2, recurring_repeats=3,
+                               recurring_min_gap=64, recurring_max_gap=512)
+    added = generate(60_000, 4, seed=5, config=base)
+    replaced = generate(60_000, 4, seed=5, config=dataclasses.replace(base, recurring_replace=True))
+    firsts = sorted({first for first, _ in replaced.recurrences}, key=lambda w: w.start)
+    assert len(firsts) >= 10 and len(replaced.recurrences) == 3 * len(firsts)
+    for first in firsts:
+        plays = [first] + sorted((r for f, r in replaced.recurrences if f == first), key=lambda w: w.start)
+        gaps = [b.start - a.end for a, b in zip(plays, plays[1:])]
+        assert all(64 <= g <= 512 for g in gaps) and len({len(w) for w in plays}) == 1, gaps
+    inside = replaced.label_mask(("recurring_first", "recurring_repeat"))
+    diff = (added.values - replaced.values) / replaced.channel_scale
+    assert np.array_equal(added.values[~inside], replaced.values[~inside])  # nothing changes outside the runs
+    assert np.abs(diff[inside]).max() > 0.3  # inside, the daily cycle is gone from the affected channels
+
+    def mismatch(stream):  # how far a repeat is from its first play on the run's channels, a constant offset removed
+        out = []
+        for first, repeat in stream.recurrences:
+            run_channels = np.abs(diff[first.start : first.end]).max(0) > 0
+            d = (stream.values[repeat.start : repeat.end] - stream.values[first.start : first.end]) / stream.channel_scale
+            out.append(np.std(d - d.mean(0), axis=0)[run_channels].max())
+        return np.median(out)
+
+    assert mismatch(replaced) < 0.7 * mismatch(added)  # a replaced run plays back like its first play
+    with pytest.raises(ValueError, match="recurring_repeats"):
+        dataclasses.replace(base, recurring_repeats=0)
+
+
+def test_recall_stream_repeats_each_waveform_then_moves_on():
+    v = recall_stream(4096, 3, period=64, repeats=4, seed=1)
+    assert v.shape == (4096, 3) and v.dtype == np.float32
+    assert np.array_equal(v, recall_stream(4096, 3, period=64, repeats=4, seed=1))
+    block = v[:256].reshape(4, 64, 3)
+    assert np.abs(block[1:] - block[0]).mean() < 0.1  # plays of one waveform differ by the noise only
+    assert np.abs(v[256:320] - v[:64]).mean() > 0.5  # the next block is a new waveform
+    with pytest.raises(ValueError, match="period"):
+        recall_stream(100, 3, period=0)
 
 
 def test_anomaly_coverage_can_be_set():
