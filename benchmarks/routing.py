@@ -255,25 +255,32 @@ def plot_summary(path: Path, rows: list[dict]) -> None:
 
 
 def plot_stream(path: Path, values: np.ndarray, windows, modes: np.ndarray, P: int, seg_tokens: int) -> None:
+    """Every channel (standardized, stacked) of the segment with the most labelled windows, with the attention tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    span = (0, min(len(modes), seg_tokens) * P)
-    fig, ax = plt.subplots(figsize=(14, 4))
+    n_seg = max(1, len(modes) // seg_tokens)
+    L = seg_tokens * P
+    busiest = max(range(n_seg), key=lambda k: sum(k * L <= w.start < (k + 1) * L for w in windows))
+    span = (busiest * L, (busiest + 1) * L)
     t = np.arange(*span)
-    ax.plot(t, values[t, 0], color="black", lw=0.6, label="channel 0")
+    seg = values[t]
+    z = (seg - np.nanmean(seg, 0)) / (np.nanstd(seg, 0) + 1e-9)
+    fig, ax = plt.subplots(figsize=(14, 5))
+    for c in range(z.shape[1]):
+        ax.plot(t, z[:, c] - 6 * c, color="black", lw=0.5)
     for w in windows:
         if w.start < span[1] and w.end > span[0]:
             ax.axvspan(w.start, w.end, color="orange" if w.kind in ANOMALY else "tab:green", alpha=0.25)
-    for n in np.flatnonzero(modes[: span[1] // P] > 0):
-        ax.axvline(n * P + P - 1, color="tab:red", alpha=0.5, lw=0.6)
+    for n in np.flatnonzero(modes[busiest * seg_tokens : (busiest + 1) * seg_tokens] > 0):
+        ax.axvline(span[0] + n * P + P - 1, color="tab:red", alpha=0.5, lw=0.6)
     ax.plot([], [], color="tab:red", label="attention token (learned, 10% budget)")
     ax.fill_between([], [], color="orange", alpha=0.25, label="anomaly window")
     ax.fill_between([], [], color="tab:green", alpha=0.25, label="regime switch or program run")
-    ax.set(xlabel="step", title="first segment of the evaluation stream")
-    ax.legend(loc="upper left", fontsize=8, ncol=4)
+    ax.set(xlabel="step", yticks=[], title=f"segment {busiest + 1} of {n_seg} of the evaluation stream, every channel standardized")
+    ax.legend(loc="upper left", fontsize=8, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
