@@ -62,8 +62,9 @@ def validation_loss(model: OryxForecaster, sampler: WindowSampler, *, batch_size
     was_training = model.training
     model.eval()
     T = sampler.window // model.config.tokenizer.patch_len
-    modes = fixed_schedule(T)
-    losses = [model.loss(x, modes).item() for _, x in zip(range(max_batches), sampler.sequential(batch_size))]
+    device = next(model.parameters()).device
+    modes = fixed_schedule(T).to(device)
+    losses = [model.loss(x.to(device), modes).item() for _, x in zip(range(max_batches), sampler.sequential(batch_size))]
     model.train(was_training)
     return float(np.mean(losses))
 
@@ -75,8 +76,12 @@ def train(
     model: OryxForecaster | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> TrainResult:
     """Fit an OryxForecaster on a `(L, C)` stream (NaN = missing) and return it with its loss history.
+
+    The model trains on `device` (default: where `model` is, else the CPU); windows are cut from
+    the stream in host memory and moved there batch by batch.
 
     The last `config.train.val_fraction` of the stream is held out for validation. If `out_dir` is
     given, the final model is saved there as a checkpoint. Raises `ValueError` if the stream does
@@ -96,6 +101,9 @@ def train(
     torch.manual_seed(t.seed)
     generator = torch.Generator().manual_seed(t.seed)
     model = model or OryxForecaster(config)
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
     model.train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -115,8 +123,8 @@ def train(
     result.history.append({"step": 0, "val_loss": validation_loss(model, val_windows, batch_size=t.batch_size)})
     bar = tqdm(range(1, t.steps + 1), desc="train", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        x = train_windows.sample(t.batch_size, generator)
-        loss = model.loss(x, sample_modes(t.window_tokens, config, generator))
+        x = train_windows.sample(t.batch_size, generator).to(device)
+        loss = model.loss(x, sample_modes(t.window_tokens, config, generator).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

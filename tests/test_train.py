@@ -21,6 +21,14 @@ def test_debug_training_lowers_validation_loss(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").is_file()
 
 
+def test_training_on_an_explicit_device_is_the_same_loop():
+    config = preset("debug", train={"steps": 5, "val_every": 5, "batch_size": 4, "window_tokens": 16})
+    values = demo_stream(3_000, 4, seed=1).values
+    default = train(config, values, progress=False).history
+    explicit = train(config, values, progress=False, device="cpu").history
+    assert default == explicit and len(default) == 6
+
+
 def test_training_rejects_a_stream_of_the_wrong_width():
     with pytest.raises(ValueError, match=r"\(length, 4\)"):
         train(preset("debug"), np.zeros((5000, 3), dtype=np.float32), progress=False)

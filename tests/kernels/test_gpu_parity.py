@@ -201,6 +201,31 @@ def test_routed_attention(label, B, T, H, K, frac, bounded, dtype, rel):
         _check(name, a, b, rel, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_routed_attention_keys_may_be_views_with_gaps(dtype, rel):
+    # keys and values as the first S rows of longer buffers (as a cache slice is): the backward
+    # must write dk, dv with their own strides, not the views' (which skip the buffers' tails)
+    B, T, H, K = 2, 200, 2, 64
+    q, k, v, kw = _routed_inputs(B, T, H, K, 0.25, False, dtype, seed=11)
+    scale = kw.pop("scale_H")
+    tail = torch.randn(B, 56, H, K, device="cuda").to(dtype)
+    k_buf, v_buf = torch.cat([k, tail], 1), torch.cat([v, -tail], 1)
+
+    def fast(q_, kb, vb, s_):
+        return dispatch.routed_attention(q_, kb[:, :T], vb[:, :T], scale_H=s_, backend="triton", **kw), s_
+
+    def ref(q_, kb, vb, s_):
+        return routed_attention(q_.float(), kb[:, :T].float(), vb[:, :T].float(), scale_H=s_, **kw), s_
+
+    o, _, g_fast = _grads(fast, [q, k_buf, v_buf, scale])
+    assert dispatch.last_backend["routed_attention"] == "triton"
+    o_ref, _, g_ref = _grads(ref, [q, k_buf, v_buf, scale])
+    _check("o", o, o_ref, rel, dtype)
+    for name, a, b in zip(["dq", "dk", "dv", "dscale"], g_fast, g_ref):
+        _check(name, a, b, rel, dtype)
+    assert not g_fast[1][:, T:].any() and not g_fast[2][:, T:].any()  # nothing lands in the buffers' tails
+
+
 def test_routed_attention_query_without_keys_gives_zeros():
     q, k, v, kw = _routed_inputs(1, 300, 2, 64, 0.5, True, torch.bfloat16, seed=9)
     kw["k_valid_BS"][:, :150] = False  # queries before position 150 see no retained key

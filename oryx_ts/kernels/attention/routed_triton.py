@@ -197,7 +197,7 @@ def _combine_kernel(OP, LP, O, LSE, s_ob, s_ot, s_oh, B, H, TQ, NSPLIT,
 @triton.jit
 def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, SCALE, QPOS, KPOS, KVALID,
                      s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dot, s_doh, s_valid_b,
-                     H, TQ, S, LOG_TQ,
+                     s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh, H, TQ, S, LOG_TQ,
                      DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -235,9 +235,10 @@ def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, SCALE, QPOS, KPOS, KVA
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
     n_mask = offs_n < S
-    tl.store(DK_ + b.to(tl.int64) * s_kb + h * s_kh + offs_n[:, None].to(tl.int64) * s_ks + offs_k[None, :],
+    # dk, dv have their own (contiguous) strides: k and v may be views with gaps (a slice of a cache)
+    tl.store(DK_ + b.to(tl.int64) * s_dkb + h * s_dkh + offs_n[:, None].to(tl.int64) * s_dks + offs_k[None, :],
              dk.to(DK_.dtype.element_ty), mask=n_mask[:, None] & (offs_k[None, :] < DK))
-    tl.store(DV_ + b.to(tl.int64) * s_vb + h * s_vh + offs_n[:, None].to(tl.int64) * s_vs + offs_v[None, :],
+    tl.store(DV_ + b.to(tl.int64) * s_dvb + h * s_dvh + offs_n[:, None].to(tl.int64) * s_dvs + offs_v[None, :],
              dv.to(DV_.dtype.element_ty), mask=n_mask[:, None] & (offs_v[None, :] < DV))
 
 
@@ -354,7 +355,9 @@ class _RoutedAttention(torch.autograd.Function):
         blocks = _blocks(q.dtype)
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Tq]
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        # contiguous gradients, written with their own strides (empty_like would keep k's layout only when it is dense)
+        dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+        dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
         common = dict(DK=K, DV=V, BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_V=max(16, triton.next_power_of_2(V)),
                       HAS_VALID=ctx.has_valid, PREC=_prec(q.dtype))
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
@@ -362,7 +365,8 @@ class _RoutedAttention(torch.autograd.Function):
         BM, BN = blocks["dkdv"]
         n_nblocks = triton.cdiv(S, BN)
         _bwd_dkdv_kernel[(n_nblocks, B * H)](
-            q, k, v, do, dk, dv, lse, delta, scale, q_pos, k_pos, valid, *strides, H, Tq, S, Tq.bit_length(),
+            q, k, v, do, dk, dv, lse, delta, scale, q_pos, k_pos, valid, *strides, *dk.stride()[:3], *dv.stride()[:3],
+            H, Tq, S, Tq.bit_length(),
             BLOCK_M=BM, BLOCK_N=BN, **common,
         )
         BM, BN = blocks["dq"]
