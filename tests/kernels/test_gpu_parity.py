@@ -193,12 +193,18 @@ def test_routed_attention(label, B, T, H, K, frac, bounded, dtype, rel):
     def ref(q_, k_, v_, s_):
         return routed_attention(q_.float(), k_.float(), v_.float(), scale_H=s_, **kw), s_
 
-    o, _, g_fast = _grads(fast, [q, k, v, scale])
+    _check_routed(fast, ref, [q, k, v, scale], rel, dtype)
+
+
+def _check_routed(fast, ref, leaves, rel, dtype):
+    """Output and gradients of the Triton routed attention (`fast`) against the reference; returns the fast gradients."""
+    o, _, g_fast = _grads(fast, leaves)
     assert dispatch.last_backend["routed_attention"] == "triton"
-    o_ref, _, g_ref = _grads(ref, [q, k, v, scale])
+    o_ref, _, g_ref = _grads(ref, leaves)
     _check("o", o, o_ref, rel, dtype)
     for name, a, b in zip(["dq", "dk", "dv", "dscale"], g_fast, g_ref):
         _check(name, a, b, rel, dtype)
+    return g_fast
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -217,12 +223,7 @@ def test_routed_attention_keys_may_be_views_with_gaps(dtype, rel):
     def ref(q_, kb, vb, s_):
         return routed_attention(q_.float(), kb[:, :T].float(), vb[:, :T].float(), scale_H=s_, **kw), s_
 
-    o, _, g_fast = _grads(fast, [q, k_buf, v_buf, scale])
-    assert dispatch.last_backend["routed_attention"] == "triton"
-    o_ref, _, g_ref = _grads(ref, [q, k_buf, v_buf, scale])
-    _check("o", o, o_ref, rel, dtype)
-    for name, a, b in zip(["dq", "dk", "dv", "dscale"], g_fast, g_ref):
-        _check(name, a, b, rel, dtype)
+    g_fast = _check_routed(fast, ref, [q, k_buf, v_buf, scale], rel, dtype)
     assert not g_fast[1][:, T:].any() and not g_fast[2][:, T:].any()  # nothing lands in the buffers' tails
 
 
