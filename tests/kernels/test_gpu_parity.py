@@ -151,15 +151,17 @@ def test_fla_fused_recurrent_split_survives_16384_series(inputs, rel):
     _check("state", s, s_ref, rel, torch.bfloat16)
 
 
-ATT_SHAPES = [  # (label, B, T, H, K, routed fraction, bounded cache)
-    ("T300-K64", 2, 300, 2, 64, 0.3, False),
-    ("T1000-K128", 1, 1000, 2, 128, 0.1, False),
-    ("T513-K64-bounded", 2, 513, 2, 64, 0.25, True),
-    ("T200-K32-all", 1, 200, 3, 32, 1.0, False),
+ATT_SHAPES = [  # (label, B, T, H, K, V, routed fraction, bounded cache)
+    ("T300-K64", 2, 300, 2, 64, 64, 0.3, False),
+    ("T1000-K128", 1, 1000, 2, 128, 128, 0.1, False),
+    ("T513-K64-bounded", 2, 513, 2, 64, 64, 0.25, True),
+    ("T200-K32-all", 1, 200, 3, 32, 32, 1.0, False),
+    ("T128-K16-V32-all", 8, 128, 4, 16, 32, 1.0, False),  # key and value widths differ: fp32 once faulted here
+    ("T128-K32-V16-all", 8, 128, 4, 32, 16, 1.0, False),
 ]
 
 
-def _routed_inputs(B, T, H, K, frac, bounded, dtype, seed):
+def _routed_inputs(B, T, H, K, frac, bounded, dtype, seed, V=None):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     chunk = 16
     routed_chunks = torch.rand((T + chunk - 1) // chunk, generator=gen) < frac
@@ -167,7 +169,7 @@ def _routed_inputs(B, T, H, K, frac, bounded, dtype, seed):
     q_pos = (routed_chunks.repeat_interleave(chunk)[:T]).nonzero().squeeze(1)
     q = F.normalize(torch.randn(B, len(q_pos), H, K, generator=gen), dim=-1)
     k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
-    v = torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, H, V or K, generator=gen)
     scale = 2 + 8 * torch.rand(H, generator=gen)
     valid = None
     if bounded:  # a recent window of 128 plus pinned tokens, different per series
@@ -181,9 +183,9 @@ def _routed_inputs(B, T, H, K, frac, bounded, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("label,B,T,H,K,frac,bounded", ATT_SHAPES, ids=[s[0] for s in ATT_SHAPES])
-def test_routed_attention(label, B, T, H, K, frac, bounded, dtype, rel):
-    q, k, v, kw = _routed_inputs(B, T, H, K, frac, bounded, dtype, seed=T)
+@pytest.mark.parametrize("label,B,T,H,K,V,frac,bounded", ATT_SHAPES, ids=[s[0] for s in ATT_SHAPES])
+def test_routed_attention(label, B, T, H, K, V, frac, bounded, dtype, rel):
+    q, k, v, kw = _routed_inputs(B, T, H, K, frac, bounded, dtype, seed=T, V=V)
     scale = kw.pop("scale_H")
 
     def fast(q_, k_, v_, s_):
