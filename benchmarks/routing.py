@@ -11,12 +11,12 @@ Two labelled synthetic streams (`--stream`):
   are all labelled windows: anomalies, regime switches, first plays and repeats of program runs.
 Then it trains a learned router without labels and streams a held-out stream (a fresh seed, cut
 into consecutive segments run as a batch of series) through every router at budgets of 5%, 10%
-and 25% of the attention surcharge. The controller's reserve
-and spike threshold are chosen first on a validation stream (a third seed) with the learned router
-at 10%, then used unchanged for every router on the evaluation stream. The learned router is
-trained without labels (forecast loss plus the self-supervised surprise objective of
-`train_router`); a second one (`learned+labels`) also fits the training stream's labels. Per router and budget it
-prints window recall (an attention token among a window's first 3 tokens) over event windows and
+and 25% of the attention surcharge. The controller's reserve and spike threshold are chosen first
+on a validation stream (a third seed) with the learned router at 10%, then used unchanged for
+every router on the evaluation stream. The learned router is trained without labels (forecast
+loss plus the self-supervised surprise objective of `train_router`); a second one
+(`learned+labels`) also fits the training stream's labels. Per router and budget it prints window
+recall (an attention token among a window's first 3 tokens) over event windows and
 over anomaly windows, token precision, realized FLOPs over the allowance, and MAE/CRPS inside event
 windows, inside anomaly windows, inside repeats and overall; all-recurrent and all-attention run
 as references. Writes `results.json`, `routing.png`, `stream.png` and the
@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 import oryx_ts
 from oryx_ts.config import preset
 from oryx_ts.datasets.labels import mask_from_windows
+from oryx_ts.datasets.synthetic import SyntheticConfig, generate, recall_stream
 from oryx_ts.evaluation.audit import rare_regime_audit, token_mask
 from oryx_ts.evaluation.metrics import crps_quantiles, horizon_targets, mae
 from oryx_ts.flops import mode_costs
-from oryx_ts.datasets.synthetic import recall_stream
 from oryx_ts.routers import Budget, FixedRouter, LearnedRouter, OracleRouter, RandomRouter, SurpriseRouter
 from oryx_ts.train import train, train_router
 
@@ -76,8 +76,6 @@ STREAMS = {
 def labelled_stream(length: int, channels: int, seed: int, programs: tuple[float, int] = (0.0, 1)):
     """`(values (L, C) float32, windows)`: the project's synthetic telemetry with short, frequent
     anomalies (3% of the steps), regime switches and program runs that repeat 64-512 steps apart."""
-    from oryx_ts.datasets.synthetic import SyntheticConfig, generate
-
     rate, repeats = programs
     cfg = SyntheticConfig(
         level_shift_length=(16, 96), variance_burst_length=(16, 96), fault_length=(16, 96),
