@@ -211,6 +211,30 @@ def test_recall_stream_repeats_each_waveform_then_moves_on():
         recall_stream(100, 3, period=0)
 
 
+def test_recall_stream_with_gaps_plays_each_waveform_at_varying_distances():
+    period, repeats, step, max_gap = 32, 6, 8, 96
+    kw = dict(period=period, repeats=repeats, noise=0.0, seed=3, max_gap=max_gap, gap_step=step)
+    v = recall_stream(20_000, 2, **kw)
+    assert v.shape == (20_000, 2) and v.dtype == np.float32
+    assert np.array_equal(v, recall_stream(20_000, 2, **kw))
+    # without noise a play repeats its waveform exactly: group the step-aligned windows by content
+    plays: dict[bytes, list[int]] = {}
+    for s in range(0, 4000, step):
+        plays.setdefault(v[s : s + period].tobytes(), []).append(s)
+    starts = np.array(min((p for p in plays.values() if len(p) > 1), key=lambda p: p[0]))  # the first waveform
+    assert starts.size == repeats and starts[0] <= max_gap
+    distances = np.diff(starts)
+    assert (distances >= period).all() and (distances <= period + max_gap).all()
+    assert len(set(distances.tolist())) > 1  # found at varying distances
+    gaps = [v[a + period : b] for a, b in zip(starts[:-1], starts[1:]) if b > a + period]
+    for g in gaps:  # distractors, not the waveform
+        n = min(len(g), period)
+        assert np.abs(g[:n] - v[starts[0] : starts[0] + n]).mean() > 0.3
+    assert gaps
+    with pytest.raises(ValueError, match="max_gap"):
+        recall_stream(100, 3, max_gap=-1)
+
+
 def test_anomaly_coverage_can_be_set():
     config = SyntheticConfig().with_coverage(anomaly=0.03)
     assert sum(config.rate(k) for k in ANOMALY_KINDS) == pytest.approx(0.03)
