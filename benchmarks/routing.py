@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 import oryx_ts
 from oryx_ts.config import preset
 from oryx_ts.datasets.labels import mask_from_windows
-from oryx_ts.datasets.synthetic import SyntheticConfig, generate, recall_stream
+from oryx_ts.datasets.synthetic import ANOMALY_KINDS, KINDS, SyntheticConfig, generate, recall_stream
 from oryx_ts.evaluation.audit import rare_regime_audit, token_mask
 from oryx_ts.evaluation.metrics import crps_quantiles, horizon_targets, mae
 from oryx_ts.flops import mode_costs
@@ -50,8 +50,6 @@ BUDGETS = (0.05, 0.10, 0.25)
 # best one (most windows recalled, then the first listed) serves every router on the evaluation stream
 CONTROLLER_GRID = ((0.3, 2.0), (0.3, 3.0), (0.5, 2.0), (0.5, 3.0))  # (reserve, spike_z)
 WARMUP = 16  # tokens of each segment left out of the error metrics while normalization settles
-ANOMALY = ("spike", "level_shift", "variance_burst", "fault", "drift")
-PROGRAM_EVENTS = ANOMALY + ("regime_switch", "recurring_first", "recurring_repeat")
 
 
 @dataclass(frozen=True)
@@ -68,8 +66,8 @@ class StreamSetup:
 
 
 STREAMS = {
-    "anomalies": StreamSetup(ANOMALY, (0.0, 1), (0.0, 1), 32768, 300, 0, True),
-    "programs": StreamSetup(PROGRAM_EVENTS, (0.06, 2), (0.45, 4), 1 << 20, 2000, 2000, False),
+    "anomalies": StreamSetup(ANOMALY_KINDS, (0.0, 1), (0.0, 1), 32768, 300, 0, True),
+    "programs": StreamSetup(KINDS, (0.06, 2), (0.45, 4), 1 << 20, 2000, 2000, False),
 }
 
 
@@ -161,7 +159,7 @@ def main() -> None:
     T = seg_tokens * n_seg
     count = lambda *kinds: sum(w.kind in kinds for w in windows)  # noqa: E731
     print(f"eval stream: {L} steps x {C} channels as {n_seg} segments; event windows cover {token_mask(windows, T, P, kinds=events).mean():.1%} "
-          f"of tokens, anomaly windows {token_mask(windows, T, P, kinds=ANOMALY).mean():.1%}; {count(*ANOMALY)} anomaly, "
+          f"of tokens, anomaly windows {token_mask(windows, T, P, kinds=ANOMALY_KINDS).mean():.1%}; {count(*ANOMALY_KINDS)} anomaly, "
           f"{count('regime_switch')} regime-switch, {count('recurring_first')} program-run and {count('recurring_repeat')} repeat windows")
 
     if args.checkpoint:
@@ -191,7 +189,7 @@ def main() -> None:
         common = dict(patch_len=P, quantiles=quantiles, median_index=mid, scored=scored)
         in_events = rare_regime_audit(modes, forecast, values, windows, flops_T=flops, allowance_T=allow, recurrent_T=rec_T,
                                    kinds=events, **common)
-        anomalies = rare_regime_audit(modes, forecast, values, windows, kinds=ANOMALY, **common)
+        anomalies = rare_regime_audit(modes, forecast, values, windows, kinds=ANOMALY_KINDS, **common)
         repeats = rare_regime_audit(modes, forecast, values, windows, kinds=("recurring_repeat",), **common)
         return {"budget": budget, "router": name, **in_events.to_dict(), "anomaly_recall": anomalies.window_recall,
                 "mae_anomaly": anomalies.mae_in, "mae_repeat": repeats.mae_in, **dict(zip(("mae_all", "crps_all"), overall(forecast)))}
@@ -271,7 +269,7 @@ def plot_stream(path: Path, values: np.ndarray, windows, modes: np.ndarray, P: i
         ax.plot(t, z[:, c] - 6 * c, color="black", lw=0.5)
     for w in windows:
         if w.start < span[1] and w.end > span[0]:
-            ax.axvspan(w.start, w.end, color="orange" if w.kind in ANOMALY else "tab:green", alpha=0.25)
+            ax.axvspan(w.start, w.end, color="orange" if w.kind in ANOMALY_KINDS else "tab:green", alpha=0.25)
     for n in np.flatnonzero(modes[busiest * seg_tokens : (busiest + 1) * seg_tokens] > 0):
         ax.axvline(span[0] + n * P + P - 1, color="tab:red", alpha=0.5, lw=0.6)
     ax.plot([], [], color="tab:red", label="attention token (learned, 10% budget)")
