@@ -27,5 +27,9 @@ def test_quick_routing_benchmark_writes_a_full_table(tmp_path, stream):
             # may pass its allowance by a little (its last tokens share a window with earlier ones)
             assert 0.0 <= r["window_recall"] <= 1.0 and 0.8 < r["realized_over_budget"] < 1.01, r
         assert math.isfinite(r["mae_all"]) and math.isfinite(r["crps_all"]), r
+    (further,) = result["further_streams"]  # --quick: one further stream
+    assert further["seed"] == 3
+    for name in ("learned", "surprise", "random"):
+        assert 0 <= further[name]["recalled"] <= further[name]["windows"], further
     for name in ("routing.png", "stream.png", "model/config.json"):
         assert (tmp_path / name).stat().st_size > 0
