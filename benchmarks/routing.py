@@ -1,6 +1,6 @@
 """Routing benchmark: which router spends an expected-FLOPs budget where the stream needs attention.
 
-Two labelled synthetic streams (`--stream`):
+Three labelled synthetic streams (`--stream`):
 - `anomalies` (default): anomaly windows covering about 3% of the steps, plus regime switches. It
   trains the `debug` forecaster, 300 steps. Event windows are the anomaly windows.
 - `programs`: the same, plus recurring program runs (a distinctive waveform that replaces a channel
@@ -9,6 +9,11 @@ Two labelled synthetic streams (`--stream`):
   `recall_stream` (waveforms played several times in a row), so that attention learns to look the
   past up, then 2,000 mixed-mode steps on telemetry whose program runs repeat often. Event windows
   are all labelled windows: anomalies, regime switches, first plays and repeats of program runs.
+- `daily`: the anomalies, plus daily jobs on about 6% of the steps: a waveform added to 2-4
+  channels for 96 steps at the same time of day, 7 days in a row, so that a repeat is what ran one
+  day (36 tokens) earlier. It trains the `debug` forecaster with 16 key dims and RoPE base 100 for
+  3,000 mixed-mode steps, half the chunks in attention mode, on telemetry whose jobs cover 30% of
+  the steps. Event windows are all labelled windows.
 Then it trains a learned router without labels and streams a held-out stream (a fresh seed, cut
 into consecutive segments run as a batch of series) through every router at budgets of 5%, 10%
 and 25% of the attention surcharge. The controller's reserve and spike threshold are chosen first
@@ -24,7 +29,7 @@ streams (seeds 3-5), on which nothing was chosen: windows recalled and MAE insid
 Writes `results.json`, `routing.png`, `stream.png` and the
 trained model with its label-free router (`model/`).
 
-    python benchmarks/routing.py [--stream anomalies|programs] [--out runs/routing] [--quick]
+    python benchmarks/routing.py [--stream anomalies|programs|daily] [--out runs/routing] [--quick]
 """
 
 import argparse
@@ -62,28 +67,35 @@ class StreamSetup:
     """One benchmark stream and the forecaster training that goes with it."""
 
     events: tuple[str, ...]  # the labelled kinds that count as event windows
-    programs: tuple[float, int]  # evaluation streams: (share of steps in program runs, repeats after the first play)
-    train_programs: tuple[float, int]  # the forecaster's training stream (dense repeats teach recall)
+    recurring: dict  # recurring events of the evaluation streams (`SyntheticConfig` fields; empty: none)
+    train_recurring: dict  # the same for the forecaster's training stream (dense repeats teach recall)
     train_length: int
-    train_steps: int
     recall_steps: int  # all-attention steps on `recall_stream` before the telemetry (0: none)
-    rope: bool
+    block: dict  # changes to the `debug` preset's block
+    train: dict  # changes to the `debug` preset's training
 
 
+_PROGRAM_RUNS = dict(recurring_replace=True, recurring_min_gap=64, recurring_max_gap=512)
+# a job that runs at the same time every day (period 288 steps = 36 tokens), 96 steps long, 7 days in a row
+_DAILY_JOBS = dict(recurring_repeats=6, recurring_length=(96, 96), recurring_min_gap=192, recurring_max_gap=192)
 STREAMS = {
-    "anomalies": StreamSetup(ANOMALY_KINDS, (0.0, 1), (0.0, 1), 32768, 300, 0, True),
-    "programs": StreamSetup(KINDS, (0.06, 2), (0.45, 4), 1 << 20, 2000, 2000, False),
+    "anomalies": StreamSetup(ANOMALY_KINDS, {}, {}, 32768, 0, block={}, train={"steps": 300}),
+    "programs": StreamSetup(KINDS, dict(_PROGRAM_RUNS, recurring_rate=0.06, recurring_repeats=2),
+                            dict(_PROGRAM_RUNS, recurring_rate=0.45, recurring_repeats=4), 1 << 20, 2000,
+                            block={"rope": False}, train={"steps": 2000}),
+    # looking a fixed distance back wants keys whose rotary angles resolve single tokens at 36 tokens:
+    # 16 key dims and rope base 100 (the preset's 8 dims at base 10,000 do not learn it)
+    "daily": StreamSetup(KINDS, dict(_DAILY_JOBS, recurring_rate=0.06), dict(_DAILY_JOBS, recurring_rate=0.3), 1 << 19, 0,
+                         block={"head_dim_k": 16, "rope_base": 100.0}, train={"steps": 3000, "attention_fraction": 0.5}),
 }
 
 
-def labelled_stream(length: int, channels: int, seed: int, programs: tuple[float, int] = (0.0, 1)):
+def labelled_stream(length: int, channels: int, seed: int, recurring: dict | None = None):
     """`(values (L, C) float32, windows)`: the project's synthetic telemetry with short, frequent
-    anomalies (3% of the steps), regime switches and program runs that repeat 64-512 steps apart."""
-    rate, repeats = programs
+    anomalies (3% of the steps), regime switches and the given recurring events (none by default)."""
+    recurring = recurring or {"recurring_rate": 0.0}
     cfg = SyntheticConfig(
-        level_shift_length=(16, 96), variance_burst_length=(16, 96), fault_length=(16, 96),
-        drift_length=(96, 288), recurring_rate=rate, recurring_repeats=repeats, recurring_replace=True,
-        recurring_min_gap=64, recurring_max_gap=512,
+        level_shift_length=(16, 96), variance_burst_length=(16, 96), fault_length=(16, 96), drift_length=(96, 288), **recurring,
     ).with_coverage(anomaly=0.03)
     s = generate(length, channels, seed=seed, config=cfg)
     return s.values, list(s.labels)
@@ -113,7 +125,7 @@ def window_recall(modes_T: np.ndarray, windows, P: int, kinds: tuple[str, ...], 
 def choose_controller(model, router, seg_tokens: int, n_seg: int, setup: StreamSetup) -> tuple[float, float]:
     """Pick (reserve, spike_z) from CONTROLLER_GRID on a validation stream (seed 2), not the evaluation stream."""
     P, C = model.config.tokenizer.patch_len, model.config.tokenizer.channels
-    values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=2, programs=setup.programs)
+    values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=2, recurring=setup.recurring)
     x = segments(values, seg_tokens, n_seg, P)
     best, best_hits = CONTROLLER_GRID[0], -1
     for reserve, spike_z in CONTROLLER_GRID:
@@ -134,7 +146,7 @@ def further_streams(model, routers: dict, budget: Budget, setup: StreamSetup, se
                   scored=np.tile(np.arange(seg_tokens) >= WARMUP, n_seg), kinds=setup.events)
     rows = []
     for seed in tqdm(seeds, desc="further streams"):
-        values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=seed, programs=setup.programs)
+        values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=seed, recurring=setup.recurring)
         x = segments(values, seg_tokens, n_seg, P)
         row = {"seed": seed}
         with torch.no_grad():
@@ -174,22 +186,22 @@ def main() -> None:
 
     setup = STREAMS[args.stream]
     events = setup.events
-    config = preset("debug", block={"rope": setup.rope}, train={"steps": setup.train_steps})
+    config = preset("debug", block=setup.block, train=setup.train)
     recall_steps = setup.recall_steps
     if args.quick:
         config = config.replace(train={"steps": 20, "window_tokens": 32}, router={"steps": 10})
         recall_steps = min(recall_steps, 10)
     P, C = config.tokenizer.patch_len, config.tokenizer.channels
     seg_tokens, n_seg = (160, 2) if args.quick else (1280, 4)
-    train_values, train_windows = labelled_stream(6000 if args.quick else setup.train_length, C, seed=0, programs=setup.train_programs)
-    values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=1, programs=setup.programs)
+    train_values, train_windows = labelled_stream(6000 if args.quick else setup.train_length, C, seed=0, recurring=setup.train_recurring)
+    values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=1, recurring=setup.recurring)
     L = seg_tokens * n_seg * P
     x = segments(values, seg_tokens, n_seg, P)
     T = seg_tokens * n_seg
     count = lambda *kinds: sum(w.kind in kinds for w in windows)  # noqa: E731
     print(f"eval stream: {L} steps x {C} channels as {n_seg} segments; event windows cover {token_mask(windows, T, P, kinds=events).mean():.1%} "
           f"of tokens, anomaly windows {token_mask(windows, T, P, kinds=ANOMALY_KINDS).mean():.1%}; {count(*ANOMALY_KINDS)} anomaly, "
-          f"{count('regime_switch')} regime-switch, {count('recurring_first')} program-run and {count('recurring_repeat')} repeat windows")
+          f"{count('regime_switch')} regime-switch, {count('recurring_first')} first-play and {count('recurring_repeat')} repeat windows of recurring events")
 
     if args.checkpoint:
         model = oryx_ts.load(args.checkpoint)
@@ -313,7 +325,7 @@ def plot_stream(path: Path, values: np.ndarray, windows, modes: np.ndarray, P: i
         ax.axvline(span[0] + n * P + P - 1, color="tab:red", alpha=0.5, lw=0.6)
     ax.plot([], [], color="tab:red", label="attention token (learned, 10% budget)")
     ax.fill_between([], [], color="orange", alpha=0.25, label="anomaly window")
-    ax.fill_between([], [], color="tab:green", alpha=0.25, label="regime switch or program run")
+    ax.fill_between([], [], color="tab:green", alpha=0.25, label="regime switch or recurring event")
     ax.set(xlabel="step", yticks=[], title=f"segment {busiest + 1} of {n_seg} of the evaluation stream, every channel standardized")
     ax.legend(loc="upper left", fontsize=8, ncol=3)
     fig.tight_layout()

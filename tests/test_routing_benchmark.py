@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("stream", ["anomalies", "programs"])
+@pytest.mark.parametrize("stream", ["anomalies", "programs", "daily"])
 def test_quick_routing_benchmark_writes_a_full_table(tmp_path, stream):
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--quick", "--stream", stream, "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
