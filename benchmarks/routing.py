@@ -84,7 +84,7 @@ STREAMS = {
                             dict(_PROGRAM_RUNS, recurring_rate=0.45, recurring_repeats=4), 1 << 20, 2000,
                             block={"rope": False}, train={"steps": 2000}),
     # looking a fixed distance back wants keys whose rotary angles resolve single tokens at 36 tokens:
-    # 16 key dims and rope base 100 (the preset's 8 dims at base 10,000 do not learn it)
+    # 16 key dims at rope base 100 (at base 10,000 the same model learns much less of it; docs/RESULTS.md)
     "daily": StreamSetup(KINDS, dict(_DAILY_JOBS, recurring_rate=0.06), dict(_DAILY_JOBS, recurring_rate=0.3), 1 << 19, 0,
                          block={"head_dim_k": 16, "rope_base": 100.0}, train={"steps": 3000, "attention_fraction": 0.5}),
 }
