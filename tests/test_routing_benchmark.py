@@ -33,3 +33,17 @@ def test_quick_routing_benchmark_writes_a_full_table(tmp_path, stream):
         assert 0 <= further[name]["recalled"] <= further[name]["windows"], further
     for name in ("routing.png", "stream.png", "model/config.json"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_quick_attention_ceiling_reports_every_mode_per_variant(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_ceiling.py"), "--quick", "--jobs", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [r["variant"] for r in result["variants"]] == ["as the stream, 25% attention chunks", "as the stream, 50% attention chunks"]
+    for r in result["variants"]:
+        (per_mode,) = r["mae_in"].values()  # --quick: one evaluation stream
+        assert sorted(per_mode) == ["att", "oracle", "rec"]
+        assert all(math.isfinite(v) and v > 0 for v in per_mode.values()), r
+    assert "| as the stream, 25% attention chunks |" in run.stdout
+    assert (tmp_path / "ceiling.png").stat().st_size > 0
