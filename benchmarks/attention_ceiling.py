@@ -2,8 +2,8 @@
 
 A router lowers the forecast error inside event windows only as far as attention mode lowers it
 there. For each forecaster variant below, this trains the `debug` forecaster on the training
-stream of a routing benchmark stream (`routing.py --stream`), with ten times the routing
-benchmark's training (3,000 steps on 524,288 steps of telemetry), and reports on fresh
+stream of a routing benchmark stream (`routing.py --stream`) for 3,000 steps on 524,288 steps of
+telemetry (ten times the anomaly benchmark's training), and reports on fresh
 evaluation streams (seeds 1, 3 and 4, each 4 segments of 1,280 tokens) the MAE of forecasts made
 inside event windows with
 - every token recurrent (`rec`),
