@@ -134,12 +134,12 @@ class RouterConfig:
 
     The router is trained after the forecaster, which stays frozen: modes are relaxed with logistic
     (binary Gumbel) noise at `temperature`, and a dual variable, stepped by `dual_lr`, holds the
-    expected attention rate at `budget_fraction` of the attention surcharge.
+    expected attention rate at the budget's `fraction` (`BudgetConfig`) of the attention surcharge.
 
     Without labels the forecast loss alone says little about where to route (where attention does
     not lower it, the router learns nothing), so a self-supervised term, weighted by
     `surprise_weight`, fits the router to the stream's own surprise: a token is a positive when its
-    patch, or one of the next `surprise_lookahead` patches, is among the `budget_fraction` most
+    patch, or one of the next `surprise_lookahead` patches, is among the budget `fraction` most
     surprising of its training window under the all-recurrent forecasts (see
     `oryx_ts.routers.features.surprise_targets`). It reads no labels.
     """
@@ -151,7 +151,6 @@ class RouterConfig:
     lr: float = 3e-3
     dual_lr: float = 0.5
     temperature: float = 0.5
-    budget_fraction: float = 0.1
     surprise_weight: float = 1.0  # weight of the label-free surprise cross-entropy; 0 = forecast loss only
     surprise_lookahead: int = 0  # patches after a token whose surprise also makes it a positive
     label_weight: float = 0.0  # > 0: also fit labelled windows (binary cross-entropy) when labels are given
@@ -161,11 +160,38 @@ class RouterConfig:
         for name in ("hidden", "steps", "batch_size"):
             _check(getattr(self, name) >= 1, f"router.{name} must be >= 1, got {getattr(self, name)}")
         _check(0.0 <= self.surprise_decay < 1.0, f"router.surprise_decay must be in [0, 1), got {self.surprise_decay}")
-        _check(0.0 < self.budget_fraction <= 1.0, f"router.budget_fraction must be in (0, 1], got {self.budget_fraction}")
         _check(self.lr > 0 and self.dual_lr >= 0 and self.temperature > 0, "router.lr and router.temperature must be > 0, router.dual_lr >= 0")
         _check(self.label_weight >= 0, f"router.label_weight must be >= 0, got {self.label_weight}")
         _check(self.surprise_weight >= 0, f"router.surprise_weight must be >= 0, got {self.surprise_weight}")
         _check(self.surprise_lookahead >= 0, f"router.surprise_lookahead must be >= 0, got {self.surprise_lookahead}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetConfig:
+    """The expected-FLOPs budget that the router's controller holds (see `oryx_ts.routers.budget`).
+
+    fraction: a token's allowance is its recurrent cost plus this share of what attention costs on
+        top of it (the attention surcharge): 0 = all-recurrent, 1 = all-attention.
+    window: W, the guarantee holds over every run of W consecutive tokens of a series.
+    slack: over every window, `spent <= (1 + slack) * allowance`.
+    reserve: share of a window's surcharge allowance that only spikes may spend.
+    spike_z: a score is a spike when it lies this many deviations above the running mean score.
+    threshold_lr: step of the controller's adaptive threshold, in deviations of the scores.
+    """
+
+    fraction: float = 0.1
+    window: int = 128
+    slack: float = 0.0
+    reserve: float = 0.3
+    spike_z: float = 2.0
+    threshold_lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.fraction <= 1.0, f"budget.fraction must be in [0, 1], got {self.fraction}")
+        _check(self.window >= 1, f"budget.window must be >= 1, got {self.window}")
+        _check(self.slack >= 0, f"budget.slack must be >= 0, got {self.slack}")
+        _check(0.0 <= self.reserve <= 1.0, f"budget.reserve must be in [0, 1], got {self.reserve}")
+        _check(self.threshold_lr >= 0, f"budget.threshold_lr must be >= 0, got {self.threshold_lr}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +203,7 @@ class OryxConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -189,7 +216,8 @@ class OryxConfig:
         """Build a config from a nested dict; unknown keys raise `ValueError`."""
         if not isinstance(data, dict):
             raise ValueError(f"config must be a JSON object, got {type(data).__name__}")
-        parts = {"tokenizer": TokenizerConfig, "block": BlockConfig, "head": HeadConfig, "train": TrainConfig, "router": RouterConfig}
+        parts = SECTIONS
+        data = _migrate(data)
         unknown = set(data) - set(parts)
         _check(not unknown, f"unknown config sections {sorted(unknown)}; expected {sorted(parts)}")
         built = {}
@@ -226,6 +254,24 @@ class OryxConfig:
     @classmethod
     def load(cls, path: str | Path) -> "OryxConfig":
         return cls.from_json(Path(path).read_text())
+
+
+SECTIONS: dict[str, type] = {
+    "tokenizer": TokenizerConfig, "block": BlockConfig, "head": HeadConfig, "train": TrainConfig,
+    "router": RouterConfig, "budget": BudgetConfig,
+}
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Configs written before `BudgetConfig` kept the router's budget as `router.budget_fraction`."""
+    router = data.get("router")
+    if isinstance(router, dict) and "budget_fraction" in router:
+        router = dict(router)
+        fraction = router.pop("budget_fraction")
+        data = {**data, "router": router}
+        if "budget" not in data:
+            data["budget"] = {"fraction": fraction}
+    return data
 
 
 PRESETS: dict[str, OryxConfig] = {

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from oryx_ts.checkpoint import save
-from oryx_ts.config import OryxConfig
+from oryx_ts.config import BudgetConfig, OryxConfig
 from oryx_ts.datasets.windows import WindowSampler
 from oryx_ts.model import OryxForecaster
 from oryx_ts.routers.features import mark_lookahead, novelty_scores, surprise_features, surprise_targets
@@ -187,6 +187,7 @@ def train_router(
     values: np.ndarray | torch.Tensor,
     *,
     router: LearnedRouter | None = None,
+    budget: BudgetConfig | None = None,
     label_mask: np.ndarray | None = None,
     progress: bool = True,
 ) -> RouterTrainResult:
@@ -194,13 +195,14 @@ def train_router(
 
     Per batch of windows: router logits from token embeddings and surprise features; modes relaxed
     with logistic noise (binary Gumbel) so the forecast loss reaches the router; a dual variable
-    (of either sign) holds the mean attention probability at `budget_fraction`, so the router
+    (of either sign) holds the mean attention probability at the budget's `fraction` (`budget`,
+    default `model.config.budget`), so the router
     learns where to spend that rate, not whether to spend it. Router settings come from
     `router.config` when a router is given, else from `model.config.router`. `label_mask` (L,)
     booleans, used only when `label_weight > 0`, adds a cross-entropy on labelled tokens.
 
     With `surprise_weight > 0` a label-free cross-entropy also fits the logits to
-    `batch_targets`: the `budget_fraction` of the batch's tokens whose own patch is most
+    `batch_targets`: the budget `fraction` of the batch's tokens whose own patch is most
     unusual under the all-recurrent forecasts (`features.novelty_scores`: the worst channel's
     error, the dispersion or the flatness of the patch, whichever stands out most), each with the
     `surprise_lookahead` tokens before it. The router sees only causal features, so it
@@ -209,6 +211,9 @@ def train_router(
     """
     config = model.config
     rc, t = (router.config if router is not None else config.router), config.train
+    fraction = (budget or config.budget).fraction
+    if fraction <= 0:
+        raise ValueError("a router trained for a budget fraction of 0 would never route; give a fraction > 0")
     values = torch.as_tensor(np.asarray(values, dtype=np.float32))
     if values.dim() != 2 or values.shape[1] != config.tokenizer.channels:
         raise ValueError(f"expected a stream of shape (length, {config.tokenizer.channels}), got {tuple(values.shape)}")
@@ -240,10 +245,10 @@ def train_router(
             modes = router.relaxed_modes(logits, generator)
             forecast_loss = model.loss(x, modes)
             rate = torch.sigmoid(logits).mean()
-            loss = forecast_loss + dual * (rate - rc.budget_fraction)
+            loss = forecast_loss + dual * (rate - fraction)
             record = {}
             if rc.surprise_weight > 0:
-                targets = batch_targets(inputs, rc.budget_fraction, rc.surprise_lookahead)
+                targets = batch_targets(inputs, fraction, rc.surprise_lookahead)
                 surprise_loss = F.binary_cross_entropy_with_logits(logits, targets)
                 loss = loss + rc.surprise_weight * surprise_loss
                 record["surprise_loss"] = surprise_loss.item()
@@ -254,7 +259,7 @@ def train_router(
             loss.backward()
             opt.step()
             # an equality constraint: the dual may turn negative and pay for attention when the router spends too little
-            dual = dual + rc.dual_lr * (rate.item() - rc.budget_fraction)
+            dual = dual + rc.dual_lr * (rate.item() - fraction)
             result.history.append({"step": step, "forecast_loss": forecast_loss.item(), "rate": rate.item(), "dual": dual, **record})
             bar.set_postfix(loss=f"{forecast_loss.item():.4f}", rate=f"{rate.item():.3f}", dual=f"{dual:.3f}")
     finally:

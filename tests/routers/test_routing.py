@@ -164,7 +164,7 @@ def test_a_router_saved_with_other_features_fails_to_load_clearly(tmp_path):
 
 
 def test_train_router_fits_the_router_and_leaves_the_forecaster_alone():
-    config = preset("debug", train={"window_tokens": 16}, router={"steps": 6, "batch_size": 4, "budget_fraction": 0.2})
+    config = preset("debug", train={"window_tokens": 16}, router={"steps": 6, "batch_size": 4}, budget={"fraction": 0.2})
     torch.manual_seed(0)
     model = oryx_ts.OryxForecaster(config).eval()
     values = np.random.default_rng(0).normal(size=(4000, 4)).cumsum(0).astype(np.float32)
