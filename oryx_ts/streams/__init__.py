@@ -1,0 +1,1 @@
+"""The online engine: sources, regularizer, engine, online adaptation and state store."""
