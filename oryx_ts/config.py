@@ -302,3 +302,70 @@ def preset(name: str, **sections: Any) -> OryxConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name].replace(**sections) if sections else PRESETS[name]
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _parse_value(key: str, raw: str, hint: Any) -> Any:
+    """`raw` as a value of the type `hint` of field `key`; raises `ValueError` naming the field, the value and the type."""
+    text = raw.strip()
+    if getattr(hint, "__origin__", None) is Literal:
+        choices = get_args(hint)
+        if text not in choices:
+            raise ValueError(f"{key}={raw!r}: expected one of {', '.join(map(str, choices))}")
+        return text
+    if hint is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError(f"{key}={raw!r}: expected a bool (true/false, 1/0, yes/no)")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{key}={raw!r}: expected an integer") from None
+    if hint is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{key}={raw!r}: expected a number, e.g. 0.001 or 1e-3") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{key}={raw!r}: expected a finite number")
+        return value
+    if getattr(hint, "__origin__", None) is tuple:
+        item = get_args(hint)[0]
+        parts = [p for p in text.strip("()[]").split(",") if p.strip()]
+        if not parts:
+            raise ValueError(f"{key}={raw!r}: expected comma-separated numbers, e.g. 0.1,0.5,0.9")
+        try:
+            return tuple(_parse_value(key, p, item) for p in parts)
+        except ValueError:
+            raise ValueError(f"{key}={raw!r}: expected comma-separated numbers, e.g. 0.1,0.5,0.9") from None
+    if hint is str:
+        return text
+    raise TypeError(f"{key}: a field of type {hint} cannot be set from text")
+
+
+def parse_overrides(config: OryxConfig, items: list[str]) -> OryxConfig:
+    """`config` with `section.key=value` overrides applied, each value parsed by its field's type.
+
+    bool: true/false, 1/0, yes/no (any case); int; float (`.001`, `1e-3`); a `Literal` field: one of
+    its choices; a tuple of floats: `0.1,0.5,0.9`. The result is validated like any config.
+    Raises `ValueError` naming the item, the field and the expected type or choices (unknown
+    sections or keys list the known ones).
+    """
+    changes: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not eq or not dot or not name:
+            raise ValueError(f"expected section.key=value, got {item!r}")
+        if section not in SECTIONS:
+            raise ValueError(f"{key}: unknown config section {section!r}; expected one of {', '.join(SECTIONS)}")
+        hints = get_type_hints(SECTIONS[section])
+        if name not in hints:
+            raise ValueError(f"{key}: unknown key {name!r} in section {section!r}; expected one of {', '.join(hints)}")
+        changes.setdefault(section, {})[name] = _parse_value(key.strip(), raw, hints[name])
+    return config.replace(**changes) if changes else config
