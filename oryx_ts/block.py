@@ -7,8 +7,9 @@ recurrent state takes the update. The per-token mode m only selects the output,
 `o = m * o_att + (1 - m) * o_lin`. Parameters whose names start with `att_` or `lin_` belong to
 one mixer; everything else is shared.
 
-`OryxMixer.extend` is the single code path for both uses: the parallel forward (T tokens from an
-empty or given state) and the streaming step (T = 1 against the state).
+`OryxMixer.forward` runs T tokens of a stream from its start; `OryxMixer.step` runs one token of
+each series against its state, every series at its own position. Both share the projections,
+convolutions and linear mixer (`_qkv`, `_linear`, `_output`).
 """
 
 import math
@@ -138,47 +139,28 @@ class OryxMixer(nn.Module):
             o = o + self.lin_D[:, None].to(o.dtype) * v_BTHV
         return o, rec
 
-    def extend(
-        self,
-        u_BTD: torch.Tensor,
-        m_BT: torch.Tensor,
-        st: LayerState | None,
-        pos0: int,
-        *,
-        k_until_BT: torch.Tensor | None = None,
-        plan: SlotPlan | None = None,
-    ) -> torch.Tensor:
-        """Mix T new tokens at positions pos0.. given a layer state (None: empty stream, nothing kept).
-
-        With a state, its KV cache, recurrent state and conv tails are updated in place. Bounded
-        retention comes as `k_until_BT` (parallel form, no state) or as a `plan` (one step).
-        """
+    def forward(self, u_BTD: torch.Tensor, m_BT: torch.Tensor, *, k_until_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Mix T tokens of a stream from its start (nothing kept); bounded retention comes as `k_until_BT`."""
         c = self.config
         B, T, _ = u_BTD.shape
         H, V = c.n_heads, c.head_dim_v
-        q_lin, k, v, tails = self._qkv(u_BTD, st)
-        o_lin, rec = self._linear(u_BTD, q_lin, k, v, st)
+        q_lin, k, v, _ = self._qkv(u_BTD, None)
+        o_lin, _ = self._linear(u_BTD, q_lin, k, v, None)
 
-        pos_T = torch.arange(pos0, pos0 + T, device=u_BTD.device)
+        pos_T = torch.arange(T, device=u_BTD.device)
         # one host sync per layer: which tokens any series routes to attention, and whether the modes
         # are hard (0/1) and equal across series, where the output can take o_att rows as they are
         routed_T = (m_BT != 0).any(0)
         hard = ((m_BT == 0) | (m_BT == 1)).all() & (m_BT == m_BT[:1]).all()
         flags = torch.cat([routed_T, hard[None]]).cpu()
         idx = flags[:-1].nonzero().squeeze(1).to(u_BTD.device)
-        k_att = dispatch.rope(k, pos_T, base=c.rope_base) if c.rope and (st is not None or idx.numel()) else k
-        if st is not None:
-            keys, values, k_pos, k_valid = self._write_cache(st, k_att, v, pos0, plan)
-        else:
-            keys, values, k_pos, k_valid = k_att, v, pos_T, None
-
         if idx.numel():
+            keys = dispatch.rope(k, pos_T, base=c.rope_base) if c.rope else k
             q_att = _l2norm(self.att_q(u_BTD[:, idx]).view(B, idx.numel(), H, c.head_dim_k))
             if c.rope:
                 q_att = dispatch.rope(q_att, pos_T[idx], base=c.rope_base)
             o_sel = dispatch.routed_attention(
-                q_att, keys, values, q_pos_Tq=pos_T[idx], k_pos_S=k_pos, scale_H=self.att_log_temp.exp(),
-                k_valid_BS=k_valid, k_until_BS=k_until_BT,
+                q_att, keys, v, q_pos_Tq=pos_T[idx], k_pos_S=pos_T, scale_H=self.att_log_temp.exp(), k_until_BS=k_until_BT,
             ).to(o_lin.dtype)
             if flags[-1]:
                 o = o_lin.index_copy(1, idx, o_sel)
@@ -187,47 +169,56 @@ class OryxMixer(nn.Module):
                 o = m * o_lin.new_zeros(B, T, H, V).index_copy(1, idx, o_sel) + (1 - m) * o_lin
         else:
             o = o_lin
+        return self._output(u_BTD, o)
 
-        if st is not None:
-            st.rec_BHKV = rec.detach()
-            st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX = (t.detach() for t in tails)
-
-        z = self.z_proj(u_BTD).view(B, T, H, V)
-        o = self.o_norm(o.to(u_BTD.dtype)) * F.silu(z)
-        return self.o_proj(o.reshape(B, T, H * V))
-
-    @staticmethod
-    def _write_cache(st: LayerState, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, pos0: int, plan: SlotPlan | None):
-        """Put the new keys and values into the cache; returns what attention reads: keys, values, positions, validity."""
-        T = k_BTHK.shape[1]
-        if plan is None:  # retention `all`: slot = position
-            st.ensure_capacity(pos0 + T)
-            st.k_cache_BSHK[:, pos0 : pos0 + T] = k_BTHK.detach()
-            st.v_cache_BSHV[:, pos0 : pos0 + T] = v_BTHV.detach()
-            k_pos = torch.arange(pos0 + T, device=k_BTHK.device)
-            return st.k_cache_BSHK[:, : pos0 + T], st.v_cache_BSHV[:, : pos0 + T], k_pos, None
-        assert T == 1, "bounded retention advances a state one token at a time"
-        rows = plan.pin_rows_B.nonzero().squeeze(1)
-        for cache, new in ((st.k_cache_BSHK, k_BTHK), (st.v_cache_BSHV, v_BTHV)):
-            cache[rows, plan.pin_slot_B[rows]] = cache[rows, plan.write_slot]
-            cache[:, plan.write_slot] = new[:, 0].detach()
-        # every retained slot holds a past token: visibility is the slot mask alone
-        k_pos = torch.zeros(st.k_cache_BSHK.shape[1], dtype=torch.long, device=k_BTHK.device)
-        return st.k_cache_BSHK, st.v_cache_BSHV, k_pos, plan.valid_BS
-
-    def init_layer_state(self, batch_size: int, capacity: int, device=None, dtype=torch.float32) -> LayerState:
+    def _output(self, u_BTD: torch.Tensor, o_BTHV: torch.Tensor) -> torch.Tensor:
         c = self.config
-        H, K, V, W = c.n_heads, c.head_dim_k, c.head_dim_v, c.conv_size
-        z = lambda *s, dt=dtype: torch.zeros(*s, device=device, dtype=dt)  # noqa: E731
-        return LayerState(
-            k_cache_BSHK=z(batch_size, capacity, H, K),
-            v_cache_BSHV=z(batch_size, capacity, H, V),
-            rec_BHKV=z(batch_size, H, K, V, dt=torch.float32),
-            conv_k_BWX=z(batch_size, W - 1, H * K),
-            conv_v_BWX=z(batch_size, W - 1, H * V),
-            conv_q_BWX=z(batch_size, W - 1, H * K),
-        )
+        B, T, _ = u_BTD.shape
+        z = self.z_proj(u_BTD).view(B, T, c.n_heads, c.head_dim_v)
+        o = self.o_norm(o_BTHV.to(u_BTD.dtype)) * F.silu(z)
+        return self.o_proj(o.reshape(B, T, c.n_heads * c.head_dim_v))
 
+    def step(
+        self, u_B1D: torch.Tensor, m_B: torch.Tensor, st: LayerState, pos_B: torch.Tensor, plan: SlotPlan, att_rows: torch.Tensor
+    ) -> torch.Tensor:
+        """One token per series at its own position `pos_B`, against the layer state (updated in place).
+
+        `plan` says where each series' key and value go (and which leaving token is pinned);
+        `att_rows` are the series whose mode is not 0 (only they compute the attention query).
+        """
+        c = self.config
+        B = u_B1D.shape[0]
+        H, K = c.n_heads, c.head_dim_k
+        q_lin, k, v, tails = self._qkv(u_B1D, st)
+        o_lin, rec = self._linear(u_B1D, q_lin, k, v, st)
+        # RoPE at per-series positions: the series axis stands in for the token axis of `rope`
+        k_att = dispatch.rope(k.transpose(0, 1), pos_B, base=c.rope_base).transpose(0, 1) if c.rope else k
+        rows = torch.arange(B, device=u_B1D.device)
+        for cache, new in ((st.k_cache_BSHK, k_att), (st.v_cache_BSHV, v)):
+            if plan.pin_B is not None:
+                moved = torch.where(plan.pin_B[:, None, None], cache[rows, plan.write_slot_B], cache[rows, plan.pin_slot_B])
+                cache[rows, plan.pin_slot_B] = moved
+            cache[rows, plan.write_slot_B] = new[:, 0].detach().to(cache.dtype)
+        st.rec_BHKV = rec.detach()
+        st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX = (t.detach() for t in tails)
+
+        o = o_lin
+        if att_rows.numel():
+            R = att_rows.numel()
+            q_att = _l2norm(self.att_q(u_B1D[att_rows]).view(R, 1, H, K))
+            if c.rope:
+                q_att = dispatch.rope(q_att.transpose(0, 1), pos_B[att_rows], base=c.rope_base).transpose(0, 1)
+            zero = torch.zeros(1, dtype=torch.long, device=u_B1D.device)
+            S = st.k_cache_BSHK.shape[1]
+            # every valid slot holds a past token of that series (or the new one): visibility is the slot mask alone
+            o_att = dispatch.routed_attention(
+                q_att, st.k_cache_BSHK[att_rows], st.v_cache_BSHV[att_rows], q_pos_Tq=zero,
+                k_pos_S=zero.expand(S), scale_H=self.att_log_temp.exp(), k_valid_BS=plan.valid_BS[att_rows],
+            ).to(o_lin.dtype)
+            m = m_B[att_rows].to(o_lin.dtype)[:, None, None, None]
+            blended = torch.where(m == 1, o_att, m * o_att + (1 - m) * o_lin[att_rows])
+            o = o_lin.index_copy(0, att_rows, blended)
+        return self._output(u_B1D, o)
 
 class OryxBlock(nn.Module):
     """Pre-norm residual block: `x + mixer(norm(x))`, then `x + mlp(norm(x))`."""
@@ -239,18 +230,14 @@ class OryxBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        m_BT: torch.Tensor,
-        st: LayerState | None = None,
-        pos0: int = 0,
-        *,
-        k_until_BT: torch.Tensor | None = None,
-        plan: SlotPlan | None = None,
-    ) -> torch.Tensor:
-        x_BTD = x_BTD + self.mixer.extend(self.mixer_norm(x_BTD), m_BT, st, pos0, k_until_BT=k_until_BT, plan=plan)
+    def forward(self, x_BTD: torch.Tensor, m_BT: torch.Tensor, *, k_until_BT: torch.Tensor | None = None) -> torch.Tensor:
+        x_BTD = x_BTD + self.mixer(self.mixer_norm(x_BTD), m_BT, k_until_BT=k_until_BT)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+    def step(self, x_B1D, m_B, st: LayerState, pos_B, plan: SlotPlan, att_rows) -> torch.Tensor:
+        """One token per series; see `OryxMixer.step`."""
+        x_B1D = x_B1D + self.mixer.step(self.mixer_norm(x_B1D), m_B, st, pos_B, plan, att_rows)
+        return x_B1D + self.mlp(self.mlp_norm(x_B1D))
 
     def mode_specific_parameters(self) -> dict[str, int]:
         """Parameter counts of the attention-only, linear-only and shared parts."""

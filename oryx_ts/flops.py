@@ -98,9 +98,15 @@ class ModeCosts:
 
 def mode_costs(config: OryxConfig, n0: int, T: int) -> ModeCosts:
     """Per-token FLOPs of both modes for tokens at positions `n0 .. n0 + T - 1` (vectorized, closed form)."""
-    S = np.asarray(retained_keys(config.block, np.arange(n0, n0 + T)), dtype=np.float64)
+    return mode_costs_at(config, np.arange(n0, n0 + T))
+
+
+def mode_costs_at(config: OryxConfig, positions: np.ndarray) -> ModeCosts:
+    """Per-token FLOPs of both modes at any array of token positions (same shape out)."""
+    positions = np.asarray(positions)
+    S = np.asarray(retained_keys(config.block, positions), dtype=np.float64)
     rec = float(token_flops(config, RECURRENT, 1))
     b = config.block
     att_fixed = b.n_layers * 2 * b.d_model * b.n_heads * b.head_dim_k
     att_per_key = b.n_layers * b.n_heads * (2 * b.head_dim_k + 2 * b.head_dim_v + 5)
-    return ModeCosts(np.full(T, rec), rec + att_fixed + att_per_key * S)
+    return ModeCosts(np.full(positions.shape, rec), rec + att_fixed + att_per_key * S)

@@ -5,13 +5,15 @@ Hz horizon steps, Q quantile levels.
 
 Every token is a forecast origin: token n sees the stream up to the end of patch n and forecasts
 the next Hz steps of every channel at Q quantile levels. Modes: 1 = attention, 0 = recurrence.
-`step` reproduces `forward` token for token (tested), for every mode pattern.
+`step` reproduces `forward` token for token (tested), for every mode pattern, with every series of
+a batch at its own position.
 
-Routing: given a router (`oryx_ts.routers`) and optionally a `Budget`, `forward` returns a
-`RoutedForecast` (forecasts plus per-token scores, modes, FLOPs and allowance) and `step` records
-the same for its token in the `RoutedState` it updates. The decisions are made in `oryx_ts.routers`;
-the model only calls it.
+The model is a plain module: it takes modes and never chooses them. Routing wraps it
+(`routers.RoutedForecaster`), asking it for the token embedding through `embed_step`.
 """
+
+from dataclasses import dataclass
+
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +21,6 @@ from torch import nn
 
 from oryx_ts.block import OryxBlock, RMSNorm
 from oryx_ts.config import OryxConfig
-from oryx_ts.routers import runtime as routing
-from oryx_ts.routers.budget import Budget
-from oryx_ts.routers.heuristics import Router
 from oryx_ts.state import State, bounded_until
 from oryx_ts.tokenizer import PatchTokenizer
 
@@ -56,6 +55,17 @@ class QuantileHead(nn.Module):
         below = center - gaps[..., :mid].flip(-1).cumsum(-1).flip(-1)
         above = center + gaps[..., mid + 1 :].cumsum(-1)
         return torch.cat([below, center, above], dim=-1)
+
+
+@dataclass
+class StepInput:
+    """One patch per series as the model's step consumes it (from `OryxForecaster.embed_step`)."""
+
+    patch_BPC: torch.Tensor
+    tokens_B1D: torch.Tensor
+    mean_BTC: torch.Tensor  # T = 1
+    std_BTC: torch.Tensor
+    stats_B3C: torch.Tensor  # the statistics after this patch
 
 
 class OryxForecaster(nn.Module):
@@ -108,24 +118,18 @@ class OryxForecaster(nn.Module):
             x_BTD = block(x_BTD, m_BT, k_until_BT=k_until_BT)
         return self.head(self.norm(x_BTD)), mean, std
 
-    def forward(
-        self, x_BLC: torch.Tensor, modes: torch.Tensor | None = None, *, router: Router | None = None, budget: Budget | None = None
-    ) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, modes: torch.Tensor | None = None) -> torch.Tensor:
         """Forecasts of every token in data units, `(B, T, Hz, C, Q)`; `modes` (B, T) or (T,), default all-recurrent.
 
-        With a `router` (and optionally a `budget`; without one a token runs attention when its score
-        is >= 0.5) the modes are chosen per token and a `routing.RoutedForecast` is returned instead.
-        Raises `ValueError` when `x_BLC` is not `(B, T * patch_len, channels)`, `modes` does not fit,
-        or both `modes` and `router` are given.
+        Raises `ValueError` when `x_BLC` is not `(B, T * patch_len, channels)` or `modes` does not fit.
         """
-        if router is not None:
-            if modes is not None:
-                raise ValueError("give either modes or a router, not both")
-            return routing.route_forward(self, x_BLC, router, budget)
-        if budget is not None:
-            raise ValueError("a budget needs a router")
         pred, mean, std = self.forward_normalized(x_BLC, modes)
         return self.tokenizer.denormalize(pred, mean, std)
+
+    def embed(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        """The token embeddings `(B, T, D)` of whole streams from their start (what a router reads)."""
+        self.tokenizer.check_input(x_BLC)
+        return self.tokenizer(x_BLC)[0]
 
     def targets_normalized(self, x_BLC: torch.Tensor, mean_BTC: torch.Tensor, std_BTC: torch.Tensor) -> torch.Tensor:
         """For each token the next Hz steps of `x_BLC`, normalized like that token; NaN past the end."""
@@ -143,59 +147,19 @@ class OryxForecaster(nn.Module):
 
     # --- streaming ----------------------------------------------------------------------------
 
-    def init_state(
-        self, batch_size: int, *, capacity: int = 256, device=None, budget: Budget | None = None, routed: bool = False
-    ) -> State:
-        """An empty state for `batch_size` series.
-
-        Under retention `all` the KV cache holds `capacity` tokens before it grows; under `bounded`
-        it has `window + pinned` slots and never grows.
-
-        With a `budget` or `routed=True` it is a `RoutedState`, which routed steps need.
-        """
+    def init_state(self, batch_size: int, *, capacity: int = 256, device=None, parts=None) -> State:
+        """An empty state for `batch_size` series on the model's device; see `State.allocate`."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        device = device or next(self.parameters()).device
-        dtype = next(self.parameters()).dtype
-        b = self.config.block
-        bounded = b.retention == "bounded"
-        slots = b.window + b.pinned if bounded else capacity
-        state = State(
-            layers=[blk.mixer.init_layer_state(batch_size, slots, device, dtype) for blk in self.blocks],
-            norm_stats_B3C=self.tokenizer.init_stats(batch_size, device),
-        )
-        if budget is not None or routed:
-            state = routing.make_routed_state(state, self.config, budget)
-        if bounded:
-            state.slot_pos_BS = torch.full((batch_size, slots), -1, dtype=torch.long, device=device)
-            state.slot_mode_BS = torch.zeros(batch_size, slots, dtype=torch.bool, device=device)
-            state.pins_B = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return state
+        p = next(self.parameters())
+        return State.allocate(self.config, batch_size, device=device or p.device, dtype=p.dtype, capacity=capacity, parts=parts)
 
-    @torch.no_grad()
-    def step(
-        self,
-        patch_BPC: torch.Tensor,
-        state: State,
-        mode: torch.Tensor | None = None,
-        *,
-        router: Router | None = None,
-        budget: Budget | None = None,
-    ) -> tuple[torch.Tensor, State]:
-        """Consume one patch per series; returns `(forecast_BHzCQ, state)` in data units.
-
-        `state` is updated in place and returned. `mode` (B,) per series, 1 = attention, default 0.
-        With a `router` (and optionally a `budget`) the mode is chosen per series and the token's
-        score, mode, FLOPs and allowance are recorded in `state` (a `RoutedState`, from
-        `init_state(B, budget=...)`). Raises `ValueError` for a patch of the wrong shape, a state of
-        another batch size, both `mode` and `router`, or a router without a `RoutedState`.
-        """
-        self.tokenizer.check_input(patch_BPC, step=True)
-        B = patch_BPC.shape[0]
-        if state.batch_size != B:
-            raise ValueError(f"state holds {state.batch_size} series, patch has {B}")
+    def check_state(self, state: State, batch_size: int) -> None:
+        """Raise `ValueError` when `state` cannot be stepped by this model with `batch_size` series."""
+        if state.batch_size != batch_size:
+            raise ValueError(f"state holds {state.batch_size} series, patch has {batch_size}")
         b = self.config.block
-        expected_rec = (B, b.n_heads, b.head_dim_k, b.head_dim_v)
+        expected_rec = (batch_size, b.n_heads, b.head_dim_k, b.head_dim_v)
         if len(state.layers) != len(self.blocks) or tuple(state.layers[0].rec_BHKV.shape) != expected_rec:
             raise ValueError(
                 f"state does not fit this model: {len(state.layers)} layers with recurrent state "
@@ -203,25 +167,47 @@ class OryxForecaster(nn.Module):
             )
         if (b.retention == "bounded") != state.bounded:
             raise ValueError(f"state was made for another retention policy than the model's {b.retention!r}")
-        if router is not None and mode is not None:
-            raise ValueError("give either mode or a router, not both")
-        if router is None and budget is not None:
-            raise ValueError("a budget needs a router")
+
+    @torch.no_grad()
+    def embed_step(self, patch_BPC: torch.Tensor, state: State) -> "StepInput":
+        """The token of one patch per series with the statistics it will be normalized by; `state` is not changed.
+
+        Raises `ValueError` for a patch of the wrong shape or a state that does not fit.
+        """
+        self.tokenizer.check_input(patch_BPC, step=True)
+        self.check_state(state, patch_BPC.shape[0])
         x_B1D, mean, std, stats = self.tokenizer(patch_BPC, state.norm_stats_B3C)
-        if router is not None:
-            m_B1 = routing.route_token(router, budget, self.config, state, x_B1D, patch_BPC)
-        else:
-            m_B1 = self._modes(None if mode is None else self._series_modes(mode, B)[:, None], B, 1, patch_BPC.device)
-        plan = state.plan_bounded_step(m_B1[:, 0], b.window, b.pinned) if state.bounded else None
+        return StepInput(patch_BPC, x_B1D, mean, std, stats)
+
+    @torch.no_grad()
+    def step(
+        self, patch_BPC: torch.Tensor, state: State, modes: torch.Tensor | float | None = None, *, embedded: "StepInput | None" = None
+    ) -> tuple[torch.Tensor, State]:
+        """Consume one patch per series; returns `(forecast_BHzCQ, state)` in data units.
+
+        Every series advances from its own position (`state.n_tokens_B`). `state` is updated in
+        place and returned. `modes` (B,) per series or a scalar for all, 1 = attention, default 0.
+        `embedded` is `embed_step(patch_BPC, state)` when the caller already has it. Raises
+        `ValueError` for a patch of the wrong shape, a state that does not fit, or bad modes.
+        """
+        if embedded is None or embedded.patch_BPC is not patch_BPC:
+            embedded = self.embed_step(patch_BPC, state)
+        B = patch_BPC.shape[0]
+        m_B = self._modes(None if modes is None else self._series_modes(modes, B)[:, None], B, 1, patch_BPC.device)[:, 0]
+        b = self.config.block
+        plan = state.plan_step(m_B, b.window, b.pinned)
+        att_rows = (m_B != 0).nonzero().squeeze(1)  # the step's one host sync
+        x_B1D, pos_B = embedded.tokens_B1D, state.n_tokens_B
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
-            x_B1D = block(x_B1D, m_B1, layer_state, state.n_tokens, plan=plan)
-        state.norm_stats_B3C = stats
-        state.n_tokens += 1
+            x_B1D = block.step(x_B1D, m_B, layer_state, pos_B, plan, att_rows)
+        state.norm_stats_B3C = embedded.stats_B3C
+        state.n_tokens_B = state.n_tokens_B + 1
         pred = self.head(self.norm(x_B1D))
-        forecast = self.tokenizer.denormalize(pred, mean, std)[:, 0]
-        if router is not None:
-            routing.after_token(state, forecast)
-        return forecast, state
+        return self.tokenizer.denormalize(pred, embedded.mean_BTC, embedded.std_BTC)[:, 0], state
+
+    def normalization(self, state: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mean_BC, std_BC)` (fp64) that the latest token of each series was normalized with."""
+        return self.tokenizer.mean_std(state.norm_stats_B3C)
 
     # --- introspection ------------------------------------------------------------------------
 

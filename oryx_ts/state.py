@@ -1,26 +1,69 @@
-"""Explicit streaming state of an OryxForecaster for a batch of series.
+"""Explicit streaming state of an OryxForecaster: a batch of series, each on its own clock.
 
 Legend: B series, S cache slots, H heads, K key dim, V value dim, W-1 conv tail, C channels.
 
-`OryxForecaster.step` updates a `State` in place and returns it: the service holds one state per
-series batch and keeps its buffers; a caller that wants to keep the old state takes `clone()` first.
-The KV cache is preallocated with a capacity; under retention `all` it doubles when full.
-Under retention `bounded` it has `window + pinned` slots and never grows: slot `n % window`
-takes token n, and a token that leaves the window is moved to the pinned slots if it ran in
-attention mode (the router's event and anomaly tokens), replacing the oldest pinned one.
-`bounded_until` gives the same policy in parallel form (when each key stops being visible), so
-`forward` and `step` agree. States serialize to safetensors and restore bit for bit.
+A `State` is built by composition: per layer a `LayerState` (KV cache, recurrent state, conv
+tails), the normalization statistics, the token count of every series (`n_tokens_B`: RoPE
+positions, cache slots and budget windows are per series), the slot bookkeeping of bounded
+retention (`Slots`), and named *parts* that the layers above the model add (routing, the
+controller, the engine's forecasts and adapter). Every field of every part is a tensor whose
+leading axis is the series, so one generic implementation selects, concatenates, scatters,
+clones and serializes them all; a part type only has to be a dataclass registered with
+`register_part`.
+
+`OryxForecaster.step` updates a `State` in place and returns it; a caller that wants to keep
+the old state takes `clone()` first. Under retention `all` the KV cache holds `capacity` slots and
+doubles when a series needs more (slot = token position). Under `bounded` it has
+`window + pinned` slots and never grows: slot `n % window` takes token n of that series, and a
+token that leaves the window is moved to the pinned slots if it ran in attention mode, replacing
+the oldest pinned one. `bounded_until` gives the same policy in parallel form, so `forward` and
+`step` agree. States serialize to safetensors (tensors) plus JSON (layout) and restore bit for bit.
 """
 
 import json
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from oryx_ts.config import OryxConfig
+
+FORMAT = "oryx_ts.state/2"
+PART_TYPES: dict[str, type] = {}
 
 
+def register_part(cls: type) -> type:
+    """Register a dataclass as a state part type, so that `State.load` can rebuild it by name."""
+    assert is_dataclass(cls), cls
+    PART_TYPES[cls.__name__] = cls
+    return cls
+
+
+def _tensors_of(part: Any) -> dict[str, torch.Tensor]:
+    return {f.name: getattr(part, f.name) for f in fields(part)}
+
+
+def _rebuild(part: Any, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> Any:
+    return type(part)(**{name: fn(name, t) for name, t in _tensors_of(part).items()})
+
+
+def _is_cache(name: str) -> bool:
+    return name in ("k_cache_BSHK", "v_cache_BSHV")
+
+
+def _pad_slots(t: torch.Tensor, slots: int) -> torch.Tensor:
+    if t.shape[1] >= slots:
+        return t
+    grown = t.new_zeros(t.shape[0], slots, *t.shape[2:])
+    grown[:, : t.shape[1]] = t
+    return grown
+
+
+@register_part
 @dataclass
 class LayerState:
     """One layer's two states (KV cache and recurrent state) and its convolution tails."""
@@ -32,17 +75,27 @@ class LayerState:
     conv_v_BWX: torch.Tensor
     conv_q_BWX: torch.Tensor
 
+    @property
+    def slots(self) -> int:
+        return self.k_cache_BSHK.shape[1]
+
     def ensure_capacity(self, needed: int) -> None:
         """Grow the KV cache (doubling) so that it holds at least `needed` slots."""
-        cap = self.k_cache_BSHK.shape[1]
-        if needed <= cap:
+        if needed <= self.slots:
             return
-        new_cap = max(needed, 2 * cap)
-        for name in ("k_cache_BSHK", "v_cache_BSHV"):
-            old = getattr(self, name)
-            grown = old.new_zeros(old.shape[0], new_cap, *old.shape[2:])
-            grown[:, :cap] = old
-            setattr(self, name, grown)
+        new_cap = max(needed, 2 * self.slots)
+        self.k_cache_BSHK = _pad_slots(self.k_cache_BSHK, new_cap)
+        self.v_cache_BSHV = _pad_slots(self.v_cache_BSHV, new_cap)
+
+
+@register_part
+@dataclass
+class Slots:
+    """Bounded retention's slot bookkeeping, shared by all layers of a series."""
+
+    pos_BS: torch.Tensor  # int64 token held by each slot, -1 = empty
+    mode_BS: torch.Tensor  # bool, whether that token ran attention
+    pins_B: torch.Tensor  # int64 tokens pinned so far
 
 
 NEVER = torch.iinfo(torch.int64).max  # "until" of a key that is never evicted
@@ -69,116 +122,298 @@ def bounded_until(m_BT: torch.Tensor, window: int, pinned: int) -> torch.Tensor:
 
 @dataclass
 class SlotPlan:
-    """What one bounded step does to every layer's cache: pin the leaving token, then write the new one."""
+    """What one step does to every layer's cache, per series: optionally pin the leaving token, then write the new one."""
 
-    write_slot: int
-    pin_rows_B: torch.Tensor  # series whose leaving token is pinned
-    pin_slot_B: torch.Tensor  # its destination slot
-    valid_BS: torch.Tensor  # slots holding a token after the step
+    write_slot_B: torch.Tensor  # int64 slot that takes the new token
+    pin_B: torch.Tensor | None  # bool, series whose leaving token moves to a pinned slot (None: no pinned slots)
+    pin_slot_B: torch.Tensor | None  # int64 its destination
+    valid_BS: torch.Tensor  # bool, slots holding a token after the step (the new one included)
 
 
 @dataclass
 class State:
-    """Streaming state for a batch of series: per-layer states, token count, normalization stats.
-
-    Under bounded retention the slot bookkeeping (shared by all layers) is kept here too.
-    """
+    """Streaming state for a batch of series; see the module docstring. Build it with `State.allocate`."""
 
     layers: list[LayerState]
     norm_stats_B3C: torch.Tensor  # fp64 decayed (count, sum, sum of squares) per channel
-    n_tokens: int = 0
-    slot_pos_BS: torch.Tensor | None = None  # bounded: token held by each slot, -1 = empty
-    slot_mode_BS: torch.Tensor | None = None  # bounded: whether that token ran attention
-    pins_B: torch.Tensor | None = None  # bounded: tokens pinned so far per series
+    n_tokens_B: torch.Tensor  # int64 tokens consumed so far, per series
+    slots: Slots | None = None  # bounded retention only
+    parts: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def bounded(self) -> bool:
-        return self.slot_pos_BS is not None
+    # --- construction -------------------------------------------------------------------------
 
-    def plan_bounded_step(self, m_B: torch.Tensor, window: int, pinned: int) -> SlotPlan:
-        """Advance the slot bookkeeping by one token with modes `m_B`; the layers then apply the plan."""
-        assert self.bounded
-        n = self.n_tokens
-        write = n % window
-        leaving = self.slot_pos_BS[:, write]
-        pin_rows = (leaving >= 0) & self.slot_mode_BS[:, write] & (pinned > 0)
-        pin_slot = window + self.pins_B % max(pinned, 1)
-        rows = pin_rows.nonzero().squeeze(1)
-        self.slot_pos_BS[rows, pin_slot[rows]] = leaving[rows]
-        self.pins_B += pin_rows.long()
-        self.slot_pos_BS[:, write] = n
-        self.slot_mode_BS[:, write] = m_B > 0.5
-        return SlotPlan(write, pin_rows, pin_slot, self.slot_pos_BS >= 0)
+    @classmethod
+    def allocate(
+        cls,
+        config: OryxConfig,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        capacity: int = 256,
+        parts: Mapping[str, Callable[[int, torch.device | str | None], Any]] | None = None,
+    ) -> "State":
+        """An empty state for `batch_size` series of a model with `config`.
+
+        Under retention `all` the KV cache holds `capacity` tokens before it grows; under `bounded`
+        it has `window + pinned` slots and never grows. `parts` maps part names to factories
+        `(batch_size, device) -> part` (the wrappers above the model bring their own).
+        """
+        if batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+        b = config.block
+        H, K, V, Wc = b.n_heads, b.head_dim_k, b.head_dim_v, b.conv_size
+        bounded = b.retention == "bounded"
+        S = b.window + b.pinned if bounded else max(capacity, 1)
+        z = lambda *s, dt=dtype: torch.zeros(*s, device=device, dtype=dt)  # noqa: E731
+        layers = [
+            LayerState(
+                k_cache_BSHK=z(batch_size, S, H, K),
+                v_cache_BSHV=z(batch_size, S, H, V),
+                rec_BHKV=z(batch_size, H, K, V, dt=torch.float32),
+                conv_k_BWX=z(batch_size, Wc - 1, H * K),
+                conv_v_BWX=z(batch_size, Wc - 1, H * V),
+                conv_q_BWX=z(batch_size, Wc - 1, H * K),
+            )
+            for _ in range(b.n_layers)
+        ]
+        slots = None
+        if bounded:
+            slots = Slots(
+                pos_BS=torch.full((batch_size, S), -1, dtype=torch.long, device=device),
+                mode_BS=torch.zeros(batch_size, S, dtype=torch.bool, device=device),
+                pins_B=torch.zeros(batch_size, dtype=torch.long, device=device),
+            )
+        return cls(
+            layers=layers,
+            norm_stats_B3C=torch.zeros(batch_size, 3, config.tokenizer.channels, dtype=torch.float64, device=device),
+            n_tokens_B=torch.zeros(batch_size, dtype=torch.long, device=device),
+            slots=slots,
+            parts={name: make(batch_size, device) for name, make in (parts or {}).items()},
+        )
+
+    # --- properties ---------------------------------------------------------------------------
 
     @property
     def batch_size(self) -> int:
-        return self.norm_stats_B3C.shape[0]
+        return self.n_tokens_B.shape[0]
 
-    def clone(self) -> "State":
-        maybe = lambda t: None if t is None else t.clone()  # noqa: E731
+    @property
+    def bounded(self) -> bool:
+        return self.slots is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.n_tokens_B.device
+
+    # --- the generic walk over every tensor ---------------------------------------------------
+
+    def _groups(self) -> list[tuple[str, Any]]:
+        """`(prefix, dataclass)` pairs holding every per-series tensor except the top-level ones."""
+        groups = [(f"layers.{i}", ls) for i, ls in enumerate(self.layers)]
+        if self.slots is not None:
+            groups.append(("slots", self.slots))
+        groups += [(f"parts.{name}", part) for name, part in self.parts.items()]
+        return groups
+
+    def _map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> "State":
+        """A new state with `fn(name, tensor)` applied to every tensor (the same walk for every operation)."""
         return State(
-            layers=[LayerState(**{f.name: getattr(ls, f.name).clone() for f in fields(LayerState)}) for ls in self.layers],
-            norm_stats_B3C=self.norm_stats_B3C.clone(),
-            n_tokens=self.n_tokens,
-            slot_pos_BS=maybe(self.slot_pos_BS),
-            slot_mode_BS=maybe(self.slot_mode_BS),
-            pins_B=maybe(self.pins_B),
+            layers=[_rebuild(ls, fn) for ls in self.layers],
+            norm_stats_B3C=fn("norm_stats_B3C", self.norm_stats_B3C),
+            n_tokens_B=fn("n_tokens_B", self.n_tokens_B),
+            slots=None if self.slots is None else _rebuild(self.slots, fn),
+            parts={name: _rebuild(part, fn) for name, part in self.parts.items()},
         )
 
-    def nbytes(self) -> int:
-        """Bytes held, counting the KV cache up to the tokens retained (not its spare capacity)."""
-        total = self.norm_stats_B3C.numel() * self.norm_stats_B3C.element_size()
-        for ls in self.layers:
-            for f in fields(LayerState):
-                t = getattr(ls, f.name)
-                per_slot = t[:, :1].numel() * t.element_size() if "cache" in f.name else None
-                total += per_slot * min(self.n_tokens, t.shape[1]) if per_slot is not None else t.numel() * t.element_size()
-        return total
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"norm_stats": self.norm_stats_B3C}
-        if self.bounded:
-            out.update(slot_pos=self.slot_pos_BS, slot_mode=self.slot_mode_BS, pins=self.pins_B)
-        for i, ls in enumerate(self.layers):
-            for f in fields(LayerState):
-                t = getattr(ls, f.name)
-                # under retention `all` only the filled part of the cache is worth writing
-                growing = "cache" in f.name and not self.bounded
-                out[f"layers.{i}.{f.name}"] = (t[:, : self.n_tokens] if growing else t).contiguous()
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the state by its dotted name (the serializer's layout)."""
+        out = {"norm_stats_B3C": self.norm_stats_B3C, "n_tokens_B": self.n_tokens_B}
+        for prefix, group in self._groups():
+            out.update({f"{prefix}.{name}": t for name, t in _tensors_of(group).items()})
         return out
 
-    def save(self, path: str | Path) -> None:
-        """Write the state to a safetensors file (bit-for-bit restorable with `State.load`)."""
-        save_file(self.to_tensors(), str(path), metadata={"n_tokens": str(self.n_tokens), "n_layers": str(len(self.layers))})
+    def clone(self) -> "State":
+        return self._map(lambda _, t: t.clone())
+
+    def to(self, device: torch.device | str) -> "State":
+        return self._map(lambda _, t: t.to(device))
+
+    def select(self, idx: torch.Tensor | Sequence[int]) -> "State":
+        """A new state holding series `idx` (in that order), copied."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        return self._map(lambda _, t: t.index_select(0, idx))
+
+    @staticmethod
+    def concat(states: Sequence["State"]) -> "State":
+        """One state holding the series of `states` one after another; KV caches are padded to the largest."""
+        if not states:
+            raise ValueError("concat needs at least one state")
+        first = states[0]
+        layouts = {(s.bounded, len(s.layers), tuple(s.parts)) for s in states}
+        if len(layouts) != 1:
+            raise ValueError(f"cannot concatenate states of different layouts: {sorted(map(str, layouts))}")
+        slots = max(ls.slots for s in states for ls in s.layers)
+        flat = [s.tensors() for s in states]
+
+        def cat(name: str, _: torch.Tensor) -> torch.Tensor:
+            parts = [f[name] for f in flat]
+            if name.rsplit(".", 1)[-1] in ("k_cache_BSHK", "v_cache_BSHV"):
+                parts = [_pad_slots(p, slots) for p in parts]
+            return torch.cat(parts, 0)
+
+        return first._named_map(cat)
+
+    def _named_map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> "State":
+        """Like `_map`, with the full dotted name passed to `fn`."""
+        def with_prefix(prefix: str, group: Any) -> Any:
+            return _rebuild(group, lambda name, t: fn(f"{prefix}.{name}", t))
+
+        return State(
+            layers=[with_prefix(f"layers.{i}", ls) for i, ls in enumerate(self.layers)],
+            norm_stats_B3C=fn("norm_stats_B3C", self.norm_stats_B3C),
+            n_tokens_B=fn("n_tokens_B", self.n_tokens_B),
+            slots=None if self.slots is None else with_prefix("slots", self.slots),
+            parts={name: with_prefix(f"parts.{name}", p) for name, p in self.parts.items()},
+        )
+
+    def scatter(self, idx: torch.Tensor | Sequence[int], part: "State") -> None:
+        """Write the series of `part` into rows `idx` of this state, in place (caches grow if needed)."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        if part.batch_size != idx.numel():
+            raise ValueError(f"scatter of {part.batch_size} series into {idx.numel()} rows")
+        if (part.bounded, len(part.layers), tuple(part.parts)) != (self.bounded, len(self.layers), tuple(self.parts)):
+            raise ValueError("cannot scatter a state of another layout")
+        if not self.bounded:
+            needed = max(ls.slots for ls in part.layers)
+            for ls in self.layers:
+                ls.ensure_capacity(needed)
+        src = part.tensors()
+        for prefix, group in [("", None), *self._groups()]:
+            targets = {"norm_stats_B3C": self.norm_stats_B3C, "n_tokens_B": self.n_tokens_B} if group is None else _tensors_of(group)
+            for name, dst in targets.items():
+                s = src[f"{prefix}.{name}" if prefix else name]
+                if _is_cache(name) and s.shape[1] < dst.shape[1]:
+                    s = _pad_slots(s, dst.shape[1])
+                dst.index_copy_(0, idx, s.to(dst.dtype))
+
+    def resize(self, batch_size: int, fill: "State") -> "State":
+        """A state of `batch_size` rows: these series first, then copies of the single-series `fill`."""
+        if batch_size < self.batch_size:
+            return self.select(torch.arange(batch_size))
+        extra = fill.select(torch.zeros(batch_size - self.batch_size, dtype=torch.long))
+        return State.concat([self, extra])
+
+    # --- steps under bounded or growing retention ---------------------------------------------
+
+    def plan_step(self, m_B: torch.Tensor, window: int, pinned: int) -> SlotPlan:
+        """Advance the slot bookkeeping by one token of every series with modes `m_B`; the layers then apply the plan.
+
+        Under retention `all` the slot is the token position and the caches grow to hold it.
+        """
+        n_B = self.n_tokens_B
+        rows = torch.arange(self.batch_size, device=n_B.device)
+        if self.slots is None:
+            needed = int(n_B.max()) + 1 if self.batch_size else 1
+            for ls in self.layers:
+                ls.ensure_capacity(needed)
+            S = self.layers[0].slots
+            valid = torch.arange(S, device=n_B.device)[None, :] <= n_B[:, None]
+            return SlotPlan(n_B, None, None, valid)
+        sl = self.slots
+        write = n_B % window
+        pin = pin_slot = None
+        if pinned > 0:
+            leaving = sl.pos_BS[rows, write]
+            pin = (leaving >= 0) & sl.mode_BS[rows, write]
+            pin_slot = window + sl.pins_B % pinned
+            sl.pos_BS[rows, pin_slot] = torch.where(pin, leaving, sl.pos_BS[rows, pin_slot])
+            sl.mode_BS[rows, pin_slot] = torch.where(pin, True, sl.mode_BS[rows, pin_slot])
+            sl.pins_B += pin.long()
+        sl.pos_BS[rows, write] = n_B
+        sl.mode_BS[rows, write] = m_B > 0.5
+        return SlotPlan(write, pin, pin_slot, sl.pos_BS >= 0)
+
+    # --- size and serialization ---------------------------------------------------------------
+
+    def nbytes_B(self) -> torch.Tensor:
+        """Bytes held per series: under `bounded` everything allocated (it never grows); under `all` the KV
+        cache up to the tokens it retains (not its spare capacity)."""
+        per_series = 0
+        cache_per_slot = 0
+        for name, t in self.tensors().items():
+            row = t[:1].numel() * t.element_size()
+            if _is_cache(name.rsplit(".", 1)[-1]):
+                cache_per_slot += row // max(t.shape[1], 1)
+            else:
+                per_series += row
+        if self.bounded:
+            return torch.full((self.batch_size,), per_series + cache_per_slot * self.layers[0].slots, dtype=torch.long)
+        return per_series + cache_per_slot * self.n_tokens_B.cpu()
+
+    def nbytes(self) -> int:
+        """Bytes held by all series together; see `nbytes_B`."""
+        return int(self.nbytes_B().sum())
+
+    def layout(self) -> dict[str, Any]:
+        """What the JSON side of the serializer records: layers, retention, parts and their types, cache slots."""
+        return {
+            "format": FORMAT,
+            "n_layers": len(self.layers),
+            "bounded": self.bounded,
+            "slots": self.layers[0].slots if self.layers else 0,
+            "parts": {name: type(part).__name__ for name, part in self.parts.items()},
+        }
+
+    def save(self, path: str | Path, *, metadata: Mapping[str, str] | None = None) -> None:
+        """Write the state to one safetensors file with its layout as JSON metadata (bit-exact with `load`)."""
+        tensors = {k: v.contiguous() for k, v in self.tensors().items()}
+        meta = {"layout": json.dumps(self.layout()), **(metadata or {})}
+        save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path, *, capacity: int | None = None) -> "State":
-        """Read a state written by `save`; raises `ValueError` for a corrupt or incomplete file."""
-        try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], layout: Mapping[str, Any], *, source: str = "state") -> "State":
+        """Rebuild a state from `tensors()` and `layout()`; raises `ValueError` naming what is missing or unknown."""
+        if layout.get("format") != FORMAT:
+            raise ValueError(f"{source}: not an oryx_ts state of format {FORMAT} (got {layout.get('format')!r})")
 
-            with safe_open(str(path), framework="pt") as f:
+        def build(part_type: type, prefix: str) -> Any:
+            try:
+                return part_type(**{f.name: tensors[f"{prefix}.{f.name}"] for f in fields(part_type)})
+            except KeyError as e:
+                raise ValueError(f"{source} lacks tensor {e}") from e
+
+        try:
+            top = {name: tensors[name] for name in ("norm_stats_B3C", "n_tokens_B")}
+        except KeyError as e:
+            raise ValueError(f"{source} lacks tensor {e}") from e
+        parts = {}
+        for name, type_name in layout.get("parts", {}).items():
+            if type_name not in PART_TYPES:
+                raise ValueError(f"{source}: unknown state part type {type_name!r} for part {name!r} (import the module that defines it)")
+            parts[name] = build(PART_TYPES[type_name], f"parts.{name}")
+        state = cls(
+            layers=[build(LayerState, f"layers.{i}") for i in range(int(layout["n_layers"]))],
+            slots=build(Slots, "slots") if layout.get("bounded") else None,
+            parts=parts,
+            **top,
+        )
+        B = state.batch_size
+        bad = [k for k, t in state.tensors().items() if t.dim() == 0 or t.shape[0] != B]
+        if bad:
+            raise ValueError(f"{source}: tensors {bad[:3]} do not hold {B} series")
+        for ls in state.layers:
+            ls.ensure_capacity(int(layout.get("slots", 0)))
+        return state
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "State":
+        """Read a state written by `save`; raises `ValueError` for a corrupt, incomplete or unknown file."""
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
                 meta = f.metadata() or {}
-            n_tokens, n_layers = int(meta["n_tokens"]), int(meta["n_layers"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            layout = json.loads(meta["layout"])
         except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read state file {path}: {e}") from e
-        layers = []
-        for i in range(n_layers):
-            try:
-                parts = {f.name: tensors[f"layers.{i}.{f.name}"] for f in fields(LayerState)}
-            except KeyError as e:
-                raise ValueError(f"state file {path} lacks tensor {e}") from e
-            layers.append(LayerState(**parts))
-            if "slot_pos" not in tensors:
-                layers[-1].ensure_capacity(max(capacity or 0, n_tokens, 1))
-        if "norm_stats" not in tensors:
-            raise ValueError(f"state file {path} lacks tensor 'norm_stats'")
-        return cls(
-            layers=layers,
-            norm_stats_B3C=tensors["norm_stats"],
-            n_tokens=n_tokens,
-            slot_pos_BS=tensors.get("slot_pos"),
-            slot_mode_BS=tensors.get("slot_mode"),
-            pins_B=tensors.get("pins"),
-        )
+        return cls.from_tensors(tensors, layout, source=f"state file {path}")

@@ -60,6 +60,10 @@ class PatchTokenizer(nn.Module):
     def init_stats(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         return torch.zeros(batch_size, 3, self.config.channels, dtype=torch.float64, device=device)
 
+    def mean_std(self, stats_B3C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mean_BC, std_BC)` fp64 from decayed statistics (what a token after them is normalized with)."""
+        return _mean_std(stats_B3C, self.config.norm_eps)
+
     def statistics(self, x_BLC: torch.Tensor, stats_B3C: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token normalization statistics. Returns `(mean_BTC, std_BTC, final_stats_B3C)` (fp64)."""
         cfg = self.config

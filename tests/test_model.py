@@ -163,7 +163,7 @@ def test_wrong_step_inputs_raise_value_error():
         model.step(torch.randn(2, 8, 4), state, torch.ones(3))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         model.step(torch.randn(2, 8, 4), state, torch.tensor([0.0, float("nan")]))
-    assert state.n_tokens == 0, "a rejected patch must leave the state untouched"
+    assert int(state.n_tokens_B.sum()) == 0 and not state.slots, "a rejected patch must leave the state untouched"
 
 
 def test_forecasts_follow_an_affine_change_of_units(mixer):

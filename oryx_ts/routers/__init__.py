@@ -1,6 +1,7 @@
 """Routers and the expected-FLOPs budget: attention where the stream needs it, recurrence elsewhere."""
 
-from oryx_ts.routers.budget import Budget, ControllerState, controller_step, window_sums
+from oryx_ts.config import BudgetConfig
+from oryx_ts.routers.budget import ControllerState, allowance, controller_step, window_sums
 from oryx_ts.routers.features import N_FEATURES, surprise_features
 from oryx_ts.routers.heuristics import (
     AllRouter,
@@ -13,12 +14,12 @@ from oryx_ts.routers.heuristics import (
     SurpriseRouter,
 )
 from oryx_ts.routers.learned import LearnedRouter
-from oryx_ts.routers.runtime import RoutedForecast, realized_over_budget, route_forward
-from oryx_ts.routers.state import RoutedState
+from oryx_ts.routers.runtime import RoutedForecast, RoutedForecaster, realized_over_budget
+from oryx_ts.routers.state import RoutingState
 
 __all__ = [
     "AllRouter",
-    "Budget",
+    "BudgetConfig",
     "ControllerState",
     "FixedRouter",
     "LearnedRouter",
@@ -27,13 +28,14 @@ __all__ = [
     "OracleRouter",
     "RandomRouter",
     "RoutedForecast",
-    "RoutedState",
+    "RoutedForecaster",
+    "RoutingState",
     "Router",
     "RouterInputs",
     "SurpriseRouter",
+    "allowance",
     "controller_step",
     "realized_over_budget",
-    "route_forward",
     "surprise_features",
     "window_sums",
 ]

@@ -39,7 +39,8 @@ def surprise_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features `(B, T, F)` float32 and the final EMA `(B,)` float64.
 
-    `prev_forecast_BTPCQ[:, n]` is the forecast made by token n-1 (anything where `has_prev_T[n]` is False).
+    `prev_forecast_BTPCQ[:, n]` is the forecast made by token n-1 (anything where `has_prev_T[n]` is False);
+    `has_prev_T` may also be `(B, T)`, for series at different positions.
     """
     Pf = prev_forecast_BTPCQ.shape[2]
     x = patch_BTPC[:, :, :Pf].to(torch.float64)
@@ -56,7 +57,8 @@ def surprise_features(
     outside = (((x0 < lo) | (x0 > hi)) & observed).sum((2, 3)) / n_obs
     f0 = torch.log1p(mean_z)
     f1 = torch.log1p(z_BTC.amax(-1))
-    prev = has_prev_T.to(torch.bool)[None, :]
+    prev = has_prev_T.to(torch.bool).to(x.device)
+    prev = prev[None, :] if prev.dim() == 1 else prev
     f0, f1, outside = (torch.where(prev, t, 0.0) for t in (f0, f1, outside))
     trend = torch.empty_like(f0)
     ema = ema_B.to(torch.float64)

@@ -21,7 +21,7 @@ class RouterInputs:
 
     tokens_BTD: torch.Tensor  # token embeddings from the tokenizer
     surprise_BTF: torch.Tensor  # `features.surprise_features` (zeros when the router needs none)
-    positions_T: torch.Tensor  # absolute token positions, int64
+    positions_BT: torch.Tensor  # absolute token positions of each series, int64
 
 
 @runtime_checkable
@@ -33,9 +33,8 @@ class Router(Protocol):
         ...
 
 
-def _full(inputs: RouterInputs, values_T: torch.Tensor) -> torch.Tensor:
-    B = inputs.tokens_BTD.shape[0]
-    return values_T.to(torch.float32)[None].expand(B, -1).clone()
+def _full(inputs: RouterInputs, values_BT: torch.Tensor) -> torch.Tensor:
+    return values_BT.to(torch.float32).expand(inputs.positions_BT.shape).clone()
 
 
 class AllRouter:
@@ -44,7 +43,7 @@ class AllRouter:
     needs_surprise = False
 
     def scores(self, inputs: RouterInputs) -> torch.Tensor:
-        return _full(inputs, torch.ones(inputs.positions_T.shape[0]))
+        return _full(inputs, torch.ones(()))
 
 
 class NoneRouter:
@@ -53,7 +52,7 @@ class NoneRouter:
     needs_surprise = False
 
     def scores(self, inputs: RouterInputs) -> torch.Tensor:
-        return _full(inputs, torch.zeros(inputs.positions_T.shape[0]))
+        return _full(inputs, torch.zeros(()))
 
 
 class FixedRouter:
@@ -68,7 +67,7 @@ class FixedRouter:
         self.offset = every - 1 if offset is None else offset % every
 
     def scores(self, inputs: RouterInputs) -> torch.Tensor:
-        return _full(inputs, (inputs.positions_T % self.every == self.offset).float())
+        return _full(inputs, (inputs.positions_BT % self.every == self.offset).float())
 
 
 def _uniform(seed: int, positions: np.ndarray) -> np.ndarray:
@@ -92,7 +91,7 @@ class RandomRouter:
         self.rate, self.seed = rate, seed
 
     def scores(self, inputs: RouterInputs) -> torch.Tensor:
-        u = _uniform(self.seed, inputs.positions_T.cpu().numpy())
+        u = _uniform(self.seed, inputs.positions_BT.cpu().numpy())
         return _full(inputs, torch.as_tensor(u < self.rate))
 
 
@@ -127,9 +126,11 @@ class OracleRouter:
             raise ValueError(f"mask must be (T,) or (B, T), got shape {tuple(self.mask.shape)}")
 
     def scores(self, inputs: RouterInputs) -> torch.Tensor:
-        pos = inputs.positions_T.cpu()
+        pos = inputs.positions_BT.cpu()
         if int(pos.max()) >= self.mask.shape[-1]:
             raise ValueError(f"oracle mask covers {self.mask.shape[-1]} tokens, asked for position {int(pos.max())}")
-        picked = self.mask[..., pos]
-        B = inputs.tokens_BTD.shape[0]
-        return picked.expand(B, -1).clone() if picked.dim() == 1 else picked.clone()
+        if self.mask.dim() == 1:
+            return self.mask[pos].clone()
+        if self.mask.shape[0] != pos.shape[0]:
+            raise ValueError(f"oracle mask holds {self.mask.shape[0]} series, asked for {pos.shape[0]}")
+        return self.mask.gather(1, pos)

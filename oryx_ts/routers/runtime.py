@@ -1,12 +1,13 @@
-"""Routing at run time: what `OryxForecaster.step` and `forward` call when given a router and a budget.
+"""`RoutedForecaster`: a plain forecaster wrapped with a router and an expected-FLOPs budget.
 
 Legend: B series, T tokens, L raw steps, P patch length, D model dim, Hz horizon, C channels, Q quantiles.
 
 Per token: surprise features from the forecast the previous token made for this patch, router
-scores, then the budget controller's hard modes. One function (`route_token`) does it for a
-streaming step; a routed forward either streams through `step` (routers that read surprise: their
-decisions depend on earlier forecasts, so they are sequential by nature) or, for routers that do
-not, decides every mode with the same controller first and runs the model in parallel.
+scores, then the budget controller's hard modes, then the model's step in those modes. `step`
+does it for one patch of every series, each at its own position; `forward` over a whole stream
+either streams through `step` (routers that read surprise: their decisions depend on earlier
+forecasts, so they are sequential by nature) or, for routers that do not, decides every mode
+with the same controller first and runs the model in parallel. Both give the same decisions.
 """
 
 from dataclasses import dataclass
@@ -14,12 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from oryx_ts.config import OryxConfig
-from oryx_ts.flops import mode_costs
-from oryx_ts.routers.budget import Budget, ControllerState, controller_step
+from oryx_ts.config import BudgetConfig, OryxConfig
+from oryx_ts.flops import mode_costs_at
+from oryx_ts.model import OryxForecaster
+from oryx_ts.routers.budget import ControllerState, controller_step
 from oryx_ts.routers.features import N_FEATURES, surprise_features
 from oryx_ts.routers.heuristics import Router, RouterInputs
-from oryx_ts.routers.state import RoutedState
+from oryx_ts.routers.state import RoutingState
+from oryx_ts.state import State
 
 
 @dataclass
@@ -38,73 +41,104 @@ def forecast_steps(config: OryxConfig) -> int:
     return min(config.tokenizer.patch_len, config.head.horizon)
 
 
-def make_routed_state(state, config: OryxConfig, budget: Budget | None) -> RoutedState:
-    shape = (forecast_steps(config), config.tokenizer.channels, len(config.head.quantiles))
-    return RoutedState.from_state(state, forecast_shape=shape, budget=budget)
+class RoutedForecaster:
+    """A forecaster whose modes a router chooses under a budget; `forward` and `step` as the model's.
 
-
-def _decide(scores_B: torch.Tensor, ctrl: ControllerState, budget: Budget | None, config: OryxConfig, n: int):
-    if budget is not None:
-        return controller_step(scores_B, ctrl, budget, config, n)
-    modes = (scores_B.detach().cpu() >= 0.5).float()
-    costs = mode_costs(config, n, 1)
-    flops = costs.recurrent_T[0] + modes.double() * costs.surcharge_T[0]
-    return modes, flops, torch.full_like(flops, float("nan"))
-
-
-def route_token(router: Router, budget: Budget | None, config: OryxConfig, state, tokens_B1D: torch.Tensor, patch_BPC: torch.Tensor) -> torch.Tensor:
-    """Modes `(B, 1)` of the token at `state.n_tokens`; records score, mode, FLOPs and allowance in `state`.
-
-    Raises `ValueError` if `state` is not a `RoutedState` (make it with `model.init_state(B, budget=...)`).
+    `budget=None` runs a token in attention when its score is >= 0.5 (no controller); pass
+    `model.config.budget` for the budget a checkpoint was trained for.
     """
-    if not isinstance(state, RoutedState):
-        raise ValueError("routing needs a RoutedState: create it with model.init_state(batch_size, budget=...) or routed=True")
-    n = state.n_tokens
-    has_prev = torch.tensor([n > 0])
-    feats, state.ema_B = surprise_features(
-        patch_BPC[:, None], state.prev_forecast_BPCQ[:, None], has_prev, state.ema_B,
-        median_index=config.head.median_index, decay=config.router.surprise_decay,
-    )
-    scores = router.scores(RouterInputs(tokens_B1D, feats.to(tokens_B1D.device), torch.tensor([n])))[:, 0]
-    modes, flops, allow = _decide(scores, state.controller, budget, config, n)
-    state.last_score_B = scores.detach().float().cpu().to(state.last_score_B.device)
-    state.last_mode_B = modes.to(state.last_mode_B.device)
-    state.last_flops_B = flops.to(state.last_flops_B.device)
-    state.last_allowance_B = allow.to(state.last_allowance_B.device)
-    state.spent_B = state.spent_B + state.last_flops_B
-    state.allowed_B = state.allowed_B + state.last_allowance_B
-    return modes.to(tokens_B1D.device)[:, None]
 
+    def __init__(self, model: OryxForecaster, router: Router, budget: BudgetConfig | None = None):
+        if not isinstance(router, Router):
+            raise TypeError(f"router must have `needs_surprise` and `scores(inputs)`, got {type(router).__name__}")
+        if budget is not None and not isinstance(budget, BudgetConfig):
+            raise TypeError(f"budget must be a BudgetConfig or None, got {type(budget).__name__}")
+        self.model, self.router, self.budget = model, router, budget
+        self.config: OryxConfig = model.config
 
-def after_token(state: RoutedState, forecast_BHzCQ: torch.Tensor) -> None:
-    """Keep the part of this token's forecast that covers the next patch, for the next token's surprise."""
-    state.prev_forecast_BPCQ = forecast_BHzCQ[:, : state.prev_forecast_BPCQ.shape[1]].detach().clone()
+    def init_state(self, batch_size: int, *, capacity: int = 256, device=None, parts=None) -> State:
+        """An empty state with the routing and controller parts (and any further `parts`)."""
+        c = self.config
+        shape = (forecast_steps(c), c.tokenizer.channels, len(c.head.quantiles))
+        window = self.budget.window if self.budget else 1
+        routed = {
+            "routing": lambda n, dev: RoutingState.allocate(n, shape, dev),
+            "controller": lambda n, dev: ControllerState.init(n, window, dev),
+        }
+        return self.model.init_state(batch_size, capacity=capacity, device=device, parts={**routed, **(parts or {})})
 
+    def _decide(self, scores_B: torch.Tensor, ctrl: ControllerState, positions_B: torch.Tensor):
+        if self.budget is not None:
+            return controller_step(scores_B, ctrl, self.budget, self.config, positions_B)
+        modes = (scores_B.detach().cpu() >= 0.5).float()
+        costs = mode_costs_at(self.config, positions_B.cpu().numpy())
+        flops = torch.from_numpy(costs.recurrent_T) + modes.double() * torch.from_numpy(costs.surcharge_T)
+        return modes, flops, torch.full_like(flops, float("nan"))
 
-@torch.no_grad()
-def route_forward(model, x_BLC: torch.Tensor, router: Router, budget: Budget | None) -> RoutedForecast:
-    """A routed forward over a whole stream from an empty state; see the module docstring."""
-    config: OryxConfig = model.config
-    P = config.tokenizer.patch_len
-    model.tokenizer.check_input(x_BLC)
-    B, T = x_BLC.shape[0], x_BLC.shape[1] // P
-    if router.needs_surprise:
-        state = model.init_state(B, capacity=T, budget=budget, routed=True)
-        out = {k: [] for k in ("forecast", "scores", "modes", "flops", "allow")}
-        for n in range(T):
-            forecast, state = model.step(x_BLC[:, n * P : (n + 1) * P], state, router=router, budget=budget)
-            for k, v in zip(out, (forecast, state.last_score_B, state.last_mode_B, state.last_flops_B, state.last_allowance_B)):
-                out[k].append(v)
-        stacked = {k: torch.stack(v, dim=1) for k, v in out.items()}
-        return RoutedForecast(stacked["forecast"], stacked["scores"], stacked["modes"], stacked["flops"], stacked["allow"])
-    tokens_BTD = model.tokenizer(x_BLC)[0]
-    surprise = torch.zeros(B, T, N_FEATURES)
-    scores_BT = router.scores(RouterInputs(tokens_BTD, surprise, torch.arange(T))).detach().float().cpu()
-    ctrl = ControllerState.init(B, budget.window if budget else 1)
-    decided = [_decide(scores_BT[:, n], ctrl, budget, config, n) for n in range(T)]
-    modes, flops, allow = (torch.stack([d[i] for d in decided], dim=1) for i in range(3))
-    forecast = model(x_BLC, modes.to(x_BLC.device))
-    return RoutedForecast(forecast, scores_BT, modes, flops, allow)
+    @torch.no_grad()
+    def step(self, patch_BPC: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Route and consume one patch per series; returns `(forecast_BHzCQ, state)`.
+
+        The token's score, mode, FLOPs and allowance are recorded in `state.parts["routing"]`.
+        Raises `ValueError` for a state without routing parts (make it with `init_state`).
+        """
+        rs, ctrl = state.parts.get("routing"), state.parts.get("controller")
+        if not isinstance(rs, RoutingState) or not isinstance(ctrl, ControllerState):
+            raise ValueError("a routed step needs a state with routing parts: create it with RoutedForecaster.init_state")
+        window = self.budget.window if self.budget else 1
+        if ctrl.excess_BW.shape[1] != window - 1:
+            raise ValueError(f"state was made for a budget window of {ctrl.excess_BW.shape[1] + 1} tokens, this budget has {window}")
+        embedded = self.model.embed_step(patch_BPC, state)
+        n_B = state.n_tokens_B
+        B = patch_BPC.shape[0]
+        if self.router.needs_surprise:
+            feats, ema = surprise_features(
+                patch_BPC[:, None], rs.prev_forecast_BPCQ[:, None], (n_B > 0)[:, None], rs.ema_B,
+                median_index=self.config.head.median_index, decay=self.config.router.surprise_decay,
+            )
+        else:
+            feats, ema = torch.zeros(B, 1, N_FEATURES), rs.ema_B
+        tokens = embedded.tokens_B1D
+        scores = self.router.scores(RouterInputs(tokens, feats.to(tokens.device), n_B[:, None]))[:, 0]
+        modes, flops, allow = self._decide(scores, ctrl, n_B)
+        forecast, state = self.model.step(patch_BPC, state, modes.to(patch_BPC.device), embedded=embedded)
+        dev = rs.ema_B.device
+        rs.ema_B = ema.to(dev)
+        rs.last_score_B = scores.detach().float().to(dev)
+        rs.last_mode_B = modes.to(dev)
+        rs.last_flops_B = flops.to(dev)
+        rs.last_allowance_B = allow.to(dev)
+        rs.spent_B = rs.spent_B + rs.last_flops_B
+        rs.allowed_B = rs.allowed_B + rs.last_allowance_B
+        rs.prev_forecast_BPCQ = forecast[:, : rs.prev_forecast_BPCQ.shape[1]].detach().clone()
+        return forecast, state
+
+    @torch.no_grad()
+    def forward(self, x_BLC: torch.Tensor) -> RoutedForecast:
+        """A routed forward over whole streams from an empty state; see the module docstring."""
+        model, P = self.model, self.config.tokenizer.patch_len
+        model.tokenizer.check_input(x_BLC)
+        B, T = x_BLC.shape[0], x_BLC.shape[1] // P
+        if self.router.needs_surprise:
+            state = self.init_state(B, capacity=T, device=x_BLC.device)
+            rs = state.parts["routing"]
+            out = {k: [] for k in ("forecast", "scores", "modes", "flops", "allow")}
+            for n in range(T):
+                forecast, state = self.step(x_BLC[:, n * P : (n + 1) * P], state)
+                for k, v in zip(out, (forecast, rs.last_score_B, rs.last_mode_B, rs.last_flops_B, rs.last_allowance_B)):
+                    out[k].append(v.cpu() if k != "forecast" else v)
+            stacked = {k: torch.stack(v, dim=1) for k, v in out.items()}
+            return RoutedForecast(stacked["forecast"], stacked["scores"], stacked["modes"], stacked["flops"], stacked["allow"])
+        tokens_BTD = model.embed(x_BLC)
+        positions_BT = torch.arange(T).expand(B, T)
+        scores_BT = self.router.scores(RouterInputs(tokens_BTD, torch.zeros(B, T, N_FEATURES), positions_BT)).detach().float().cpu()
+        ctrl = ControllerState.init(B, self.budget.window if self.budget else 1)
+        decided = [self._decide(scores_BT[:, n], ctrl, positions_BT[:, n]) for n in range(T)]
+        modes, flops, allow = (torch.stack([d[i] for d in decided], dim=1) for i in range(3))
+        forecast = model(x_BLC, modes.to(x_BLC.device))
+        return RoutedForecast(forecast, scores_BT, modes, flops, allow)
+
+    __call__ = forward
 
 
 def realized_over_budget(flops: np.ndarray | torch.Tensor, allowance: np.ndarray | torch.Tensor) -> float:

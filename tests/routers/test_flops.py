@@ -13,7 +13,7 @@ from tests.conftest import random_model
 def counted_step_flops(model, mode: int, cache_len: int) -> int:
     """FLOPs the counter sees for one streaming token that attends over `cache_len` keys (itself included)."""
     state = model.init_state(1, capacity=cache_len)
-    state.n_tokens = cache_len - 1  # earlier keys are zeros: the counter cares about shapes only
+    state.n_tokens_B[:] = cache_len - 1  # earlier keys are zeros: the counter cares about shapes only
     patch = torch.randn(1, model.config.tokenizer.patch_len, model.config.tokenizer.channels)
     with FlopCounterMode(display=False) as counter:
         model.step(patch, state, torch.tensor([mode]))

@@ -9,13 +9,13 @@ from oryx_ts.checkpoint import load_router
 from oryx_ts.config import preset
 from oryx_ts.routers import (
     AllRouter,
-    Budget,
+    BudgetConfig,
     FixedRouter,
     LearnedRouter,
     NoneRouter,
     OracleRouter,
     RandomRouter,
-    RoutedState,
+    RoutedForecaster,
     SurpriseRouter,
 )
 from oryx_ts.train import train_router
@@ -54,23 +54,24 @@ ROUTERS = {
 
 def stream_through_step(model, x, router, budget):
     P = model.config.tokenizer.patch_len
-    state = model.init_state(x.shape[0], budget=budget, routed=True)
+    routed = RoutedForecaster(model, router, budget)
+    state = routed.init_state(x.shape[0])
     forecasts, modes, flops = [], [], []
     for n in range(x.shape[1] // P):
-        f, state = model.step(x[:, n * P : (n + 1) * P], state, router=router, budget=budget)
+        f, state = routed.step(x[:, n * P : (n + 1) * P], state)
         forecasts.append(f)
-        modes.append(state.last_mode_B)
-        flops.append(state.last_flops_B)
+        modes.append(state.parts["routing"].last_mode_B)
+        flops.append(state.parts["routing"].last_flops_B)
     return torch.stack(forecasts, 1), torch.stack(modes, 1), torch.stack(flops, 1), state
 
 
 @pytest.mark.parametrize("name", list(ROUTERS))
-@pytest.mark.parametrize("budget", [Budget(fraction=0.25, window=8), None], ids=["budget", "no-budget"])
+@pytest.mark.parametrize("budget", [BudgetConfig(fraction=0.25, window=8), None], ids=["budget", "no-budget"])
 def test_forward_and_step_make_the_same_decisions_and_forecasts(name, budget):
     model = random_model("gdn")
     router, x = ROUTERS[name](), stream()
     with torch.no_grad():
-        out = model(x, router=router, budget=budget)
+        out = RoutedForecaster(model, router, budget)(x)
     forecast, modes, flops, _ = stream_through_step(model, x, router, budget)
     assert torch.equal(out.modes_BT, modes)
     assert torch.equal(out.flops_BT, flops)
@@ -81,10 +82,10 @@ def test_forward_and_step_make_the_same_decisions_and_forecasts(name, budget):
 
 def test_mamba2_routed_forward_equals_step_with_the_learned_router():
     model = random_model("mamba2")
-    budget = Budget(fraction=0.3, window=6)
+    budget = BudgetConfig(fraction=0.3, window=6)
     x = stream(1)
     with torch.no_grad():
-        out = model(x, router=learned(1), budget=budget)
+        out = RoutedForecaster(model, learned(1), budget)(x)
     forecast, modes, _, _ = stream_through_step(model, x, learned(1), budget)
     assert torch.equal(out.modes_BT, modes)
     torch.testing.assert_close(out.forecast, forecast, rtol=1e-4, atol=1e-4)
@@ -93,49 +94,52 @@ def test_mamba2_routed_forward_equals_step_with_the_learned_router():
 def test_surprise_router_attends_where_the_level_shifts():
     model = random_model("gdn")
     with torch.no_grad():
-        out = model(stream(), router=SurpriseRouter(), budget=Budget(fraction=0.2, window=12))
+        out = RoutedForecaster(model, SurpriseRouter(), BudgetConfig(fraction=0.2, window=12))(stream())
     peak = out.scores_BT[:, 4:].argmax(1) + 4  # the first tokens have no forecast history worth the name
     assert ((peak >= 150 // 8) & (peak <= 150 // 8 + 2)).all()
 
 
 def test_routed_state_resumes_from_disk_bit_for_bit(tmp_path):
-    model, router, budget = random_model("gdn"), SurpriseRouter(), Budget(fraction=0.25, window=8)
+    model, router, budget = random_model("gdn"), SurpriseRouter(), BudgetConfig(fraction=0.25, window=8)
     x = stream(2)
     P = 8
-    state = model.init_state(2, budget=budget)
+    routed = RoutedForecaster(model, router, budget)
+    state = routed.init_state(2)
     for n in range(10):
-        model.step(x[:, n * P : (n + 1) * P], state, router=router, budget=budget)
+        routed.step(x[:, n * P : (n + 1) * P], state)
     state.save(tmp_path / "state.safetensors")
-    resumed = RoutedState.load(tmp_path / "state.safetensors")
+    resumed = oryx_ts.State.load(tmp_path / "state.safetensors")
     copy = state.clone()
     for n in range(10, T):
-        a, state = model.step(x[:, n * P : (n + 1) * P], state, router=router, budget=budget)
-        b, resumed = model.step(x[:, n * P : (n + 1) * P], resumed, router=router, budget=budget)
-        c, copy = model.step(x[:, n * P : (n + 1) * P], copy, router=router, budget=budget)
+        a, state = routed.step(x[:, n * P : (n + 1) * P], state)
+        b, resumed = routed.step(x[:, n * P : (n + 1) * P], resumed)
+        c, copy = routed.step(x[:, n * P : (n + 1) * P], copy)
         assert torch.equal(a, b) and torch.equal(a, c)
-        assert torch.equal(state.last_mode_B, resumed.last_mode_B)
-    assert torch.equal(state.spent_B, resumed.spent_B)
-    assert state.nbytes() > oryx_ts.State.nbytes(state)
+        assert torch.equal(state.parts["routing"].last_mode_B, resumed.parts["routing"].last_mode_B)
+    assert torch.equal(state.parts["routing"].spent_B, resumed.parts["routing"].spent_B)
+    assert state.nbytes() > model.init_state(2).nbytes()
 
 
-def test_plain_state_file_is_not_taken_for_a_routed_one(tmp_path):
+def test_plain_state_is_not_taken_for_a_routed_one(tmp_path):
     model = random_model("gdn")
     model.init_state(1).save(tmp_path / "plain.safetensors")
-    with pytest.raises(ValueError, match="no routing state"):
-        RoutedState.load(tmp_path / "plain.safetensors")
+    plain = oryx_ts.State.load(tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="routing parts"):
+        RoutedForecaster(model, AllRouter()).step(torch.randn(1, 8, 4), plain)
 
 
 def test_misuse_raises_value_error():
     model = random_model("gdn")
     patch = torch.randn(1, 8, 4)
-    with pytest.raises(ValueError, match="RoutedState"):
-        model.step(patch, model.init_state(1), router=AllRouter())
-    with pytest.raises(ValueError, match="not both"):
-        model.step(patch, model.init_state(1, routed=True), torch.ones(1), router=AllRouter())
-    with pytest.raises(ValueError, match="needs a router"):
-        model(torch.randn(1, 16, 4), budget=Budget(fraction=0.1))
+    with pytest.raises(ValueError, match="routing parts"):
+        RoutedForecaster(model, AllRouter()).step(patch, model.init_state(1))
+    with pytest.raises(TypeError, match="router"):
+        RoutedForecaster(model, object())
+    with pytest.raises(TypeError, match="BudgetConfig"):
+        RoutedForecaster(model, AllRouter(), 0.1)
+    state = RoutedForecaster(model, AllRouter(), BudgetConfig(fraction=0.1, window=4)).init_state(1)
     with pytest.raises(ValueError, match="window"):
-        model.step(patch, model.init_state(1, budget=Budget(fraction=0.1, window=4)), router=AllRouter(), budget=Budget(fraction=0.1, window=8))
+        RoutedForecaster(model, AllRouter(), BudgetConfig(fraction=0.1, window=8)).step(patch, state)
 
 
 def test_learned_router_round_trips_through_the_checkpoint(tmp_path):
@@ -144,7 +148,7 @@ def test_learned_router_round_trips_through_the_checkpoint(tmp_path):
     loaded = load_router(path)
     x = stream(3)
     with torch.no_grad():
-        assert torch.equal(model(x, router=loaded).modes_BT, model(x, router=router).modes_BT)
+        assert torch.equal(RoutedForecaster(model, loaded)(x).modes_BT, RoutedForecaster(model, router)(x).modes_BT)
         assert torch.equal(loaded.net[0].weight, router.net[0].weight)
     oryx_ts.save(model, path)  # saving without a router drops the old one
     assert load_router(path) is None
@@ -197,17 +201,18 @@ def test_train_router_takes_its_settings_from_the_router_it_is_given():
 
 def test_routing_under_bounded_retention_matches_between_forward_and_step_and_survives_a_restart(tmp_path):
     model = random_model("gdn", block={"retention": "bounded", "window": 6, "pinned": 3})
-    router, budget, x = SurpriseRouter(), Budget(fraction=0.3, window=8), stream(5)
+    router, budget, x = SurpriseRouter(), BudgetConfig(fraction=0.3, window=8), stream(5)
     with torch.no_grad():
-        out = model(x, router=router, budget=budget)
+        out = RoutedForecaster(model, router, budget)(x)
     forecast, modes, _, state = stream_through_step(model, x, router, budget)
     assert torch.equal(out.modes_BT, modes) and 0 < modes.sum() < modes.numel()
     torch.testing.assert_close(out.forecast, forecast, rtol=1e-4, atol=1e-4)
     state.save(tmp_path / "s.safetensors")
-    resumed, copy = RoutedState.load(tmp_path / "s.safetensors"), state.clone()
+    resumed, copy = oryx_ts.State.load(tmp_path / "s.safetensors"), state.clone()
     assert resumed.bounded and copy.bounded
     patch = torch.randn(2, 8, 4)
-    a, _ = model.step(patch, state, router=router, budget=budget)
-    b, _ = model.step(patch, resumed, router=router, budget=budget)
-    c, _ = model.step(patch, copy, router=router, budget=budget)
+    routed = RoutedForecaster(model, router, budget)
+    a, _ = routed.step(patch, state)
+    b, _ = routed.step(patch, resumed)
+    c, _ = routed.step(patch, copy)
     assert torch.equal(a, b) and torch.equal(a, c)

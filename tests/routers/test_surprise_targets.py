@@ -35,8 +35,8 @@ def test_without_lookahead_a_target_is_a_function_of_what_the_router_sees_at_tha
     prefix = router_inputs(model, x[:, : 14 * 8])
     torch.testing.assert_close(prefix.surprise_BTF, full.surprise_BTF[:, :14])  # the features are causal
     torch.testing.assert_close(prefix.tokens_BTD, full.tokens_BTD[:, :14])
-    s = novelty_scores(full.surprise_BTF, full.positions_T > 0)
-    t = surprise_targets(s, full.positions_T > 0, fraction=0.1)
+    s = novelty_scores(full.surprise_BTF, full.positions_BT[0] > 0)
+    t = surprise_targets(s, full.positions_BT[0] > 0, fraction=0.1)
     for b in range(2):
         hot = t[b] > 0
         assert hot.sum() == 3 and not hot[0]  # ceil(0.1 * 23)
@@ -66,7 +66,7 @@ def test_batch_targets_pool_the_windows_so_a_quiet_window_holds_no_positive():
     feats = torch.randn(3, 20, 7, generator=g) * 0.1
     feats[1, [4, 9, 15], 1] = 5.0  # window 1: three surprising patches
     feats[2, 7, 6] = 4.0  # window 2: one flat patch
-    inputs = RouterInputs(torch.zeros(3, 20, 8), feats, torch.arange(20))
+    inputs = RouterInputs(torch.zeros(3, 20, 8), feats, torch.arange(20).expand(3, 20))
     hot = batch_targets(inputs, fraction=0.07)  # ceil(0.07 * 57) = 4 of the batch's scored tokens
     assert hot[0].sum() == 0 and hot[1, [4, 9, 15]].all() and hot[2, 7] and hot.sum() == 4
     ahead = batch_targets(inputs, fraction=0.07, lookahead=2)
@@ -91,7 +91,7 @@ def test_a_short_training_run_ranks_surprising_tokens_above_the_others():
     model = random_model(train={"window_tokens": 16}, router={"steps": 120, "batch_size": 4})
     x = torch.as_tensor(spiky_stream(1, 8 * 16 * 8)).reshape(8, 16 * 8, 4)
     inputs = router_inputs(model, x)
-    positive = surprise_targets(novelty_scores(inputs.surprise_BTF, inputs.positions_T > 0), inputs.positions_T > 0,
+    positive = surprise_targets(novelty_scores(inputs.surprise_BTF, inputs.positions_BT[0] > 0), inputs.positions_BT[0] > 0,
                                 fraction=0.1)[:, 1:].flatten().numpy() > 0
 
     def ranking(router) -> float:
