@@ -1,0 +1,489 @@
+"""`Engine`: the one online runtime for the service and for backtests.
+
+Legend: B series (rows of the pool), M pending forecasts per series, P patch length, Hz horizon,
+C channels, Q quantile levels, R rows of one micro-batch.
+
+Data flow per series: `ingest` → `Regularizer` (fixed grid, gaps = NaN, late/duplicate policy,
+rejections with reasons) → patch buffer → a queue of whole patches. `flush` steps every series
+with a queued patch, one patch per series per round, in micro-batches across series:
+`State.select` → mature targets → `RoutedForecaster.step` → adapter → `State.scatter`.
+
+All per-series tensors live in one pooled `State` (a row per series; rows are recycled when a
+series is removed), with the engine's own parts: `ForecastState` (the served forecast and the
+last M frozen/served forecasts still maturing, plus running error sums) and the adapter's
+`AdapterState`. Host-side per series: the regularizer, the partial patch, queued patches, labels.
+
+Matured targets: the forecast made at token j covers the Hz steps after patch j. When patch n is
+stepped, the entries of forecasts j = n-M .. n-1 that fall in patch n mature: they are scored
+(frozen and served forecasts, normalized by their own origin's statistics) and fed to the
+adapter, once, before the model consumes patch n. A value is therefore never used before it was
+ingested, and partial horizons count. Targets mature a whole patch at a time, when the engine
+acts on them.
+"""
+
+import math
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from oryx_ts.model import OryxForecaster
+from oryx_ts.routers import NoneRouter, RoutedForecaster
+from oryx_ts.state import State, register_part
+from oryx_ts.streams.adapter import Adapter, AdapterConfig, AdapterState
+from oryx_ts.streams.regularizer import Regularizer, RegularizerPolicy, Rejection
+from oryx_ts.streams.store import MemoryStore, StateStore
+
+register_part(AdapterState)
+
+
+@register_part
+@dataclass
+class ForecastState:
+    """The engine's per-series forecasts and their scoring; every field has the series as leading axis."""
+
+    served_BHzCQ: torch.Tensor  # the latest forecast, data units, adapted
+    pending_frozen_BMHzCQ: torch.Tensor  # normalized units of its origin; slot j % M holds token j
+    pending_served_BMHzCQ: torch.Tensor
+    pending_mean_BMC: torch.Tensor  # float64, the origin's normalization
+    pending_std_BMC: torch.Tensor
+    pending_token_BM: torch.Tensor  # int64 origin token, -1 = empty
+    pending_label_BM: torch.Tensor  # bool, origin token overlaps a labelled window
+    sums_BK: torch.Tensor  # float64 running sums, columns `SUMS`
+
+
+SUMS = (
+    "abs_frozen", "abs_served", "pinball_frozen", "pinball_served", "entries",
+    "abs_served_in", "entries_in", "abs_served_out", "entries_out", "attention_tokens",
+)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one `ingest` did: rows accepted, rows rejected (with reasons), whole patches queued."""
+
+    accepted: int
+    rejected: list[Rejection]
+    patches_queued: int
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """The latest forecast of a series: quantiles over the horizon after its origin."""
+
+    series_id: str
+    token: int  # the origin token (patches consumed - 1)
+    origin_timestamp: int  # timestamp of the last step the forecast has seen
+    timestamps: np.ndarray  # (Hz,) int64, the steps forecast
+    quantiles: tuple[float, ...]
+    values: np.ndarray  # (Hz, C, Q) data units, served (adapted when adaptation is on)
+    mode: float  # 1 = attention
+    flops: float
+    allowance: float  # NaN without a budget
+
+
+@dataclass
+class StepRecord:
+    """One micro-batch of steps, for callers that keep per-token histories (backtests, audits)."""
+
+    series_ids: list[str]
+    tokens_R: np.ndarray
+    served_RHzCQ: np.ndarray
+    frozen_RHzCQ: np.ndarray
+    modes_R: np.ndarray
+    flops_R: np.ndarray
+    allowance_R: np.ndarray
+    state_bytes_R: np.ndarray
+
+
+@dataclass
+class _Series:
+    series_id: str
+    row: int
+    regularizer: Regularizer
+    labels: list[tuple[int, int]]  # [start, end) timestamps
+    buffer_LC: np.ndarray  # partial patch, < P rows
+    queue: deque = field(default_factory=deque)  # whole patches (P, C) float32, not yet stepped
+    rejected: Counter = field(default_factory=Counter)
+    windows_recalled: set = field(default_factory=set)
+    windows_seen: set = field(default_factory=set)
+    state_bytes: list[tuple[int, int]] = field(default_factory=list)  # (token, bytes), sampled
+
+
+class Engine:
+    """Many series, each on its own clock, forecast after every patch; see the module docstring.
+
+    forecaster: an `OryxForecaster` (all-recurrent) or a `RoutedForecaster` (router and budget).
+    store: where `snapshot` writes and `restore` reads (default: in memory).
+    adapter: online adaptation settings (`AdapterConfig(enabled=False)` turns it off).
+    policy: the regularizer's late/duplicate policy for every series.
+    max_batch: series per micro-batch. capacity: KV slots per series before growing (retention `all`).
+    on_step: called with a `StepRecord` after each micro-batch.
+    """
+
+    def __init__(
+        self,
+        forecaster: OryxForecaster | RoutedForecaster,
+        store: StateStore | None = None,
+        *,
+        adapter: AdapterConfig | None = None,
+        policy: RegularizerPolicy | None = None,
+        max_batch: int = 1024,
+        capacity: int = 64,
+        on_step: Callable[[StepRecord], None] | None = None,
+        state_bytes_every: int = 1024,
+    ):
+        if isinstance(forecaster, OryxForecaster):
+            forecaster = RoutedForecaster(forecaster, NoneRouter())
+        if not isinstance(forecaster, RoutedForecaster):
+            raise TypeError(f"forecaster must be an OryxForecaster or a RoutedForecaster, got {type(forecaster).__name__}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.forecaster = forecaster
+        self.model = forecaster.model
+        self.config = forecaster.config
+        self.store = store if store is not None else MemoryStore()
+        self.policy = policy or RegularizerPolicy()
+        self.max_batch = max_batch
+        self.capacity = capacity
+        self.on_step = on_step
+        self.state_bytes_every = state_bytes_every
+        c = self.config
+        self.P, self.Hz, self.C = c.tokenizer.patch_len, c.head.horizon, c.tokenizer.channels
+        self.Q = len(c.head.quantiles)
+        self.M = math.ceil(self.Hz / self.P)
+        self.adapter = Adapter(adapter or AdapterConfig(), self.Hz, self.C, c.head.quantiles)
+        self.device = next(self.model.parameters()).device
+        self._quantiles = torch.tensor(c.head.quantiles, dtype=torch.float64, device=self.device)
+        h = np.arange(self.Hz)
+        self._h_patch = torch.as_tensor(h // self.P, device=self.device)  # which later patch holds entry h
+        self._h_step = torch.as_tensor(h % self.P, device=self.device)  # and which step of it
+        self._blank = self._allocate(1)
+        self.pool = self._allocate(0)
+        self.series: dict[str, _Series] = {}
+        self._free_rows: list[int] = []
+
+    # --- series -------------------------------------------------------------------------------
+
+    def _allocate(self, n: int) -> State:
+        M, Hz, C, Q, dev = self.M, self.Hz, self.C, self.Q, self.device
+
+        def forecast_part(b: int, device) -> ForecastState:
+            return ForecastState(
+                served_BHzCQ=torch.full((b, Hz, C, Q), float("nan"), device=device),
+                pending_frozen_BMHzCQ=torch.zeros(b, M, Hz, C, Q, device=device),
+                pending_served_BMHzCQ=torch.zeros(b, M, Hz, C, Q, device=device),
+                pending_mean_BMC=torch.zeros(b, M, C, dtype=torch.float64, device=device),
+                pending_std_BMC=torch.ones(b, M, C, dtype=torch.float64, device=device),
+                pending_token_BM=torch.full((b, M), -1, dtype=torch.long, device=device),
+                pending_label_BM=torch.zeros(b, M, dtype=torch.bool, device=device),
+                sums_BK=torch.zeros(b, len(SUMS), dtype=torch.float64, device=device),
+            )
+
+        parts = {"forecast": forecast_part, "adapter": lambda b, device: self.adapter.init_state(b, device)}
+        if n == 0:
+            return State.concat([self.forecaster.init_state(1, capacity=self.capacity, device=dev, parts=parts)]).select([])
+        return self.forecaster.init_state(n, capacity=self.capacity, device=dev, parts=parts)
+
+    def add_series(
+        self,
+        series_id: str,
+        *,
+        step: int | np.timedelta64 | None = None,
+        origin: int | np.datetime64 | None = None,
+        labels: Iterable[tuple[int, int]] = (),
+    ) -> None:
+        """Register a series (its grid `step` and `origin` are inferred from its first rows when not given).
+
+        `labels`: `[start, end)` timestamp windows of a regime the router should not miss (audits).
+        Raises `ValueError` for an id already in use.
+        """
+        if not isinstance(series_id, str) or not series_id:
+            raise ValueError(f"series id must be a non-empty string, got {series_id!r}")
+        if series_id in self.series:
+            raise ValueError(f"series {series_id!r} already exists")
+        reg = Regularizer(self.C, step=step, origin=origin, policy=self.policy)
+        if not self._free_rows:
+            grow = max(1, self.pool.batch_size)
+            first = self.pool.batch_size
+            self.pool = State.concat([self.pool, self._blank.select(torch.zeros(grow, dtype=torch.long))])
+            self._free_rows = list(range(first + grow - 1, first - 1, -1))
+        row = self._free_rows.pop()
+        self.pool.scatter([row], self._blank)
+        self.series[series_id] = _Series(series_id, row, reg, sorted((int(a), int(b)) for a, b in labels),
+                                         np.empty((0, self.C), dtype=np.float32))
+
+    def remove_series(self, series_id: str) -> None:
+        """Forget a series and everything it holds; its row is reused. Raises `KeyError` for an unknown id."""
+        s = self._get(series_id)
+        del self.series[series_id]
+        self._free_rows.append(s.row)
+
+    def _get(self, series_id: str) -> _Series:
+        try:
+            return self.series[series_id]
+        except KeyError:
+            raise KeyError(f"unknown series {series_id!r}") from None
+
+    # --- ingest and flush ---------------------------------------------------------------------
+
+    def ingest(self, series_id: str, timestamps: Any, values: Any) -> IngestResult:
+        """Regularize rows of one series and queue the whole patches they complete.
+
+        Rejected rows (late, duplicate, off the grid, wrong width, not finite, empty) are listed
+        with reasons and change nothing. Raises `KeyError` for an unknown series and `ValueError`
+        for a batch that cannot be read at all (nothing is accepted then).
+        """
+        s = self._get(series_id)
+        pushed = s.regularizer.push(timestamps, values)
+        for r in pushed.rejected:
+            s.rejected[r.reason] += 1
+        return IngestResult(pushed.accepted, pushed.rejected, self._buffer(s, pushed.released_LC))
+
+    def drain(self, series_id: str) -> int:
+        """End of a series' stream: release the rows its regularizer holds open; returns patches queued."""
+        s = self._get(series_id)
+        return self._buffer(s, s.regularizer.drain().released_LC)
+
+    def _buffer(self, s: _Series, rows_LC: np.ndarray) -> int:
+        if not len(rows_LC):
+            return 0
+        rows = np.concatenate([s.buffer_LC, rows_LC]) if len(s.buffer_LC) else rows_LC
+        whole = len(rows) // self.P
+        for k in range(whole):
+            s.queue.append(rows[k * self.P : (k + 1) * self.P])
+        s.buffer_LC = rows[whole * self.P :].copy()
+        return whole
+
+    @property
+    def queued(self) -> int:
+        """Whole patches waiting for `flush`."""
+        return sum(len(s.queue) for s in self.series.values())
+
+    def flush(self) -> int:
+        """Step every queued patch (one per series per round, micro-batches across series); returns patches stepped."""
+        stepped = 0
+        while True:
+            ready = [s for s in self.series.values() if s.queue]
+            if not ready:
+                return stepped
+            for i in range(0, len(ready), self.max_batch):
+                batch = ready[i : i + self.max_batch]
+                self._step(batch, np.stack([s.queue.popleft() for s in batch]))
+                stepped += len(batch)
+
+    @torch.no_grad()
+    def _step(self, batch: list[_Series], patches_RPC: np.ndarray) -> None:
+        rows = torch.tensor([s.row for s in batch], dtype=torch.long, device=self.device)
+        sub = self.pool.select(rows)
+        patch = torch.from_numpy(patches_RPC).to(self.device)
+        fc: ForecastState = sub.parts["forecast"]
+        n_R = sub.n_tokens_B
+        self._mature(sub, fc, patch, n_R)
+
+        forecast_RHzCQ, sub = self.forecaster.step(patch, sub)
+        mean_RC, std_RC = self.model.normalization(sub)
+        frozen = ((forecast_RHzCQ.double() - mean_RC[:, None, :, None]) / std_RC[:, None, :, None]).float()
+        served_norm = self.adapter.apply(sub.parts["adapter"], frozen)
+        served = (served_norm.double() * std_RC[:, None, :, None] + mean_RC[:, None, :, None]).float()
+        slot = n_R % self.M
+        r = torch.arange(len(batch), device=self.device)
+        fc.pending_frozen_BMHzCQ[r, slot] = frozen
+        fc.pending_served_BMHzCQ[r, slot] = served_norm
+        fc.pending_mean_BMC[r, slot] = mean_RC
+        fc.pending_std_BMC[r, slot] = std_RC
+        fc.pending_token_BM[r, slot] = n_R
+        fc.pending_label_BM[r, slot] = torch.as_tensor(self._labelled(batch, n_R.cpu().numpy()), device=self.device)
+        fc.served_BHzCQ = served
+        routing = sub.parts["routing"]
+        fc.sums_BK[:, SUMS.index("attention_tokens")] += routing.last_mode_B.double()
+        self._recall(batch, n_R.cpu().numpy(), routing.last_mode_B.cpu().numpy())
+        self.pool.scatter(rows, sub)
+
+        tokens = n_R.cpu().numpy()
+        sample = tokens % self.state_bytes_every == 0
+        nbytes = sub.nbytes_B().numpy() if sample.any() or self.on_step else None
+        for s, n, keep in zip(batch, tokens, sample):
+            if keep:
+                s.state_bytes.append((int(n), int(nbytes[0])))
+        if self.on_step is not None:
+            self.on_step(StepRecord(
+                [s.series_id for s in batch], tokens, served.cpu().numpy(), forecast_RHzCQ.cpu().numpy(),
+                routing.last_mode_B.cpu().numpy(), routing.last_flops_B.cpu().numpy(),
+                routing.last_allowance_B.cpu().numpy(), nbytes,
+            ))
+
+    def _mature(self, sub: State, fc: ForecastState, patch_RPC: torch.Tensor, n_R: torch.Tensor) -> None:
+        """Score the entries of pending forecasts that patch n completes, then let the adapter learn from them."""
+        j_RM = fc.pending_token_BM
+        d_RM = n_R[:, None] - j_RM - 1  # patch n is the (d+1)-th patch after origin j
+        new_RMHz = (j_RM >= 0)[..., None] & (self._h_patch[None, None, :] == d_RM[..., None])
+        if not bool(new_RMHz.any()):
+            return
+        raw_RHzC = patch_RPC[:, self._h_step].double()  # entry h of a forecast whose (d+1)-th patch this is
+        target = (raw_RHzC[:, None] - fc.pending_mean_BMC[:, :, None]) / fc.pending_std_BMC[:, :, None]
+        new_RMHzC = new_RMHz[..., None] & ~torch.isnan(target)
+        target = torch.where(new_RMHzC, target, float("nan")).float()
+        self.adapter.update(sub.parts["adapter"], fc.pending_frozen_BMHzCQ, target, new_RMHzC)
+
+        med = self.config.head.median_index
+        t64 = torch.where(new_RMHzC, target.double(), 0.0)
+        w = new_RMHzC.double()
+        sums = {}
+        for name, pred in (("frozen", fc.pending_frozen_BMHzCQ), ("served", fc.pending_served_BMHzCQ)):
+            p = torch.where(new_RMHzC[..., None], pred.double(), 0.0)
+            sums[f"abs_{name}"] = ((p[..., med] - t64).abs() * w).sum((1, 2, 3))
+            diff = t64[..., None] - p
+            pin = torch.maximum(self._quantiles * diff, (self._quantiles - 1) * diff).mean(-1)
+            sums[f"pinball_{name}"] = (pin * w).sum((1, 2, 3))
+        entries_RM = w.sum((2, 3))
+        sums["entries"] = entries_RM.sum(1)
+        err_RM = ((torch.where(new_RMHzC[..., None], fc.pending_served_BMHzCQ.double(), 0.0)[..., med] - t64).abs() * w).sum((2, 3))
+        lab = fc.pending_label_BM.double()
+        sums["abs_served_in"] = (err_RM * lab).sum(1)
+        sums["entries_in"] = (entries_RM * lab).sum(1)
+        sums["abs_served_out"] = (err_RM * (1 - lab)).sum(1)
+        sums["entries_out"] = (entries_RM * (1 - lab)).sum(1)
+        for name, value in sums.items():
+            fc.sums_BK[:, SUMS.index(name)] += value
+
+    def _token_span(self, s: _Series, n: int) -> tuple[int, int] | None:
+        reg = s.regularizer
+        if reg.origin is None or reg.step is None:
+            return None
+        return reg.timestamp_of(n * self.P), reg.timestamp_of((n + 1) * self.P - 1)
+
+    def _labelled(self, batch: list[_Series], tokens: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(batch), dtype=bool)
+        for i, (s, n) in enumerate(zip(batch, tokens)):
+            if s.labels and (span := self._token_span(s, int(n))) is not None:
+                out[i] = any(a <= span[1] and span[0] < b for a, b in s.labels)
+        return out
+
+    def _recall(self, batch: list[_Series], tokens: np.ndarray, modes: np.ndarray, first_tokens: int = 3) -> None:
+        """A labelled window is recalled when one of its first `first_tokens` tokens ran attention."""
+        for s, n, m in zip(batch, tokens, modes):
+            if not s.labels or (span := self._token_span(s, int(n))) is None:
+                continue
+            for k, (a, b) in enumerate(s.labels):
+                if a <= span[1] and span[0] < b:
+                    first = (a - s.regularizer.origin) // (s.regularizer.step * self.P)
+                    if n - max(first, 0) < first_tokens:
+                        s.windows_seen.add(k)
+                        if m > 0:
+                            s.windows_recalled.add(k)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def forecast(self, series_id: str) -> Forecast:
+        """The latest forecast of a series; raises `KeyError` (unknown) or `ValueError` (no whole patch yet)."""
+        s = self._get(series_id)
+        row = self.pool.select([s.row])
+        n = int(row.n_tokens_B[0]) - 1
+        if n < 0:
+            need = self.P - len(s.buffer_LC) - sum(len(p) for p in s.queue)
+            raise ValueError(f"series {series_id!r} has no forecast yet: {need} more step(s) complete its first patch (then flush)")
+        reg = s.regularizer
+        origin = reg.timestamp_of((n + 1) * self.P - 1)
+        routing = row.parts["routing"]
+        return Forecast(
+            series_id=series_id, token=n, origin_timestamp=origin,
+            timestamps=np.asarray([reg.timestamp_of((n + 1) * self.P + h) for h in range(self.Hz)], dtype=np.int64),
+            quantiles=tuple(self.config.head.quantiles),
+            values=row.parts["forecast"].served_BHzCQ[0].cpu().numpy(),
+            mode=float(routing.last_mode_B[0]), flops=float(routing.last_flops_B[0]),
+            allowance=float(routing.last_allowance_B[0]),
+        )
+
+    def audit(self, series_id: str) -> dict[str, Any]:
+        """What a series has cost and how well it forecast: state bytes, FLOPs against the allowance,
+        attention rate, errors (normalized units) of the frozen and served forecasts, adapter gain
+        and rollbacks, labelled-window recall and error, rejected rows by reason."""
+        s = self._get(series_id)
+        row = self.pool.select([s.row])
+        sums = dict(zip(SUMS, row.parts["forecast"].sums_BK[0].tolist()))
+        routing, ad = row.parts["routing"], row.parts["adapter"]
+        n = int(row.n_tokens_B[0])
+        ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+        return {
+            "series_id": series_id,
+            "tokens": n,
+            "state_bytes": int(row.nbytes_B()[0]),
+            "state_bytes_history": list(s.state_bytes),
+            "flops_spent": float(routing.spent_B[0]),
+            "flops_allowed": float(routing.allowed_B[0]),
+            "realized_over_allowance": ratio(float(routing.spent_B[0]), float(routing.allowed_B[0])),
+            "attention_rate": ratio(sums["attention_tokens"], n),
+            "matured_entries": int(sums["entries"]),
+            "mae_frozen": ratio(sums["abs_frozen"], sums["entries"]),
+            "mae_served": ratio(sums["abs_served"], sums["entries"]),
+            "crps_frozen": 2 * ratio(sums["pinball_frozen"], sums["entries"]),
+            "crps_served": 2 * ratio(sums["pinball_served"], sums["entries"]),
+            "adaptation_gain": 1 - ratio(sums["pinball_served"], sums["pinball_frozen"]),
+            "adapter_rollbacks": int(ad.rollbacks_B[0]),
+            "labelled_windows": len(s.labels),
+            "window_recall": ratio(len(s.windows_recalled), len(s.windows_seen)),
+            "mae_in_windows": ratio(sums["abs_served_in"], sums["entries_in"]),
+            "mae_outside_windows": ratio(sums["abs_served_out"], sums["entries_out"]),
+            "rejected": dict(s.rejected),
+            "queued_patches": len(s.queue),
+        }
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    def snapshot(self) -> None:
+        """Flush, then write every series' state (pooled tensors, regularizers, partial patches) to the store."""
+        self.flush()
+        ids = sorted(self.series)
+        rows = [self.series[i].row for i in ids]
+        pooled = self.pool.select(rows) if ids else self.pool.select([])
+        tensors = {f"state.{k}": v for k, v in pooled.tensors().items()}
+        meta = []
+        for k, sid in enumerate(ids):
+            s = self.series[sid]
+            reg = s.regularizer.state_dict()
+            tensors[f"series.{k}.pending_LC"] = torch.from_numpy(reg.pop("pending_LC"))
+            tensors[f"series.{k}.observed_L"] = torch.from_numpy(reg.pop("observed_L"))
+            tensors[f"series.{k}.buffer_LC"] = torch.from_numpy(s.buffer_LC.copy())
+            meta.append({
+                "id": sid, "regularizer": reg, "labels": s.labels, "rejected": dict(s.rejected),
+                "recalled": sorted(s.windows_recalled), "seen": sorted(s.windows_seen), "state_bytes": s.state_bytes,
+            })
+        self.store.write(tensors, {"format": "oryx_ts.engine/1", "layout": pooled.layout(), "series": meta,
+                                   "config": self.config.to_dict()})
+
+    def restore(self) -> int:
+        """Replace every series with the store's snapshot; returns how many series it holds (0: none stored).
+
+        Raises `ValueError` for a corrupt snapshot or one written for another model configuration.
+        """
+        got = self.store.read()
+        if got is None:
+            return 0
+        tensors, index = got
+        if index.get("format") != "oryx_ts.engine/1":
+            raise ValueError(f"not an engine snapshot (format {index.get('format')!r})")
+        if index.get("config") != self.config.to_dict():
+            raise ValueError("the snapshot was written for another model configuration")
+        state_t = {k[len("state."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("state.")}
+        pooled = State.from_tensors(state_t, index["layout"], source="engine snapshot")
+        series = {}
+        try:
+            for k, m in enumerate(index["series"]):
+                reg = {**m["regularizer"], "pending_LC": tensors[f"series.{k}.pending_LC"].numpy(),
+                       "observed_L": tensors[f"series.{k}.observed_L"].numpy()}
+                s = _Series(m["id"], k, Regularizer.from_state_dict(reg), [tuple(w) for w in m["labels"]],
+                            tensors[f"series.{k}.buffer_LC"].numpy().copy())
+                s.rejected.update(m["rejected"])
+                s.windows_recalled, s.windows_seen = set(m["recalled"]), set(m["seen"])
+                s.state_bytes = [tuple(x) for x in m["state_bytes"]]
+                series[s.series_id] = s
+        except KeyError as e:
+            raise ValueError(f"engine snapshot lacks {e}") from e
+        if pooled.batch_size != len(series):
+            raise ValueError(f"engine snapshot holds {pooled.batch_size} states for {len(series)} series")
+        self.pool, self.series, self._free_rows = pooled, series, []
+        return len(series)
