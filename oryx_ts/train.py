@@ -9,7 +9,9 @@ each mode alone and every mix work.
 `train_router` fits a `LearnedRouter` against a trained, frozen forecaster (see its docstring).
 """
 
+import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from oryx_ts.checkpoint import save
+from oryx_ts.checkpoint import DataInfo, fingerprint, save
 from oryx_ts.config import BudgetConfig, OryxConfig
 from oryx_ts.datasets.windows import WindowSampler
 from oryx_ts.model import OryxForecaster
@@ -30,9 +32,18 @@ from oryx_ts.routers.runtime import forecast_steps
 
 @dataclass
 class TrainResult:
+    """A trained model, its loss history and where it was saved.
+
+    steps: the optimizer steps run; time_budget: with `max_seconds`, how the schedule was fitted
+    (`max_seconds`, `planned_steps`, `steps`, `seconds_per_step`, `stopped_early`), else None.
+    """
+
     model: OryxForecaster
     history: list[dict] = field(default_factory=list)
     checkpoint: Path | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    time_budget: dict | None = None
 
     @property
     def val_losses(self) -> list[float]:
@@ -56,6 +67,60 @@ def sample_modes(n_tokens: int, config: OryxConfig, generator: torch.Generator) 
     return chunk_modes.repeat_interleave(t.mode_chunk)[:n_tokens]
 
 
+def _fits(rows: int, window_tokens: int, config: OryxConfig) -> tuple[bool, bool]:
+    """(training split holds a window, validation split holds a window) for a stream of `rows` steps."""
+    P = config.tokenizer.patch_len
+    window = window_tokens * P
+    split = int(rows * (1 - config.train.val_fraction))
+    return split >= window, -(-split // P) * P + window <= rows
+
+
+def rows_needed(config: OryxConfig) -> int:
+    """The fewest stream rows that give `config` one training window and one validation window."""
+    rows = config.train.window_tokens * config.tokenizer.patch_len
+    while not all(_fits(rows, config.train.window_tokens, config)):
+        rows += 1
+    return rows
+
+
+def check_trainable(values: torch.Tensor, config: OryxConfig, channels: tuple[str, ...] | None = None) -> None:
+    """Refuse a `(L, C)` stream that cannot train `config`, saying why and what to change.
+
+    Raises `ValueError` for an all-missing stream, a channel with no finite value, a constant
+    channel, or a stream too short for one training and one validation window (naming the rows
+    needed, which split is short and the settings that lower the need).
+    """
+    names = channels or tuple(f"channel {c}" for c in range(values.shape[1]))
+    finite = torch.isfinite(values)
+    if not finite.any():
+        raise ValueError(f"the stream ({values.shape[0]} rows x {values.shape[1]} channels) has no finite value: every value is missing")
+    for c, name in enumerate(names):
+        column = values[:, c][finite[:, c]]
+        if column.numel() == 0:
+            raise ValueError(f"{name!r} has no finite value (every row is missing); leave it out (--channels)")
+        if column.numel() > 1 and bool((column == column[0]).all()):
+            raise ValueError(f"{name!r} is constant ({column[0].item():g} in every observed row): there is nothing to forecast; "
+                             "leave it out (--channels)")
+    rows, t = values.shape[0], config.train
+    has_train, has_val = _fits(rows, t.window_tokens, config)
+    if has_train and has_val:
+        return
+    P = config.tokenizer.patch_len
+    split = int(rows * (1 - t.val_fraction))
+    short = "the validation split" if has_train else "the training split"
+    span = f"rows [{split}, {rows})" if has_train else f"rows [0, {split})"
+    fitting = [w for w in range(t.window_tokens - 1, 0, -1) if all(_fits(rows, w, config))]
+    lower = f"train.window_tokens={fitting[0]} fits these {rows} rows" if fitting else "no window_tokens fits these rows"
+    val_hint = "raise train.val_fraction (--set train.val_fraction=F)" if has_train else "lower train.val_fraction (--set train.val_fraction=F)"
+    raise ValueError(
+        f"the stream has {rows} rows, too few: one window of train.window_tokens={t.window_tokens} x tokenizer.patch_len={P} "
+        f"= {t.window_tokens * P} steps must fit in the training split and another in the validation split "
+        f"(the last train.val_fraction={t.val_fraction:g}); {short} is {span}, shorter than a window. "
+        f"This config needs at least {rows_needed(config)} rows. Lower train.window_tokens (--set train.window_tokens=N; "
+        f"{lower}) or {val_hint}"
+    )
+
+
 @torch.no_grad()
 def validation_loss(model: OryxForecaster, sampler: WindowSampler, *, batch_size: int, max_batches: int = 8) -> float:
     """Mean loss over validation windows in the 1-in-4 schedule."""
@@ -77,21 +142,40 @@ def train(
     out_dir: str | Path | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    data: DataInfo | None = None,
+    max_seconds: float | None = None,
+    probe_steps: int = 5,
 ) -> TrainResult:
     """Fit an OryxForecaster on a `(L, C)` stream (NaN = missing) and return it with its loss history.
 
     The model trains on `device` (default: where `model` is, else the CPU); windows are cut from
-    the stream in host memory and moved there batch by batch.
+    the stream in host memory and moved there batch by batch. `model` (e.g. a loaded checkpoint)
+    is trained further instead of a fresh one.
 
     The last `config.train.val_fraction` of the stream is held out for validation. If `out_dir` is
-    given, the final model is saved there as a checkpoint. Raises `ValueError` if the stream does
-    not match the config's channel count or is too short for a training and a validation window.
+    given, the final model is saved there as a checkpoint, with `data` (the file's channel names,
+    step and timestamp column) completed by the stream's length, training span, fingerprint and
+    the tokenizer's normalization policy.
+
+    `max_seconds`: a time budget. The first `probe_steps` steps (and the first validation) are
+    timed, then the step count is capped so that the cosine schedule ends at the budget (never
+    raised above `config.train.steps`); if the machine slows down and the budget runs out anyway,
+    training stops there. How it went is in `TrainResult.time_budget` and the checkpoint's extra.
+
+    Raises `ValueError` if the stream does not match the config's channel count or cannot train
+    (see `check_trainable`: all missing, a missing or constant channel, too few rows).
     """
     t = config.train
     values = torch.as_tensor(np.asarray(values, dtype=np.float32))
     C = config.tokenizer.channels
     if values.dim() != 2 or values.shape[1] != C:
         raise ValueError(f"expected a stream of shape (length, {C}), got {tuple(values.shape)}")
+    if data is not None and len(data.channels) != C:
+        raise ValueError(f"data names {len(data.channels)} channels {list(data.channels)}, the stream has {C}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    check_trainable(values, config, data.channels if data is not None else None)
+    began = time.perf_counter()
     P = config.tokenizer.patch_len
     window = t.window_tokens * P
     split = int(values.shape[0] * (1 - t.val_fraction))
@@ -112,17 +196,29 @@ def train(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr
     )
 
+    total = t.steps  # capped once the probe steps are timed, when there is a time budget
+
     def lr_at(step: int) -> float:
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
-        progress_ = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        progress_ = min(1.0, (step - t.warmup_steps) / max(1, total - t.warmup_steps))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     result = TrainResult(model=model)
+    val_began = time.perf_counter()
     result.history.append({"step": 0, "val_loss": validation_loss(model, val_windows, batch_size=t.batch_size)})
-    bar = tqdm(range(1, t.steps + 1), desc="train", disable=not progress, dynamic_ncols=True)
-    for step in bar:
+    val_seconds = time.perf_counter() - val_began
+    loop_began = time.perf_counter()
+    probe = min(t.steps, max(1, probe_steps))
+    stopped_early = False
+    bar = tqdm(total=total, desc="train", disable=not progress, dynamic_ncols=True)
+    step = 0
+    while step < total:
+        step += 1
+        if max_seconds is not None and step > probe and time.perf_counter() - began > max_seconds:
+            stopped_early, total = True, step - 1  # the budget ran out before the fitted schedule did
+            break
         x = train_windows.sample(t.batch_size, generator).to(device)
         loss = model.loss(x, sample_modes(t.window_tokens, config, generator).to(device))
         opt.zero_grad(set_to_none=True)
@@ -131,13 +227,38 @@ def train(
         opt.step()
         sched.step()
         record = {"step": step, "train_loss": loss.item(), "grad_norm": float(grad_norm)}
-        if step % t.val_every == 0 or step == t.steps:
+        if max_seconds is not None and step == probe:
+            per_step = (time.perf_counter() - loop_began) / probe
+            cost = per_step + val_seconds / t.val_every  # a validation every val_every steps
+            left = max_seconds - (time.perf_counter() - began) - val_seconds  # the final validation
+            total = max(probe, min(t.steps, probe + int(left / cost)))
+            result.time_budget = {"max_seconds": max_seconds, "planned_steps": t.steps, "seconds_per_step": per_step}
+            bar.total = total
+            bar.refresh()
+        if step % t.val_every == 0 or step == total:
             record["val_loss"] = validation_loss(model, val_windows, batch_size=t.batch_size)
             bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{record['val_loss']:.4f}")
         result.history.append(record)
+        bar.update(1)
+    bar.close()
+    if "val_loss" not in result.history[-1]:
+        result.history[-1]["val_loss"] = validation_loss(model, val_windows, batch_size=t.batch_size)
+    result.steps = total
+    result.seconds = time.perf_counter() - began
+    if result.time_budget is not None:
+        result.time_budget.update(steps=total, stopped_early=stopped_early)
     model.eval()
     if out_dir is not None:
-        result.checkpoint = save(model, out_dir, extra={"history": result.history})
+        if data is not None:
+            tk = config.tokenizer
+            data = dataclasses.replace(
+                data, rows=int(values.shape[0]), train_rows=split, fingerprint=fingerprint(values),
+                normalization={"kind": "causal_ema", "decay": tk.norm_decay, "eps": tk.norm_eps, "clip": tk.clip},
+            )
+        extra = {"history": result.history, "steps": result.steps, "seconds": round(result.seconds, 2)}
+        if result.time_budget is not None:
+            extra["time_budget"] = result.time_budget
+        result.checkpoint = save(model, out_dir, extra=extra, data=data)
     return result
 
 
@@ -159,13 +280,13 @@ def router_inputs(model: OryxForecaster, x_BLC: torch.Tensor) -> RouterInputs:
     T = L // P
     with torch.no_grad():
         base = model(x_BLC)
-        tokens = model.embed(x_BLC)
+        tokens = model.tokenizer(x_BLC)[0]
     prev = torch.cat([base.new_zeros(B, 1, Pf, C, base.shape[-1]), base[:, :-1, :Pf]], dim=1)
     feats, _ = surprise_features(
         x_BLC.reshape(B, T, P, C), prev, torch.arange(T) > 0, torch.zeros(B, dtype=torch.float64),
         median_index=config.head.median_index, decay=config.router.surprise_decay,
     )
-    return RouterInputs(tokens, feats, torch.arange(T).expand(B, T))
+    return RouterInputs(tokens, feats, torch.arange(T))
 
 
 def batch_targets(inputs: RouterInputs, fraction: float, lookahead: int = 0) -> torch.Tensor:
@@ -176,7 +297,7 @@ def batch_targets(inputs: RouterInputs, fraction: float, lookahead: int = 0) -> 
     per-window quota would teach the router to spend in every window, on noise when it is quiet).
     """
     B, T, F = inputs.surprise_BTF.shape
-    has_prev = (inputs.positions_BT > 0).reshape(-1)
+    has_prev = (inputs.positions_T > 0).repeat(B)
     pooled = novelty_scores(inputs.surprise_BTF.reshape(1, B * T, F), has_prev)
     hot = surprise_targets(pooled, has_prev, fraction=fraction).reshape(B, T)
     return mark_lookahead(hot, lookahead)  # within each window: the windows are separate streams

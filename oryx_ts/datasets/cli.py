@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     listing.set_defaults(func=cmd_list)
 
     gen = commands.add_parser("generate", help="write labelled synthetic telemetry to Parquet")
-    gen.add_argument("--out", required=True, help="output .parquet path")
+    gen.add_argument("--out", required=True, help="output path; must end in .parquet (labels ride in its metadata)")
     gen.add_argument("--length", type=int, default=1_000_000, help="raw steps (default 1,000,000)")
     gen.add_argument("--channels", type=int, default=8, help="channels (default 8)")
     gen.add_argument("--seed", type=int, default=0)
@@ -53,6 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     describe.add_argument("--cache", help="wheel cache directory")
     describe.add_argument("--timestamp", help="timestamp column (files)")
     describe.add_argument("--labels", nargs="*", default=None, help="label columns (files)")
+    describe.add_argument("--duplicates", choices=["error", "first", "last", "mean"], default="error",
+                          help="repeated timestamps: refuse (default), keep the first or last, or average them")
+    describe.add_argument("--time-format", default=None, help="strftime format of the timestamp column, e.g. '%%d/%%m/%%Y %%H:%%M'")
     describe.add_argument("--plot", help=f"PNG path (default {DEFAULT_PLOT_DIR}/<name>_week.png)")
     describe.add_argument("--no-plot", action="store_true", help="print the summary only")
     describe.add_argument("--begin", type=int, default=0, help="first step of the plotted week")
@@ -84,7 +87,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     names = args.names or list(DATASETS)
     unknown = [n for n in names if n not in DATASETS]
     if unknown:
-        print(f"unknown dataset(s) {unknown}; known: {sorted(DATASETS)}", file=sys.stderr)
+        print(f"oryx-ts: error: unknown dataset(s) {unknown}; known: {sorted(DATASETS)}", file=sys.stderr)
         return 2
     status = 0
     done: dict[str, Path] = {}
@@ -110,9 +113,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from oryx_ts.datasets.synthetic import SyntheticConfig, to_parquet
 
+    if Path(args.out).suffix.lower() not in (".parquet", ".pq"):
+        raise ValueError(f"data generate writes Parquet (labels ride in its metadata): give --out a .parquet path, got {args.out!r}")
     config = SyntheticConfig()
     if args.config:
-        config = SyntheticConfig.from_dict(json.loads(Path(args.config).read_text()))
+        try:
+            config = SyntheticConfig.from_dict(json.loads(Path(args.config).read_text()))
+        except OSError as err:
+            raise ValueError(f"cannot read --config {args.config}: {err.strerror or err}") from err
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {args.config} is not valid JSON: {err}") from err
     if args.steps_per_day != config.steps_per_day:
         config = dataclasses.replace(config, steps_per_day=args.steps_per_day)
     if args.anomaly_coverage is not None or args.event_coverage is not None:
@@ -130,7 +140,8 @@ def _load(args: argparse.Namespace):
 
     if args.source in DATASETS:
         return load(args.source, args.cache)
-    return read(args.source, timestamp=args.timestamp, labels=args.labels)
+    return read(args.source, timestamp=args.timestamp, labels=args.labels, duplicates=args.duplicates,
+                time_format=args.time_format)
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
@@ -140,7 +151,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     try:
         stream = _load(args)
     except (NotFetchedError, ChecksumError, DataError, FileNotFoundError) as err:
-        print(err, file=sys.stderr)
+        print(f"oryx-ts: error: {err}", file=sys.stderr)
         return 1
     summary = stream.describe()
     if not args.no_plot:
@@ -172,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"oryx-ts: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def _timestamps(frame: pl.DataFrame, column: str, source: str, time_format: str 
         except pl.exceptions.PolarsError as err:
             first = stripped.drop_nulls().head(1).to_list()
             raise DataError(f"{source}: column {column!r}: cannot infer a timestamp format from "
-                            f"{first[0] if first else None!r}; pass time_format (e.g. '%d/%m/%Y %H:%M')") from err
+                            f"{first[0] if first else None!r}; pass time_format (e.g. '%d/%m/%Y %H:%M'; "
+                            "on the command line: --time-format)") from err
         bad = (parsed.is_null() & series.is_not_null()).arg_true()
         if len(bad):
             row = int(bad[0])
@@ -181,7 +182,8 @@ def from_frame(
     if len(dup) and duplicates == "error":
         i = int(dup[0]) + 1
         raise _fail(source, i, timestamp, f"duplicate timestamp {_show(ts[i], clock)} (also row {i}); "
-                    "pass duplicates='first', 'last' or 'mean' to merge")
+                    "merge repeats with duplicates='first', 'last' or 'mean' "
+                    "(on the command line: --duplicates first|last|mean)")
 
     unit = 1_000_000 if clock else 1
     if step is None:
@@ -194,7 +196,7 @@ def from_frame(
     else:
         step_units = int(parse_step(step) / np.timedelta64(1, "s")) * unit if clock else int(step)
     if step_units <= 0:
-        raise ValueError(f"step must be positive, got {step!r}")
+        raise DataError(f"{source}: step must be positive, got {step!r}")
 
     columns = np.stack([_to_float(frame, c, source) for c in channels], axis=1)
     bucket = (ts - ts[0]) // step_units
@@ -240,14 +242,16 @@ def read(
 
     The file is scanned lazily and only the timestamp, channel and label columns are loaded.
     A Parquet file written by `oryx_ts.datasets.synthetic.to_parquet` gets its labels back.
+    The format follows the suffix: `.parquet`/`.pq`, `.csv`/`.txt` (comma-separated unless
+    `separator` says otherwise) or `.tsv` (tab-separated); any other suffix is refused.
     Raises FileNotFoundError, or DataError naming the row and column of the first problem.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    suffixes = "".join(path.suffixes).lower()
+    suffix = path.suffix.lower()
     meta: dict | None = None
-    if suffixes.endswith((".parquet", ".pq")):
+    if suffix in (".parquet", ".pq"):
         try:
             kv = pl.read_parquet_metadata(path)
             lazy = pl.scan_parquet(path)
@@ -256,7 +260,9 @@ def read(
             raise DataError(f"{path}: not a readable Parquet file ({err})") from err
         if "oryx_ts" in kv:
             meta = json.loads(kv["oryx_ts"])
-    elif ".csv" in suffixes or ".txt" in suffixes or ".tsv" in suffixes:
+    elif suffix in (".csv", ".txt", ".tsv"):
+        if suffix == ".tsv" and separator == ",":
+            separator = "\t"
         try:
             lazy = pl.scan_csv(path, separator=separator, infer_schema=False, null_values=list(null_values),
                                truncate_ragged_lines=False)
@@ -264,7 +270,7 @@ def read(
         except Exception as err:
             raise DataError(f"{path}: not a readable CSV file ({err})") from err
     else:
-        raise DataError(f"{path}: unknown format {suffixes!r}; expected .csv or .parquet")
+        raise DataError(f"{path}: unknown format {suffix or '(no suffix)'!r}; expected .csv, .tsv, .txt, .parquet or .pq")
 
     label_list = [labels] if isinstance(labels, str) else list(labels or [])
     if timestamp is None:
