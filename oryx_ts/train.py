@@ -280,13 +280,13 @@ def router_inputs(model: OryxForecaster, x_BLC: torch.Tensor) -> RouterInputs:
     T = L // P
     with torch.no_grad():
         base = model(x_BLC)
-        tokens = model.tokenizer(x_BLC)[0]
+        tokens = model.embed(x_BLC)
     prev = torch.cat([base.new_zeros(B, 1, Pf, C, base.shape[-1]), base[:, :-1, :Pf]], dim=1)
     feats, _ = surprise_features(
         x_BLC.reshape(B, T, P, C), prev, torch.arange(T) > 0, torch.zeros(B, dtype=torch.float64),
         median_index=config.head.median_index, decay=config.router.surprise_decay,
     )
-    return RouterInputs(tokens, feats, torch.arange(T))
+    return RouterInputs(tokens, feats, torch.arange(T).expand(B, T))
 
 
 def batch_targets(inputs: RouterInputs, fraction: float, lookahead: int = 0) -> torch.Tensor:
@@ -297,7 +297,7 @@ def batch_targets(inputs: RouterInputs, fraction: float, lookahead: int = 0) -> 
     per-window quota would teach the router to spend in every window, on noise when it is quiet).
     """
     B, T, F = inputs.surprise_BTF.shape
-    has_prev = (inputs.positions_T > 0).repeat(B)
+    has_prev = (inputs.positions_BT > 0).reshape(-1)
     pooled = novelty_scores(inputs.surprise_BTF.reshape(1, B * T, F), has_prev)
     hot = surprise_targets(pooled, has_prev, fraction=fraction).reshape(B, T)
     return mark_lookahead(hot, lookahead)  # within each window: the windows are separate streams
