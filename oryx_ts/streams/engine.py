@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from oryx_ts.config import OryxConfig
 from oryx_ts.model import OryxForecaster
 from oryx_ts.routers import NoneRouter, RoutedForecaster
 from oryx_ts.state import State, register_part
@@ -243,6 +244,15 @@ class Engine:
             s.rejected[r.reason] += 1
         return IngestResult(pushed.accepted, pushed.rejected, self._buffer(s, pushed.released_LC))
 
+    def advance(self, series_id: str, timestamp: int) -> int:
+        """Declare that nothing more will arrive up to `timestamp`: the grid up to it is released (gaps as NaN).
+
+        A heartbeat for series whose last steps are missing; returns patches queued. Raises
+        `ValueError` when the series has no grid yet or `timestamp` is off it.
+        """
+        s = self._get(series_id)
+        return self._buffer(s, s.regularizer.advance(timestamp).released_LC)
+
     def drain(self, series_id: str) -> int:
         """End of a series' stream: release the rows its regularizer holds open; returns patches queued."""
         s = self._get(series_id)
@@ -288,7 +298,10 @@ class Engine:
         mean_RC, std_RC = self.model.normalization(sub)
         frozen = ((forecast_RHzCQ.double() - mean_RC[:, None, :, None]) / std_RC[:, None, :, None]).float()
         served_norm = self.adapter.apply(sub.parts["adapter"], frozen)
-        served = (served_norm.double() * std_RC[:, None, :, None] + mean_RC[:, None, :, None]).float()
+        if self.adapter.config.enabled:
+            served = (served_norm.double() * std_RC[:, None, :, None] + mean_RC[:, None, :, None]).float()
+        else:
+            served = forecast_RHzCQ  # the model's own forecast, without a round trip through normalized units
         slot = n_R % self.M
         r = torch.arange(len(batch), device=self.device)
         fc.pending_frozen_BMHzCQ[r, slot] = frozen
@@ -466,7 +479,7 @@ class Engine:
         tensors, index = got
         if index.get("format") != "oryx_ts.engine/1":
             raise ValueError(f"not an engine snapshot (format {index.get('format')!r})")
-        if index.get("config") != self.config.to_dict():
+        if OryxConfig.from_dict(index.get("config", {})) != self.config:
             raise ValueError("the snapshot was written for another model configuration")
         state_t = {k[len("state."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("state.")}
         pooled = State.from_tensors(state_t, index["layout"], source="engine snapshot")

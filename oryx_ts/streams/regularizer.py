@@ -135,7 +135,9 @@ def _parse_timestamps(timestamps: Any) -> tuple[np.ndarray, np.ndarray, bool | N
     ts = np.zeros(len(raw), dtype=np.int64)
     ok = np.zeros(len(raw), dtype=bool)
     kinds: set[bool] = set()
-    for i, v in enumerate(raw.tolist()):
+    # numpy turns a list mixing strings and numbers into strings: read the elements as given.
+    items = list(timestamps) if isinstance(timestamps, (list, tuple)) else raw.tolist()
+    for i, v in enumerate(items):
         value, is_dt = _scalar_timestamp(v)
         if value is not None:
             ts[i], ok[i] = value, True
@@ -192,10 +194,10 @@ def _parse_values(values: Any, n: int, channels: int) -> tuple[np.ndarray, np.nd
             return arr.astype(np.float32), codes, {}, arr
     if arr is not None and arr.ndim != 2 and arr.dtype != object:
         raise ValueError(f"values must be 2-D (rows, {channels} channels), got shape {arr.shape}")
-    if arr is not None and arr.ndim == 2:
-        rows = list(arr)
-    elif isinstance(values, (list, tuple)) or (arr is not None and arr.ndim == 1):
+    if isinstance(values, (list, tuple)):  # as given: numpy would have turned mixed rows into strings
         rows = list(values)
+    elif arr is not None and arr.ndim in (1, 2):
+        rows = list(arr)
     else:
         raise ValueError(f"values must be a 2-D array or a sequence of rows, got {type(values).__name__}")
     if len(rows) != n:
@@ -210,7 +212,8 @@ def _parse_values(values: Any, n: int, channels: int) -> tuple[np.ndarray, np.nd
         else:
             bad = next((j for j, v in enumerate(row) if not _is_number(v)), None)
             if bad is not None:
-                codes[i], details[i] = _NOT_FINITE, f"channel {bad} is {row[bad]!r}, not a number"
+                v = row[bad].item() if isinstance(row[bad], np.generic) else row[bad]
+                codes[i], details[i] = _NOT_FINITE, f"channel {bad} is {v!r}, not a number"
             else:
                 with np.errstate(over="ignore"):
                     out[i] = np.asarray([float(v) for v in row], dtype=np.float64).astype(np.float32)
@@ -228,7 +231,7 @@ def _as_slice(positions: np.ndarray) -> slice | None:
 def _finite_detail(row_C: np.ndarray, source_C: np.ndarray | None) -> str:
     j = int(np.flatnonzero(np.isinf(row_C))[0])
     if source_C is not None and np.isfinite(source_C[j]):
-        return f"channel {j} is {source_C[j]!r}, which overflows float32"
+        return f"channel {j} is {source_C[j].item()!r}, which overflows float32"
     return f"channel {j} is {row_C[j]}, expected a finite number or NaN"
 
 
@@ -529,6 +532,33 @@ class Regularizer:
                           f"duplicates={self.policy.duplicates!r} keeps the first")
             out.append(Rejection(i, t, _REASONS[code], detail))
         return out
+
+    def advance(self, timestamp: int) -> PushResult:
+        """Nothing more will arrive up to `timestamp`: release every grid row up to it (gaps as NaN).
+
+        Rows after it stay pending. A timestamp before the next row to release changes nothing.
+        Raises ValueError while the grid is unknown or when `timestamp` is off the grid.
+        """
+        if self._origin is None or self._step is None:
+            raise ValueError(f"cannot advance to {timestamp!r}: the grid is not known yet (origin={self._origin}, step={self._step})")
+        t, _ = _as_int(timestamp, "timestamp")
+        k, off = divmod(t - self._origin, self._step)
+        if off:
+            raise ValueError(f"timestamp {t} is off the grid (origin {self._origin}, step {self._step})")
+        first = self._next
+        if k < self._next:
+            return PushResult(0, [], np.empty((0, self.channels), dtype=np.float32), first)
+        if k > self._newest:
+            extra = k - self._newest
+            self._pending_LC = np.concatenate([self._pending_LC, np.full((extra, self.channels), np.nan, dtype=np.float32)])
+            self._observed_L = np.concatenate([self._observed_L, np.zeros(extra, dtype=bool)])
+            self._newest = k
+            self._started = True
+        cut = k - self._next + 1
+        released_LC = self._pending_LC[:cut].copy()
+        self._pending_LC, self._observed_L = self._pending_LC[cut:].copy(), self._observed_L[cut:].copy()
+        self._next = k + 1
+        return PushResult(0, [], released_LC, first)
 
     def drain(self) -> PushResult:
         """End of stream: release every pending row (gaps as NaN); later pushes continue after them."""
