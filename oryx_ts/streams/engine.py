@@ -277,7 +277,7 @@ class Engine:
         """Step every queued patch (one per series per round, micro-batches across series); returns patches stepped."""
         stepped = 0
         while True:
-            ready = [s for s in self.series.values() if s.queue]
+            ready = sorted((s for s in self.series.values() if s.queue), key=lambda s: s.row)
             if not ready:
                 return stepped
             for i in range(0, len(ready), self.max_batch):
@@ -288,7 +288,9 @@ class Engine:
     @torch.no_grad()
     def _step(self, batch: list[_Series], patches_RPC: np.ndarray) -> None:
         rows = torch.tensor([s.row for s in batch], dtype=torch.long, device=self.device)
-        sub = self.pool.select(rows)
+        # every row of the pool in order (one series, or all series at once): step the pool itself, no copies
+        whole = len(batch) == self.pool.batch_size and all(s.row == i for i, s in enumerate(batch))
+        sub = self.pool if whole else self.pool.select(rows)
         patch = torch.from_numpy(patches_RPC).to(self.device)
         fc: ForecastState = sub.parts["forecast"]
         n_R = sub.n_tokens_B
@@ -314,7 +316,8 @@ class Engine:
         routing = sub.parts["routing"]
         fc.sums_BK[:, SUMS.index("attention_tokens")] += routing.last_mode_B.double()
         self._recall(batch, n_R.cpu().numpy(), routing.last_mode_B.cpu().numpy())
-        self.pool.scatter(rows, sub)
+        if not whole:
+            self.pool.scatter(rows, sub)
 
         tokens = n_R.cpu().numpy()
         sample = tokens % self.state_bytes_every == 0
