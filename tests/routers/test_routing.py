@@ -1,5 +1,8 @@
 """Routed forward and routed streaming must make the same decisions and forecasts, and routing state must persist like the rest of the state."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -163,6 +166,9 @@ def test_a_router_saved_with_other_features_fails_to_load_clearly(tmp_path):
     tensors = load_file(str(path / "router.safetensors"))
     tensors["net.0.weight"] = tensors["net.0.weight"][:, :-2].contiguous()  # as if saved with two features fewer
     save_file(tensors, str(path / "router.safetensors"))
+    meta = json.loads((path / "config.json").read_text())  # a whole, checksummed file of another version, not a corrupt one
+    meta["sha256"]["router.safetensors"] = hashlib.sha256((path / "router.safetensors").read_bytes()).hexdigest()
+    (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="surprise features"):
         load_router(path)
 
