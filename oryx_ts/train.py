@@ -67,6 +67,14 @@ def sample_modes(n_tokens: int, config: OryxConfig, generator: torch.Generator) 
     return chunk_modes.repeat_interleave(t.mode_chunk)[:n_tokens]
 
 
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate multiplier of optimizer step `step + 1`: linear warmup, then a cosine that reaches 0.1 at step `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _fits(rows: int, window_tokens: int, config: OryxConfig) -> tuple[bool, bool]:
     """(training split holds a window, validation split holds a window) for a stream of `rows` steps."""
     P = config.tokenizer.patch_len
@@ -107,15 +115,16 @@ def check_trainable(values: torch.Tensor, config: OryxConfig, channels: tuple[st
         return
     P = config.tokenizer.patch_len
     split = int(rows * (1 - t.val_fraction))
-    short = "the validation split" if has_train else "the training split"
-    span = f"rows [{split}, {rows})" if has_train else f"rows [0, {split})"
+    val_span, train_span = f"the validation split is rows [{split}, {rows})", f"the training split is rows [0, {split})"
+    short = f"{val_span}, shorter than a window" if has_train else (
+        f"{train_span}, shorter than a window" if has_val else f"{train_span} and {val_span}: both are shorter than a window")
     fitting = [w for w in range(t.window_tokens - 1, 0, -1) if all(_fits(rows, w, config))]
     lower = f"train.window_tokens={fitting[0]} fits these {rows} rows" if fitting else "no window_tokens fits these rows"
     val_hint = "raise train.val_fraction (--set train.val_fraction=F)" if has_train else "lower train.val_fraction (--set train.val_fraction=F)"
     raise ValueError(
         f"the stream has {rows} rows, too few: one window of train.window_tokens={t.window_tokens} x tokenizer.patch_len={P} "
         f"= {t.window_tokens * P} steps must fit in the training split and another in the validation split "
-        f"(the last train.val_fraction={t.val_fraction:g}); {short} is {span}, shorter than a window. "
+        f"(the last train.val_fraction={t.val_fraction:g}); {short}. "
         f"This config needs at least {rows_needed(config)} rows. Lower train.window_tokens (--set train.window_tokens=N; "
         f"{lower}) or {val_hint}"
     )
@@ -197,14 +206,7 @@ def train(
     )
 
     total = t.steps  # capped once the probe steps are timed, when there is a time budget
-
-    def lr_at(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress_ = min(1.0, (step - t.warmup_steps) / max(1, total - t.warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, t.warmup_steps, total))
     result = TrainResult(model=model)
     val_began = time.perf_counter()
     result.history.append({"step": 0, "val_loss": validation_loss(model, val_windows, batch_size=t.batch_size)})
@@ -224,9 +226,10 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
-        record = {"step": step, "train_loss": loss.item(), "grad_norm": float(grad_norm)}
+        record = {"step": step, "train_loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
         if max_seconds is not None and step == probe:
             per_step = (time.perf_counter() - loop_began) / probe
             cost = per_step + val_seconds / t.val_every  # a validation every val_every steps

@@ -8,7 +8,8 @@ import torch
 from oryx_ts.cli import main
 from oryx_ts.config import preset
 from oryx_ts.demo import demo_stream
-from oryx_ts.train import fixed_schedule, sample_modes, train
+from oryx_ts.checkpoint import DataInfo, fingerprint, read_data
+from oryx_ts.train import fixed_schedule, lr_factor, rows_needed, sample_modes, train
 
 
 def test_debug_training_lowers_validation_loss(tmp_path):
@@ -77,3 +78,69 @@ def test_cli_refuses_out_of_order_timestamps(tmp_path, capsys):
 def test_cli_reports_a_missing_file(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nope.csv"), "--quiet"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_time_budget_caps_the_steps_and_ends_the_schedule_there():
+    config = preset("debug", train={"steps": 10_000, "val_every": 10_000, "batch_size": 4, "window_tokens": 16, "warmup_steps": 2})
+    values = demo_stream(3_000, 4, seed=1).values
+    result = train(config, values, progress=False, max_seconds=1e-3, probe_steps=3)
+    budget = result.time_budget
+    assert result.steps == 3 == budget["steps"] and budget["planned_steps"] == 10_000  # the probe alone spends the budget
+    assert budget["max_seconds"] == 1e-3 and budget["seconds_per_step"] > 0 and not budget["stopped_early"]
+    assert [h["step"] for h in result.history] == [0, 1, 2, 3] and "val_loss" in result.history[-1]
+    unbounded = train(config.replace(train={"steps": 3}), values, progress=False)
+    assert unbounded.time_budget is None and unbounded.steps == 3
+
+
+def test_a_generous_time_budget_keeps_the_configured_steps():
+    config = preset("debug", train={"steps": 6, "val_every": 3, "batch_size": 4, "window_tokens": 16})
+    values = demo_stream(3_000, 4, seed=1).values
+    result = train(config, values, progress=False, max_seconds=3_600)
+    assert result.steps == 6 and result.time_budget["steps"] == 6
+    plain = train(config, values, progress=False).history
+    assert [h["step"] for h in result.history] == [h["step"] for h in plain] == list(range(7))
+    assert [h["train_loss"] for h in result.history[1:]] == [h["train_loss"] for h in plain[1:]]  # the same schedule
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda v: np.full_like(v, np.nan), "no finite value: every value is missing"),
+    (lambda v: np.where(np.arange(4) == 1, np.nan, v), "'channel 1' has no finite value"),
+    (lambda v: np.where(np.arange(4) == 2, 7.0, v), "'channel 2' is constant"),
+    (lambda v: v[:1_500], "needs at least 6824 rows"),
+])
+def test_a_stream_that_cannot_train_is_refused(make, message):
+    values = make(demo_stream(8_000, 4, seed=1).values).astype(np.float32)
+    with pytest.raises(ValueError) as err:
+        train(preset("debug"), values, progress=False)
+    assert message in str(err.value)
+
+
+def test_rows_needed_is_the_fewest_rows_that_train():
+    config = preset("debug", train={"window_tokens": 16, "steps": 1, "val_every": 1, "batch_size": 2})
+    need = rows_needed(config)
+    values = demo_stream(need, 4, seed=1).values
+    assert train(config, values, progress=False).steps == 1
+    with pytest.raises(ValueError, match=f"needs at least {need} rows"):
+        train(config, values[:-1], progress=False)
+
+
+def test_checkpoint_records_the_data_it_was_trained_on(tmp_path):
+    config = preset("debug", train={"steps": 2, "val_every": 2, "batch_size": 2, "window_tokens": 16})
+    values = demo_stream(3_000, 4, seed=1).values
+    info = DataInfo(channels=("a", "b", "c", "d"), step_seconds=60, timestamp="t")
+    train(config, values, progress=False, out_dir=tmp_path / "m", data=info)
+    stored = read_data(tmp_path / "m")
+    assert stored.channels == ("a", "b", "c", "d") and stored.rows == 3_000 and stored.train_rows == 2_550
+    assert stored.fingerprint == fingerprint(values) and stored.normalization["decay"] == config.tokenizer.norm_decay
+
+
+def test_the_cosine_schedule_ends_at_the_fitted_step():
+    assert lr_factor(0, 4, 100) == 0.25 and lr_factor(4, 4, 100) == 1.0 and abs(lr_factor(100, 4, 100) - 0.1) < 1e-12
+    config = preset("debug", train={"steps": 100_000, "val_every": 100_000, "batch_size": 2, "window_tokens": 16, "warmup_steps": 0})
+    result = train(config, demo_stream(3_000, 4, seed=1).values, progress=False, max_seconds=2.0, probe_steps=2)
+    steps, lr = result.steps, config.train.lr
+    assert 2 <= steps < 100_000
+    if steps > 2 and not result.time_budget["stopped_early"]:  # refitted after the probe, and the machine kept pace
+        last = result.history[-1]
+        assert last["step"] == steps and abs(last["lr"] - lr * lr_factor(steps - 1, 0, steps)) < 1e-12
+        assert last["lr"] < 0.2 * lr
