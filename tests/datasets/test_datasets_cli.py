@@ -64,3 +64,20 @@ def test_fetch_reports_failure_and_unknown_names(tmp_path, monkeypatch, capsys):
 def test_data_without_subcommand_prints_usage(capsys):
     assert run(["data"]) == 2
     assert "fetch" in capsys.readouterr().err
+
+
+def test_generate_refuses_an_out_path_that_is_not_parquet(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="writes Parquet"):
+        run(["data", "generate", "--out", str(tmp_path / "x.csv"), "--length", "100"])
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_describe_merges_duplicates_by_the_flag(tmp_path, capsys):
+    path = tmp_path / "dup.csv"
+    path.write_text("timestamp,a\n2024-01-01 00:00,1\n2024-01-01 00:01,2\n2024-01-01 00:01,4\n")
+    assert run(["data", "describe", str(path), "--no-plot"]) == 1
+    assert "--duplicates" in capsys.readouterr().err
+    assert run(["data", "describe", str(path), "--no-plot", "--duplicates", "mean", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 2

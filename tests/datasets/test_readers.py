@@ -70,7 +70,7 @@ def test_backwards_timestamps_name_the_row(tmp_path):
 
 def test_duplicates_are_refused_or_merged_by_policy(tmp_path):
     path = _csv(tmp_path, "timestamp,a\n2024-01-01 00:00,1\n2024-01-01 00:01,2\n2024-01-01 00:01,4\n")
-    with pytest.raises(DataError, match=r"row 3, column 'timestamp': duplicate timestamp"):
+    with pytest.raises(DataError, match=r"row 3, column 'timestamp': duplicate timestamp .*--duplicates first\|last\|mean"):
         read(path)
     assert np.array_equal(read(path, duplicates="mean").values[:, 0], [1, 3])
     assert np.array_equal(read(path, duplicates="first").values[:, 0], [1, 2])
@@ -101,3 +101,15 @@ def test_missing_columns_formats_and_files(tmp_path):
         read(tmp_path / "absent.csv")
     with pytest.raises(DataError, match="no data rows"):
         read(_csv(tmp_path, "timestamp,a\n", "empty.csv"))
+
+
+def test_the_format_follows_the_suffix(tmp_path):
+    tsv = _csv(tmp_path, "timestamp\ta\n2024-01-01 00:00\t1\n2024-01-01 00:01\t2\n", "data.tsv")
+    assert np.array_equal(read(tsv).values[:, 0], [1, 2])
+    for name in ("data.csv.bak", "data", "data.json"):
+        with pytest.raises(DataError, match="unknown format"):
+            read(_csv(tmp_path, "timestamp,a\n2024-01-01 00:00,1\n", name))
+    parquet_named_csv = tmp_path / "really_parquet.csv"
+    pl.DataFrame({"a": [1.0, 2.0]}).write_parquet(parquet_named_csv)
+    with pytest.raises(DataError):
+        read(parquet_named_csv)
