@@ -15,8 +15,9 @@ Three labelled synthetic streams (`--stream`):
   3,000 mixed-mode steps, half the chunks in attention mode, on telemetry whose jobs cover 30% of
   the steps. Event windows are all labelled windows.
 Then it trains a learned router without labels and streams a held-out stream (a fresh seed, cut
-into consecutive segments run as a batch of series) through every router at budgets of 5%, 10%
-and 25% of the attention surcharge. The controller's reserve and spike threshold are chosen first
+into consecutive segments, each replayed as its own series through the streaming engine, the
+service's code path: `evaluation.backtest.backtest_streams`) through every router at budgets of
+5%, 10% and 25% of the attention surcharge. The controller's reserve and spike threshold are chosen first
 on a validation stream (a third seed) with the learned router at 10%, then used unchanged for
 every router on the evaluation stream. The learned router is trained without labels (forecast
 loss plus the self-supervised surprise objective of `train_router`); a second one
@@ -43,13 +44,14 @@ import torch
 from tqdm.auto import tqdm
 
 import oryx_ts
-from oryx_ts.config import preset
+from oryx_ts.config import BudgetConfig, preset
 from oryx_ts.datasets.labels import mask_from_windows
 from oryx_ts.datasets.synthetic import ANOMALY_KINDS, KINDS, SyntheticConfig, generate, recall_stream
 from oryx_ts.evaluation.audit import rare_regime_audit, token_mask
+from oryx_ts.evaluation.backtest import backtest_streams
 from oryx_ts.evaluation.metrics import crps_quantiles, horizon_targets, mae
 from oryx_ts.flops import mode_costs
-from oryx_ts.routers import Budget, FixedRouter, LearnedRouter, OracleRouter, RandomRouter, SurpriseRouter
+from oryx_ts.routers import FixedRouter, LearnedRouter, OracleRouter, RandomRouter, RoutedForecaster, SurpriseRouter
 from oryx_ts.train import train, train_router
 
 BUDGETS = (0.05, 0.10, 0.25)
@@ -129,7 +131,7 @@ def choose_controller(model, router, seg_tokens: int, n_seg: int, setup: StreamS
     x = segments(values, seg_tokens, n_seg, P)
     best, best_hits = CONTROLLER_GRID[0], -1
     for reserve, spike_z in CONTROLLER_GRID:
-        modes = flatten(run_router(model, x, router, Budget(fraction=0.10, reserve=reserve, spike_z=spike_z))[1])
+        modes = run_router(model, x, router, BudgetConfig(fraction=0.10, reserve=reserve, spike_z=spike_z))[1]
         hits, total = window_recall(modes, windows, P, setup.events)
         print(f"validation (seed 2), learned router at 10%: reserve {reserve}, spike_z {spike_z}: {hits}/{total} windows")
         if hits > best_hits:
@@ -137,7 +139,7 @@ def choose_controller(model, router, seg_tokens: int, n_seg: int, setup: StreamS
     return best
 
 
-def further_streams(model, routers: dict, budget: Budget, setup: StreamSetup, seg_tokens: int, n_seg: int, seeds) -> list[dict]:
+def further_streams(model, routers: dict, budget: BudgetConfig, setup: StreamSetup, seg_tokens: int, n_seg: int, seeds) -> list[dict]:
     """Per fresh stream: event-window recall and MAE inside event windows of each router at `budget`,
     with all-recurrent and all-attention for reference."""
     config = model.config
@@ -154,17 +156,25 @@ def further_streams(model, routers: dict, budget: Budget, setup: StreamSetup, se
                 forecast = flatten(model(x, torch.full((n_seg, seg_tokens), mode)))
                 row[name] = {"mae_in": rare_regime_audit(np.full(seg_tokens * n_seg, mode), forecast, values, windows, **common).mae_in}
         for name, router in routers.items():
-            forecast, modes = (flatten(t) for t in run_router(model, x, router, budget)[:2])
+            forecast, modes = run_router(model, x, router, budget)[:2]
             hits, total = window_recall(modes, windows, P, setup.events)
             row[name] = {"recalled": hits, "windows": total, "mae_in": rare_regime_audit(modes, forecast, values, windows, **common).mae_in}
         rows.append(row)
     return rows
 
 
-def run_router(model, x_BLC, router, budget):
-    with torch.no_grad():
-        out = model(x_BLC, router=router, budget=budget)
-    return out.forecast, out.modes_BT, out.flops_BT, out.allowance_BT
+def run_router(model, x_BLC: torch.Tensor, router, budget: BudgetConfig) -> tuple[np.ndarray, ...]:
+    """Stream every segment of `x_BLC` as its own series through the engine (`backtest_streams`),
+    routed by `router` under `budget`; returns per token, segments one after another as `flatten`
+    lays them out, `(forecast (T, Hz, C, Q), modes, flops, allowance)`.
+
+    The segments step together in every micro-batch, in the order given, so a `(segments, tokens)`
+    oracle mask reads its row of each segment.
+    """
+    streams = {f"seg{i}": values_LC.cpu().numpy() for i, values_LC in enumerate(x_BLC)}
+    result = backtest_streams(RoutedForecaster(model, router, budget), streams)
+    fields = ("forecasts_THzCQ", "modes_T", "flops_T", "allowance_T")
+    return tuple(np.concatenate([getattr(result[sid], f) for sid in streams]) for f in fields)
 
 
 def flatten(t: torch.Tensor) -> np.ndarray:
@@ -243,10 +253,10 @@ def main() -> None:
     oracle = OracleRouter(token_mask(windows, T, P, kinds=events).reshape(n_seg, seg_tokens))
     runs = [(f, name) for f in BUDGETS for name in ("fixed 1-in-k", "random", "surprise", "learned", "learned+labels", "oracle")]
     for f, name in tqdm(runs, desc="routing runs"):
-        budget = Budget(fraction=f, reserve=reserve, spike_z=spike_z)
+        budget = BudgetConfig(fraction=f, reserve=reserve, spike_z=spike_z)
         r = {"fixed 1-in-k": FixedRouter(round(1 / f)), "random": RandomRouter(f, seed=1), "surprise": SurpriseRouter(),
              "learned": router, "learned+labels": supervised, "oracle": oracle}[name]
-        forecast, modes, flops, allow = (flatten(t) for t in run_router(model, x, r, budget))
+        forecast, modes, flops, allow = run_router(model, x, r, budget)
         rows.append(row(f, name, modes, forecast, flops, allow))
         decisions[(f, name)] = modes
 
@@ -264,7 +274,7 @@ def main() -> None:
 
     seeds = FURTHER_SEEDS[:1] if args.quick else FURTHER_SEEDS
     further = further_streams(model, {"learned": router, "surprise": SurpriseRouter(), "random": RandomRouter(0.10, seed=1)},
-                              Budget(fraction=0.10, reserve=reserve, spike_z=spike_z), setup, seg_tokens, n_seg, seeds)
+                              BudgetConfig(fraction=0.10, reserve=reserve, spike_z=spike_z), setup, seg_tokens, n_seg, seeds)
     print("\nAt 10% on further fresh streams (nothing was chosen on them): event windows recalled, MAE inside event windows")
     print("| seed | all-recurrent MAE | all-attention MAE | learned recall | learned MAE | surprise recall | random recall |\n|" + "---|" * 7)
     for r in further:

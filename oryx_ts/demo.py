@@ -1,9 +1,10 @@
 """`oryx-ts demo`: the main job end to end on an embedded default.
 
 Generates a multivariate telemetry stream with daily and weekly seasonality, noise and labelled
-anomaly windows; trains the `debug` preset on it; streams the held-out tail through `step` with a
-fixed 1-in-4 attention schedule and bounded retention; prints MAE and CRPS next to seasonal naive, all-recurrent and
-all-attention; saves a plot of the forecasts with the attention tokens marked.
+anomaly windows; trains the `debug` preset on it; streams the held-out tail patch by patch through
+the streaming engine (`evaluation.backtest.stream_forecasts`, the service's code path) with a fixed
+1-in-4 attention schedule and bounded retention; prints MAE and CRPS next to seasonal naive,
+all-recurrent and all-attention; saves a plot of the forecasts with the attention tokens marked.
 """
 
 import time
@@ -15,7 +16,7 @@ import numpy as np
 from oryx_ts.config import preset
 from oryx_ts.evaluation.backtest import stream_forecasts
 from oryx_ts.evaluation.metrics import crps_quantiles, horizon_targets, mae, seasonal_naive
-from oryx_ts.train import fixed_schedule, train
+from oryx_ts.train import fixed_schedule, rows_needed, train
 
 DAY = 96  # steps per day (15-minute telemetry)
 
@@ -56,11 +57,16 @@ def run_demo(out_dir: str | Path = "runs/demo", *, steps: int | None = None, len
     """Run the demo; returns `{method: (MAE, CRPS)}` and writes `model/`, `forecast.png` under `out_dir`."""
     started = time.time()
     out_dir = Path(out_dir)
-    # bounded retention: attention sees the last 128 tokens (the training window) plus 16 pinned
-    # attention tokens, so memory stays constant however long the stream runs
-    config = preset("debug", block={"retention": "bounded", "window": 128, "pinned": 16})
+    # bounded retention: attention sees the last training window of tokens (128, fewer when a short
+    # stream holds no such window in its validation split) plus 16 pinned attention tokens, so
+    # memory stays constant however long the stream runs
+    config = preset("debug")
     if steps is not None:
         config = config.replace(train={"steps": steps})
+    window = config.train.window_tokens
+    while window > 1 and rows_needed(config.replace(train={"window_tokens": window})) > length:
+        window -= 1
+    config = config.replace(block={"retention": "bounded", "window": window, "pinned": 16}, train={"window_tokens": window})
     stream = demo_stream(length, config.tokenizer.channels)
     print(f"stream: {length} steps x {config.tokenizer.channels} channels, {len(stream.anomalies)} anomaly windows")
 
