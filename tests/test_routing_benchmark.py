@@ -2,19 +2,25 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from oryx_ts.cli import default_threads
+
 ROOT = Path(__file__).resolve().parents[1]
+HANG_GUARD = 3600  # seconds; the work is bounded by the --quick sizes, this only stops a hung process
+# the CLI's thread default (the idle cores), so that a busy machine slows the run instead of oversubscribing it
+ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(default_threads()))}
 
 
 @pytest.mark.parametrize("stream", ["anomalies", "programs", "daily"])
 def test_quick_routing_benchmark_writes_a_full_table(tmp_path, stream):
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--quick", "--stream", stream, "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+                         capture_output=True, text=True, timeout=HANG_GUARD, cwd=ROOT, env=ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
     routed = [(r["budget"], r["router"]) for r in result["rows"] if r["budget"] is not None]
@@ -37,7 +43,7 @@ def test_quick_routing_benchmark_writes_a_full_table(tmp_path, stream):
 
 def test_quick_attention_ceiling_reports_every_mode_per_variant(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_ceiling.py"), "--quick", "--jobs", "2", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+                         capture_output=True, text=True, timeout=HANG_GUARD, cwd=ROOT, env=ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
     assert [r["variant"] for r in result["variants"]] == ["as the stream, 25% attention chunks", "as the stream, 50% attention chunks"]
