@@ -206,7 +206,8 @@ def _parse_values(values: Any, n: int, channels: int) -> tuple[np.ndarray, np.nd
     details: dict[int, str] = {}
     for i, row in enumerate(rows):
         if isinstance(row, (str, bytes)) or not hasattr(row, "__len__"):
-            codes[i], details[i] = _WIDTH, f"row is {type(row).__name__} {row!r}, expected a sequence of {channels} values"
+            codes[i] = _WIDTH
+            details[i] = f"row is {type(row).__name__} {row!r}, expected a sequence of {channels} values"
         elif len(row) != channels:
             codes[i], details[i] = _WIDTH, f"{len(row)} values, expected {channels}"
         else:
@@ -537,20 +538,27 @@ class Regularizer:
         """Nothing more will arrive up to `timestamp`: release every grid row up to it (gaps as NaN).
 
         Rows after it stay pending. A timestamp before the next row to release changes nothing.
+        Before the first accepted row (an explicit origin and step) the stream starts after
+        `timestamp`: nothing is released and rows up to it become late.
         Raises ValueError while the grid is unknown or when `timestamp` is off the grid.
         """
         if self._origin is None or self._step is None:
-            raise ValueError(f"cannot advance to {timestamp!r}: the grid is not known yet (origin={self._origin}, step={self._step})")
+            raise ValueError(f"cannot advance to {timestamp!r}: the grid is not known yet "
+                             f"(origin={self._origin}, step={self._step})")
         t, _ = _as_int(timestamp, "timestamp")
         k, off = divmod(t - self._origin, self._step)
         if off:
             raise ValueError(f"timestamp {t} is off the grid (origin {self._origin}, step {self._step})")
         first = self._next
+        if not self._started:  # releasing gaps back to an explicit origin could mean years of NaN rows
+            self._started, self._next, self._newest = True, k + 1, k
+            return PushResult(0, [], np.empty((0, self.channels), dtype=np.float32), k + 1)
         if k < self._next:
             return PushResult(0, [], np.empty((0, self.channels), dtype=np.float32), first)
         if k > self._newest:
             extra = k - self._newest
-            self._pending_LC = np.concatenate([self._pending_LC, np.full((extra, self.channels), np.nan, dtype=np.float32)])
+            gaps_LC = np.full((extra, self.channels), np.nan, dtype=np.float32)
+            self._pending_LC = np.concatenate([self._pending_LC, gaps_LC])
             self._observed_L = np.concatenate([self._observed_L, np.zeros(extra, dtype=bool)])
             self._newest = k
             self._started = True
@@ -593,7 +601,8 @@ class Regularizer:
         keys = {"version", "channels", "step", "origin", "datetime", "policy", "started", "next_index",
                 "newest_index", "pending_LC", "observed_L"}
         if not isinstance(d, dict) or keys - set(d):
-            raise ValueError(f"not a Regularizer state: missing {sorted(keys - set(d)) if isinstance(d, dict) else d!r}")
+            missing = sorted(keys - set(d)) if isinstance(d, dict) else d
+            raise ValueError(f"not a Regularizer state: missing {missing!r}")
         if d["version"] != _STATE_VERSION:
             raise ValueError(f"Regularizer state version {d['version']!r}, expected {_STATE_VERSION}")
         self = cls(d["channels"], policy=RegularizerPolicy(**d["policy"]))

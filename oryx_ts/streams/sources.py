@@ -254,7 +254,8 @@ def _block_timestamps(frame: pl.DataFrame, column: str, source: str) -> np.ndarr
         col = col.cast(pl.Datetime("ns"))
     if isinstance(col.dtype, pl.Datetime):
         if col.null_count():
-            raise ValueError(f"{source}: row {int(col.is_null().arg_true()[0]) + 1}, column {column!r}: missing timestamp")
+            row = int(col.is_null().arg_true()[0]) + 1
+            raise ValueError(f"{source}: row {row}, column {column!r}: missing timestamp")
         # the physical value of a zoned Datetime is already UTC
         return col.dt.cast_time_unit("ns").cast(pl.Int64).to_numpy().astype(np.int64, copy=False)
     ts, clock = _timestamps(frame, column, source, None)

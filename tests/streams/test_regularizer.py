@@ -186,6 +186,28 @@ def test_an_empty_push_is_a_no_op():
     assert reg.newest_index is None
 
 
+def test_advance_releases_the_grid_up_to_a_heartbeat():
+    reg = Regularizer(1, step=1, policy=RegularizerPolicy(tolerance=3))
+    reg.push([0, 1], [[0], [1]])
+    res = reg.advance(4)
+    assert res.first_index == 0 and np.array_equal(res.released_LC.ravel(), [0, 1, NAN, NAN, NAN], equal_nan=True)
+    assert reg.next_index == 5 and reg.pending == 0
+    assert _reasons(reg.push([3], [[3]])) == {0: "late"}
+    assert reg.advance(2).released_LC.shape == (0, 1)
+    with pytest.raises(ValueError, match="off the grid"):
+        Regularizer(1, step=2, origin=0).advance(3)
+    with pytest.raises(ValueError, match="not known yet"):
+        Regularizer(1).advance(3)
+
+
+def test_advance_before_any_row_starts_the_stream_after_it_without_releasing_gaps():
+    reg = Regularizer(1, step=60, origin=0)
+    res = reg.advance(1_700_000_040)
+    assert res.released_LC.shape == (0, 1) and reg.next_index == 1_700_000_040 // 60 + 1
+    assert _reasons(reg.push([1_700_000_040], [[1]])) == {0: "late"}
+    assert reg.push([1_700_000_100], [[2]]).released_LC.tolist() == [[2]]
+
+
 # --- step inference, datetimes --------------------------------------------------------------------
 
 def test_an_inferred_step_holds_rows_until_a_second_timestamp_then_is_the_smallest_difference():
@@ -285,7 +307,8 @@ def _random_stream(rng: np.random.Generator, channels: int, step: int, t0: int) 
         if rng.random() < 0.12:
             t = t0 + k * step
             junk = [(t + 0.5, [1.0] * channels), (NAN, [1.0] * channels), (None, [1.0] * channels),
-                    (t, [1.0] * (channels + 1)), (t, [1.0] * (channels - 1)), (t, [float("inf")] + [0.0] * (channels - 1)),
+                    (t, [1.0] * (channels + 1)), (t, [1.0] * (channels - 1)),
+                    (t, [float("inf")] + [0.0] * (channels - 1)),
                     (t, ["x"] * channels), (t, [NAN] * channels), (t, [1e39] * channels)]
             if step > 1:
                 junk.append((t + 1, [2.0] * channels))
@@ -452,7 +475,8 @@ def test_pushing_in_order_rows_one_at_a_time_equals_one_push(tolerance):
     parts_many = [many.push(ts, vals), many.drain()]
     parts_one = [one.push([int(t)], v[None]) for t, v in zip(ts, vals)] + [one.drain()]
     assert sum(p.accepted for p in parts_one) == sum(p.accepted for p in parts_many)
-    assert sorted(r.reason for p in parts_one for r in p.rejected) == sorted(r.reason for p in parts_many for r in p.rejected)
+    reasons = [sorted(r.reason for p in parts for r in p.rejected) for parts in (parts_one, parts_many)]
+    assert reasons[0] == reasons[1]
     a, b = _grid(parts_one, 3), _grid(parts_many, 3)
     assert a[0] == b[0] and a[1].tobytes() == b[1].tobytes()
 

@@ -252,4 +252,5 @@ def test_from_file_memory_stays_far_below_the_file_size(tmp_path):
                              capture_output=True, text=True, env=env, check=True, timeout=300)
         probe = json.loads(out.stdout)
         assert probe["rows"] == rows and probe["biggest"] <= 4096
-        assert probe["growth"] < size / 5, f"{big.name}: peak RSS grew {probe['growth'] / 1e6:.1f} MB of {size / 1e6:.0f}"
+        grew = f"{big.name}: peak RSS grew {probe['growth'] / 1e6:.1f} MB for {size / 1e6:.0f} MB of data"
+        assert probe["growth"] < size / 5, grew
