@@ -107,6 +107,7 @@ class _Series:
     regularizer: Regularizer
     labels: list[tuple[int, int]]  # [start, end) timestamps
     buffer_LC: np.ndarray  # partial patch, < P rows
+    first_index: int | None = None  # grid index of the series' first step (token 0 starts there)
     queue: deque = field(default_factory=deque)  # whole patches (P, C) float32, not yet stepped
     rejected: Counter = field(default_factory=Counter)
     windows_recalled: set = field(default_factory=set)
@@ -242,7 +243,7 @@ class Engine:
         pushed = s.regularizer.push(timestamps, values)
         for r in pushed.rejected:
             s.rejected[r.reason] += 1
-        return IngestResult(pushed.accepted, pushed.rejected, self._buffer(s, pushed.released_LC))
+        return IngestResult(pushed.accepted, pushed.rejected, self._buffer(s, pushed))
 
     def advance(self, series_id: str, timestamp: int) -> int:
         """Declare that nothing more will arrive up to `timestamp`: the grid up to it is released (gaps as NaN).
@@ -251,16 +252,19 @@ class Engine:
         `ValueError` when the series has no grid yet or `timestamp` is off it.
         """
         s = self._get(series_id)
-        return self._buffer(s, s.regularizer.advance(timestamp).released_LC)
+        return self._buffer(s, s.regularizer.advance(timestamp))
 
     def drain(self, series_id: str) -> int:
         """End of a series' stream: release the rows its regularizer holds open; returns patches queued."""
         s = self._get(series_id)
-        return self._buffer(s, s.regularizer.drain().released_LC)
+        return self._buffer(s, s.regularizer.drain())
 
-    def _buffer(self, s: _Series, rows_LC: np.ndarray) -> int:
+    def _buffer(self, s: _Series, pushed) -> int:
+        rows_LC = pushed.released_LC
         if not len(rows_LC):
             return 0
+        if s.first_index is None:
+            s.first_index = pushed.first_index
         rows = np.concatenate([s.buffer_LC, rows_LC]) if len(s.buffer_LC) else rows_LC
         whole = len(rows) // self.P
         for k in range(whole):
@@ -370,7 +374,8 @@ class Engine:
         reg = s.regularizer
         if reg.origin is None or reg.step is None:
             return None
-        return reg.timestamp_of(n * self.P), reg.timestamp_of((n + 1) * self.P - 1)
+        i0 = s.first_index or 0
+        return reg.timestamp_of(i0 + n * self.P), reg.timestamp_of(i0 + (n + 1) * self.P - 1)
 
     def _labelled(self, batch: list[_Series], tokens: np.ndarray) -> np.ndarray:
         out = np.zeros(len(batch), dtype=bool)
@@ -386,7 +391,7 @@ class Engine:
                 continue
             for k, (a, b) in enumerate(s.labels):
                 if a <= span[1] and span[0] < b:
-                    first = (a - s.regularizer.origin) // (s.regularizer.step * self.P)
+                    first = ((a - s.regularizer.origin) // s.regularizer.step - (s.first_index or 0)) // self.P
                     if n - max(first, 0) < first_tokens:
                         s.windows_seen.add(k)
                         if m > 0:
@@ -403,11 +408,12 @@ class Engine:
             need = self.P - len(s.buffer_LC) - sum(len(p) for p in s.queue)
             raise ValueError(f"series {series_id!r} has no forecast yet: {need} more step(s) complete its first patch (then flush)")
         reg = s.regularizer
-        origin = reg.timestamp_of((n + 1) * self.P - 1)
+        i0 = s.first_index or 0
+        origin = reg.timestamp_of(i0 + (n + 1) * self.P - 1)
         routing = row.parts["routing"]
         return Forecast(
             series_id=series_id, token=n, origin_timestamp=origin,
-            timestamps=np.asarray([reg.timestamp_of((n + 1) * self.P + h) for h in range(self.Hz)], dtype=np.int64),
+            timestamps=np.asarray([reg.timestamp_of(i0 + (n + 1) * self.P + h) for h in range(self.Hz)], dtype=np.int64),
             quantiles=tuple(self.config.head.quantiles),
             values=row.parts["forecast"].served_BHzCQ[0].cpu().numpy(),
             mode=float(routing.last_mode_B[0]), flops=float(routing.last_flops_B[0]),
@@ -465,7 +471,7 @@ class Engine:
             tensors[f"series.{k}.observed_L"] = torch.from_numpy(reg.pop("observed_L"))
             tensors[f"series.{k}.buffer_LC"] = torch.from_numpy(s.buffer_LC.copy())
             meta.append({
-                "id": sid, "regularizer": reg, "labels": s.labels, "rejected": dict(s.rejected),
+                "id": sid, "first_index": s.first_index, "regularizer": reg, "labels": s.labels, "rejected": dict(s.rejected),
                 "recalled": sorted(s.windows_recalled), "seen": sorted(s.windows_seen), "state_bytes": s.state_bytes,
             })
         self.store.write(tensors, {"format": "oryx_ts.engine/1", "layout": pooled.layout(), "series": meta,
@@ -493,6 +499,7 @@ class Engine:
                        "observed_L": tensors[f"series.{k}.observed_L"].numpy()}
                 s = _Series(m["id"], k, Regularizer.from_state_dict(reg), [tuple(w) for w in m["labels"]],
                             tensors[f"series.{k}.buffer_LC"].numpy().copy())
+                s.first_index = m["first_index"]
                 s.rejected.update(m["rejected"])
                 s.windows_recalled, s.windows_seen = set(m["recalled"]), set(m["seen"])
                 s.state_bytes = [tuple(x) for x in m["state_bytes"]]

@@ -276,3 +276,16 @@ def test_bounded_state_bytes_stay_constant_and_labels_are_recalled():
     assert len(audit["state_bytes_history"]) == 8 and len(sizes) == 1
     assert audit["window_recall"] == 1.0 and audit["labelled_windows"] == 2
     assert 0 < audit["attention_rate"] < 1 and audit["realized_over_allowance"] <= 1 + 1e-9
+
+
+def test_forecast_timestamps_follow_the_series_clock():
+    model = random_model("gdn")
+    engine = Engine(model, adapter=OFF)
+    engine.add_series("x", step=10, origin=0)
+    start = 1000  # the first row lies on the grid, far from its origin
+    values = np.random.default_rng(0).normal(size=(2 * P, C)).astype(np.float32)
+    engine.ingest("x", start + 10 * np.arange(2 * P), values)
+    engine.flush()
+    f = engine.forecast("x")
+    assert f.token == 1 and f.origin_timestamp == start + 10 * (2 * P - 1)
+    assert np.array_equal(f.timestamps, f.origin_timestamp + 10 * np.arange(1, model.config.head.horizon + 1))
