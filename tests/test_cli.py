@@ -1,5 +1,6 @@
 """The command line as a user meets it: forecasts from a checkpoint, typed overrides, and one-line errors for every bad invocation."""
 
+import io
 import json
 
 import numpy as np
@@ -245,3 +246,19 @@ def test_corrupted_weights_are_refused_by_forecast(files, tmp_path, capsys):
     assert main(["forecast", "--model", str(ckpt), "--data", str(files["data"])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("oryx-ts: error: corrupt checkpoint weights") and "model.safetensors" in err
+
+
+def test_forecast_from_a_checkpoint_without_data_metadata_uses_row_indices(tmp_path, capsys):
+    from oryx_ts import save
+    from tests.conftest import random_model
+
+    ckpt = save(random_model(), tmp_path / "ckpt")  # trained on an array: no channel names, no clock
+    values = demo_stream(400, 4, seed=1).values
+    path = tmp_path / "plain.csv"
+    pl.DataFrame({f"c{i}": values[:, i] for i in range(4)}).write_csv(path)
+    assert main(["forecast", "--model", str(ckpt), "--data", str(path), "--origins", "100"]) == 0
+    frame = pl.read_csv(io.StringIO(capsys.readouterr().out))
+    assert frame.columns[:4] == ["origin_row", "timestamp", "channel", "step"]
+    assert frame["timestamp"].to_list()[:4] == [101] * 4 and frame["channel"].to_list()[:4] == ["c0", "c1", "c2", "c3"]
+    assert main(["forecast", "--model", str(ckpt), "--data", str(path), "--channels", "c0,c1,c2"]) == 2
+    assert "the model reads 4" in capsys.readouterr().err
