@@ -287,10 +287,10 @@ def _cmd_forecast(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_reading(parser: argparse.ArgumentParser) -> None:
+def _add_reading(parser: argparse.ArgumentParser, *, defaults: str = "all numeric") -> None:
     parser.add_argument("--timestamp", default=None, help="timestamp column (must be increasing; not a channel)")
     parser.add_argument("--step", default=None, help="resampling step, e.g. 1m or 15min (default: inferred)")
-    parser.add_argument("--channels", default=None, help="comma-separated channel columns (default: all numeric)")
+    parser.add_argument("--channels", default=None, help=f"comma-separated channel columns (default: {defaults})")
     parser.add_argument("--duplicates", choices=DUPLICATES, default="error",
                         help="repeated timestamps: refuse (default), keep the first or last, or average them")
     parser.add_argument("--time-format", default=None, help="strftime format of the timestamp column, e.g. '%%d/%%m/%%Y %%H:%%M'")
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train on a CSV or Parquet file (numeric columns are channels)")
     tr.add_argument("--data", required=True, help="CSV or Parquet file")
-    _add_reading(tr)
+    _add_reading(tr, defaults="all numeric, or those of --init")
     tr.add_argument("--preset", default=None, choices=["debug", "small", "base"], help="model and training preset (default: debug)")
     tr.add_argument("--config", default=None, help="JSON config file (instead of a preset)")
     tr.add_argument("--init", default=None, metavar="DIR",
@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc = sub.add_parser("forecast", help="quantile forecasts from a checkpoint on a CSV or Parquet file")
     fc.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (from train or demo)")
     fc.add_argument("--data", required=True, help="CSV or Parquet file with the model's channels")
-    _add_reading(fc)
+    _add_reading(fc, defaults="the columns the model was trained on")
     fc.add_argument("--origins", nargs="+", default=None, metavar="ORIGIN",
                     help="forecast origins: row indices of the file's grid (negative: from the end) or timestamps "
                          "(default: the last row)")
