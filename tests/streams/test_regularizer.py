@@ -8,7 +8,6 @@ Legend: n rows pushed, L grid rows, C channels.
 import copy
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -481,31 +480,22 @@ def test_pushing_in_order_rows_one_at_a_time_equals_one_push(tolerance):
     assert a[0] == b[0] and a[1].tobytes() == b[1].tobytes()
 
 
-# --- speed ----------------------------------------------------------------------------------------
+# --- large and tiny pushes (their timings are in benchmarks/streams.py, not here) -------------------
 
-def test_a_million_in_order_rows_take_well_under_a_second():
+def test_a_million_in_order_rows_are_placed_in_one_push():
     ts = np.arange(1_000_000, dtype=np.int64) * 5
     vals = np.random.default_rng(0).normal(size=(1_000_000, 4))
-    best = math.inf
-    for _ in range(3):
-        reg = Regularizer(4, step=5, policy=RegularizerPolicy(tolerance=4))
-        start = time.perf_counter()
-        res = reg.push(ts, vals)
-        best = min(best, time.perf_counter() - start)
+    reg = Regularizer(4, step=5, policy=RegularizerPolicy(tolerance=4))
+    res = reg.push(ts, vals)
     assert res.accepted == 1_000_000 and len(res.released_LC) == 1_000_000 - 5  # 4 behind the newest, and the newest
-    assert best < 0.5, f"{best:.3f} s"
+    np.testing.assert_array_equal(res.released_LC, vals[: len(res.released_LC)].astype(np.float32))
 
 
 @pytest.mark.parametrize("tolerance", [0, 3])
-def test_a_one_row_push_takes_under_30_microseconds(tolerance):
+def test_one_row_pushes_release_in_order(tolerance):
     reg = Regularizer(4, step=1, policy=RegularizerPolicy(tolerance=tolerance))
     row = [[1.0, 2.0, NAN, 4.0]]
     reg.push([0], row)
-    per_row = []
-    for rep in range(5):
-        start = time.perf_counter()
-        for t in range(1 + rep * 2000, 1 + (rep + 1) * 2000):
-            reg.push([t], row)
-        per_row.append((time.perf_counter() - start) / 2000)
+    for t in range(1, 10_001):
+        reg.push([t], row)
     assert reg.next_index == (10_001 if tolerance == 0 else 10_000 - tolerance)
-    assert min(per_row) < 30e-6, f"{min(per_row) * 1e6:.1f} us"
