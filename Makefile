@@ -16,7 +16,7 @@ $(CORE): pyproject.toml Makefile
 	touch $@
 
 $(TEST): $(CORE)
-	$(PY) -m pip install -q -e '.[test,forecasting]'
+	$(PY) -m pip install -q -e '.[test,forecasting,serve,tune]'
 	# fla's pure-torch references (naive.py) are the cross-check for our kernels; --no-deps keeps
 	# triton out: we load those files directly and never import the fla package.
 	$(PY) -m pip install -q --no-deps fla-core==0.6.0
