@@ -1,0 +1,1 @@
+"""The online forecasting service: FastAPI over one `streams.Engine`, durable through SQLite."""
