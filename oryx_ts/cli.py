@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from oryx_ts.datasets.cli import add_parser as add_data_parser
+from oryx_ts.tune.cli import add_parser as add_sweep_parser
 from oryx_ts.service.cli import add_parser as add_serve_parser
 from oryx_ts.evaluation.cli import add_parser as add_backtest_parser
 
@@ -347,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc.set_defaults(func=_cmd_forecast)
 
     add_data_parser(sub)
+    add_sweep_parser(sub)
     add_serve_parser(sub)
     add_backtest_parser(sub)
     return parser
