@@ -43,7 +43,7 @@ def backtest_streams(
     adapter: AdapterConfig | None = None,
     labels: Mapping[str, list[tuple[int, int]]] | None = None,
     chunk: int | None = None,
-    max_batch: int = 1024,
+    max_batch: int = 16384,
     progress: bool = False,
     desc: str = "backtest",
 ) -> dict[str, StreamBacktest]:

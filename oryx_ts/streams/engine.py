@@ -133,7 +133,7 @@ class Engine:
         *,
         adapter: AdapterConfig | None = None,
         policy: RegularizerPolicy | None = None,
-        max_batch: int = 1024,
+        max_batch: int = 16384,
         capacity: int = 64,
         on_step: Callable[[StepRecord], None] | None = None,
         state_bytes_every: int = 1024,
@@ -159,7 +159,7 @@ class Engine:
         self.M = math.ceil(self.Hz / self.P)
         self.adapter = Adapter(adapter or AdapterConfig(), self.Hz, self.C, c.head.quantiles)
         self.device = next(self.model.parameters()).device
-        self._quantiles = torch.tensor(c.head.quantiles, dtype=torch.float64, device=self.device)
+        self._quantiles_f32 = torch.tensor(c.head.quantiles, dtype=torch.float32, device=self.device)
         h = np.arange(self.Hz)
         self._h_patch = torch.as_tensor(h // self.P, device=self.device)  # which later patch holds entry h
         self._h_step = torch.as_tensor(h % self.P, device=self.device)  # and which step of it
@@ -302,7 +302,8 @@ class Engine:
 
         forecast_RHzCQ, sub = self.forecaster.step(patch, sub)
         mean_RC, std_RC = self.model.normalization(sub)
-        frozen = ((forecast_RHzCQ.double() - mean_RC[:, None, :, None]) / std_RC[:, None, :, None]).float()
+        mean_f, std_f = mean_RC.float()[:, None, :, None], std_RC.float()[:, None, :, None]
+        frozen = (forecast_RHzCQ - mean_f) / std_f
         served_norm = self.adapter.apply(sub.parts["adapter"], frozen)
         if self.adapter.config.enabled:
             served = (served_norm.double() * std_RC[:, None, :, None] + mean_RC[:, None, :, None]).float()
@@ -337,38 +338,50 @@ class Engine:
             ))
 
     def _mature(self, sub: State, fc: ForecastState, patch_RPC: torch.Tensor, n_R: torch.Tensor) -> None:
-        """Score the entries of pending forecasts that patch n completes, then let the adapter learn from them."""
-        j_RM = fc.pending_token_BM
-        d_RM = n_R[:, None] - j_RM - 1  # patch n is the (d+1)-th patch after origin j
-        new_RMHz = (j_RM >= 0)[..., None] & (self._h_patch[None, None, :] == d_RM[..., None])
-        if not bool(new_RMHz.any()):
+        """Score the entries of pending forecasts that patch n completes, then let the adapter learn from them.
+
+        Patch n holds horizon step h of exactly one forecast, the one made at token j = n - 1 - h // P,
+        so the matured entries form one (R, Hz, C) grid gathered from the pending slots.
+        """
+        R = patch_RPC.shape[0]
+        j_RH = n_R[:, None] - 1 - self._h_patch[None, :]
+        slot_RH = j_RH % self.M
+        r_RH = torch.arange(R, device=self.device)[:, None].expand(R, self.Hz)
+        h_RH = torch.arange(self.Hz, device=self.device)[None, :].expand(R, self.Hz)
+        valid_RH = (j_RH >= 0) & (fc.pending_token_BM[r_RH, slot_RH] == j_RH)
+        if not bool(valid_RH.any()):
             return
-        raw_RHzC = patch_RPC[:, self._h_step].double()  # entry h of a forecast whose (d+1)-th patch this is
-        target = (raw_RHzC[:, None] - fc.pending_mean_BMC[:, :, None]) / fc.pending_std_BMC[:, :, None]
-        new_RMHzC = new_RMHz[..., None] & ~torch.isnan(target)
-        target = torch.where(new_RMHzC, target, float("nan")).float()
-        self.adapter.update(sub.parts["adapter"], fc.pending_frozen_BMHzCQ, target, new_RMHzC)
+        mean_RHC, std_RHC = fc.pending_mean_BMC[r_RH, slot_RH], fc.pending_std_BMC[r_RH, slot_RH]
+        target = (patch_RPC[:, self._h_step].double() - mean_RHC) / std_RHC
+        new_RHC = valid_RH[..., None] & ~torch.isnan(target)
+        target = torch.where(new_RHC, target, float("nan")).float()
+        frozen = fc.pending_frozen_BMHzCQ[r_RH, slot_RH, h_RH]  # (R, Hz, C, Q): step h of its own forecast
+        served = fc.pending_served_BMHzCQ[r_RH, slot_RH, h_RH]
+        self.adapter.update(sub.parts["adapter"], frozen[:, None], target[:, None], new_RHC[:, None])
 
         med = self.config.head.median_index
-        t64 = torch.where(new_RMHzC, target.double(), 0.0)
-        w = new_RMHzC.double()
-        sums = {}
-        for name, pred in (("frozen", fc.pending_frozen_BMHzCQ), ("served", fc.pending_served_BMHzCQ)):
-            p = torch.where(new_RMHzC[..., None], pred.double(), 0.0)
-            sums[f"abs_{name}"] = ((p[..., med] - t64).abs() * w).sum((1, 2, 3))
-            diff = t64[..., None] - p
-            pin = torch.maximum(self._quantiles * diff, (self._quantiles - 1) * diff).mean(-1)
-            sums[f"pinball_{name}"] = (pin * w).sum((1, 2, 3))
-        entries_RM = w.sum((2, 3))
-        sums["entries"] = entries_RM.sum(1)
-        err_RM = ((torch.where(new_RMHzC[..., None], fc.pending_served_BMHzCQ.double(), 0.0)[..., med] - t64).abs() * w).sum((2, 3))
-        lab = fc.pending_label_BM.double()
-        sums["abs_served_in"] = (err_RM * lab).sum(1)
-        sums["entries_in"] = (entries_RM * lab).sum(1)
-        sums["abs_served_out"] = (err_RM * (1 - lab)).sum(1)
-        sums["entries_out"] = (entries_RM * (1 - lab)).sum(1)
-        for name, value in sums.items():
-            fc.sums_BK[:, SUMS.index(name)] += value
+        adapting = self.adapter.config.enabled
+        w = new_RHC.float()
+        t0 = torch.where(new_RHC, target, 0.0)
+        both = torch.stack([frozen, served]) if adapting else frozen[None]  # served = frozen without adaptation
+        both = torch.where(new_RHC[None, ..., None], both, 0.0)
+        abs_XRHC = (both[..., med] - t0).abs() * w
+        diff = t0[..., None] - both
+        q = self._quantiles_f32
+        pin_XR = (torch.maximum(q * diff, (q - 1) * diff).mean(-1) * w).sum((2, 3)).double()
+        abs_XR = abs_XRHC.sum((2, 3)).double()
+        err_served = abs_XRHC[-1]
+        entries = w.sum((1, 2)).double()
+        if bool(fc.pending_label_BM.any()):
+            lab_RH1 = fc.pending_label_BM[r_RH, slot_RH].float()[..., None]
+            err_in, n_in = (err_served * lab_RH1).sum((1, 2)).double(), (w * lab_RH1).sum((1, 2)).double()
+        else:
+            err_in = n_in = torch.zeros_like(entries)
+        sums = torch.stack([
+            abs_XR[0], abs_XR[-1], pin_XR[0], pin_XR[-1], entries,
+            err_in, n_in, abs_XR[-1] - err_in, entries - n_in,
+        ], dim=1)
+        fc.sums_BK[:, : sums.shape[1]] += sums
 
     def _token_span(self, s: _Series, n: int) -> tuple[int, int] | None:
         reg = s.regularizer
