@@ -84,6 +84,9 @@ class Param:
 
 
 def _text(value: Any) -> str:
+    """A sample's value as `--set` text; an integral float (80.0 from a JSON range) also reads as an int field."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return str(value)
