@@ -121,6 +121,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     start=None if stream.start is None else str(stream.start))
     print(f"training on {values.shape[0]} steps x {values.shape[1]} channels ({', '.join(columns)})"
           + (f" from {args.init}" if args.init else ""))
+    if args.workers != 1:
+        from oryx_ts.tune.train_ray import train_command
+        return train_command(args, config, values, model=model, data=data)
     max_seconds = None if args.max_minutes is None else 60.0 * args.max_minutes
     result = train(config, values, model=model, out_dir=args.out, progress=not args.quiet, data=data, max_seconds=max_seconds)
     if result.time_budget is not None and result.steps < config.train.steps:
@@ -328,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-minutes", type=float, default=None, metavar="M",
                     help="time budget: the step count is cut so that the schedule ends within M minutes")
     tr.add_argument("--out", default="runs/train", help="checkpoint directory")
+    tr.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="N > 1: data-parallel training on N Ray Train workers (DDP; gloo on CPU, NCCL on GPUs; needs the tune extra)")
     tr.add_argument("--quiet", action="store_true")
     _add_threads(tr)
     tr.set_defaults(func=_cmd_train)
