@@ -289,3 +289,22 @@ def train_distributed(
         out.checkpoint = save(trained, out_dir, extra={"history": state.history, "steps": state.step, "workers": workers,
                                                        "seconds": round(run_seconds, 2)}, data=data)
     return out
+
+
+def train_command(args, config: OryxConfig, values: np.ndarray, *, model: OryxForecaster | None, data=None) -> int:
+    """`oryx-ts train --workers N`: `train_distributed` with the command's checkpoint directory; prints as `train` does."""
+    from oryx_ts.tune.local import shutdown_ray
+
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.max_minutes is not None:
+        raise ValueError("--max-minutes is not supported with --workers; set train.steps instead")
+    threads = max(1, (args.threads or os.cpu_count() or 1) // args.workers)
+    try:
+        result = train_distributed(config, values, workers=args.workers, storage=Path(args.out) / "ray", model=model,
+                                   out_dir=args.out, data=data, threads_per_worker=threads, address=getattr(args, "address", None))
+    finally:
+        shutdown_ray()
+    print(f"validation loss {result.val_losses[0]:.4f} -> {result.val_losses[-1]:.4f}; {config.train.steps} steps on "
+          f"{args.workers} workers in {result.seconds:.0f}s ({result.tokens_per_second:,.0f} tokens/s); checkpoint: {result.checkpoint}")
+    return 0
