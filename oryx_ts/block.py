@@ -188,7 +188,8 @@ class OryxMixer(nn.Module):
         """One token per series at its own position `pos_B`, against the layer state (updated in place).
 
         `plan` says where each series' key and value go (and which leaving token is pinned);
-        `att_rows` are the series whose mode is not 0 (only they compute the attention query).
+        `att_rows` are the series whose mode is not 0 (only they compute the attention query); None
+        computes it for every series (no host sync, for compiled steps).
         """
         c = self.config
         B = u_B1D.shape[0]
@@ -207,21 +208,22 @@ class OryxMixer(nn.Module):
         st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX = (t.detach() for t in tails)
 
         o = o_lin
-        if att_rows.numel():
-            R = att_rows.numel()
-            q_att = _l2norm(self.att_q(u_B1D[att_rows]).view(R, 1, H, K))
+        if att_rows is None or att_rows.numel():
+            pick = (lambda t: t) if att_rows is None else (lambda t: t[att_rows])  # noqa: E731
+            R = B if att_rows is None else att_rows.numel()
+            q_att = _l2norm(self.att_q(pick(u_B1D)).view(R, 1, H, K))
             if c.rope:
-                q_att = dispatch.rope(q_att.transpose(0, 1), pos_B[att_rows], base=c.rope_base).transpose(0, 1)
+                q_att = dispatch.rope(q_att.transpose(0, 1), pick(pos_B), base=c.rope_base).transpose(0, 1)
             zero = torch.zeros(1, dtype=torch.long, device=u_B1D.device)
             S = st.k_cache_BSHK.shape[1]
             # every valid slot holds a past token of that series (or the new one): visibility is the slot mask alone
             o_att = dispatch.routed_attention(
-                q_att, st.k_cache_BSHK[att_rows], st.v_cache_BSHV[att_rows], q_pos_Tq=zero,
-                k_pos_S=zero.expand(S), scale_H=self.att_log_temp.exp(), k_valid_BS=plan.valid_BS[att_rows],
+                q_att, pick(st.k_cache_BSHK), pick(st.v_cache_BSHV), q_pos_Tq=zero,
+                k_pos_S=zero.expand(S), scale_H=self.att_log_temp.exp(), k_valid_BS=pick(plan.valid_BS),
             ).to(o_lin.dtype)
-            m = m_B[att_rows].to(o_lin.dtype)[:, None, None, None]
-            blended = torch.where(m == 1, o_att, m * o_att + (1 - m) * o_lin[att_rows])
-            o = o_lin.index_copy(0, att_rows, blended)
+            m = pick(m_B).to(o_lin.dtype)[:, None, None, None]
+            blended = torch.where(m == 1, o_att, m * o_att + (1 - m) * pick(o_lin))
+            o = blended if att_rows is None else o_lin.index_copy(0, att_rows, blended)
         return self._output(u_B1D, o)
 
 class OryxBlock(nn.Module):

@@ -196,7 +196,9 @@ class OryxForecaster(nn.Module):
         m_B = self._modes(None if modes is None else self._series_modes(modes, B)[:, None], B, 1, patch_BPC.device)[:, 0]
         b = self.config.block
         plan = state.plan_step(m_B, b.window, b.pinned)
-        att_rows = (m_B != 0).nonzero().squeeze(1)  # the step's one host sync
+        # the step's one host sync: which series compute attention; a compiled step computes it for
+        # every series instead (a mode of 0 then takes the recurrent output exactly)
+        att_rows = None if torch.compiler.is_compiling() else (m_B != 0).nonzero().squeeze(1)
         x_B1D, pos_B = embedded.tokens_B1D, state.n_tokens_B
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
             x_B1D = block.step(x_B1D, m_B, layer_state, pos_B, plan, att_rows)

@@ -54,7 +54,12 @@ class RoutedForecaster:
         if budget is not None and not isinstance(budget, BudgetConfig):
             raise TypeError(f"budget must be a BudgetConfig or None, got {type(budget).__name__}")
         self.model, self.router, self.budget = model, router, budget
+        self.model_step = model.step  # the model's step; `compile_step` swaps in a compiled one
         self.config: OryxConfig = model.config
+
+    def compile_step(self) -> None:
+        """Run the model's part of every step through `torch.compile` (routing stays eager, on the host)."""
+        self.model_step = torch.compile(self.model.step, dynamic=False)
 
     def init_state(self, batch_size: int, *, capacity: int = 256, device=None, parts=None) -> State:
         """An empty state with the routing and controller parts (and any further `parts`)."""
@@ -101,7 +106,7 @@ class RoutedForecaster:
         tokens = embedded.tokens_B1D
         scores = self.router.scores(RouterInputs(tokens, feats.to(tokens.device), n_B[:, None]))[:, 0]
         modes, flops, allow = self._decide(scores, ctrl, n_B)
-        forecast, state = self.model.step(patch_BPC, state, modes.to(patch_BPC.device), embedded=embedded)
+        forecast, state = self.model_step(patch_BPC, state, modes.to(patch_BPC.device), embedded=embedded)
         dev = rs.ema_B.device
         rs.ema_B = ema.to(dev)
         rs.last_score_B = scores.detach().float().to(dev)

@@ -124,6 +124,9 @@ class Engine:
     policy: the regularizer's late/duplicate policy for every series.
     max_batch: series per micro-batch. capacity: KV slots per series before growing (retention `all`).
     on_step: called with a `StepRecord` after each micro-batch.
+    compile: run the forecaster's step and the target bookkeeping through `torch.compile` (a C++
+        compiler on CPU; the first step of each batch size compiles for tens of seconds, later ones
+        run about 3x faster for small batches, where the eager step is dominated by op overhead).
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class Engine:
         capacity: int = 64,
         on_step: Callable[[StepRecord], None] | None = None,
         state_bytes_every: int = 1024,
+        compile: bool = False,
     ):
         if isinstance(forecaster, OryxForecaster):
             forecaster = RoutedForecaster(forecaster, NoneRouter())
@@ -163,6 +167,9 @@ class Engine:
         h = np.arange(self.Hz)
         self._h_patch = torch.as_tensor(h // self.P, device=self.device)  # which later patch holds entry h
         self._h_step = torch.as_tensor(h % self.P, device=self.device)  # and which step of it
+        if compile:
+            forecaster.compile_step()
+        self._mature_fn = torch.compile(self._mature, dynamic=False) if compile else self._mature
         self._blank = self._allocate(1)
         self.pool = self._allocate(0)
         self.series: dict[str, _Series] = {}
@@ -298,7 +305,7 @@ class Engine:
         patch = torch.from_numpy(patches_RPC).to(self.device)
         fc: ForecastState = sub.parts["forecast"]
         n_R = sub.n_tokens_B
-        self._mature(sub, fc, patch, n_R)
+        self._mature_fn(sub, fc, patch, n_R)
 
         forecast_RHzCQ, sub = self.forecaster.step(patch, sub)
         mean_RC, std_RC = self.model.normalization(sub)
@@ -349,8 +356,6 @@ class Engine:
         r_RH = torch.arange(R, device=self.device)[:, None].expand(R, self.Hz)
         h_RH = torch.arange(self.Hz, device=self.device)[None, :].expand(R, self.Hz)
         valid_RH = (j_RH >= 0) & (fc.pending_token_BM[r_RH, slot_RH] == j_RH)
-        if not bool(valid_RH.any()):
-            return
         mean_RHC, std_RHC = fc.pending_mean_BMC[r_RH, slot_RH], fc.pending_std_BMC[r_RH, slot_RH]
         target = (patch_RPC[:, self._h_step].double() - mean_RHC) / std_RHC
         new_RHC = valid_RH[..., None] & ~torch.isnan(target)
