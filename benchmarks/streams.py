@@ -70,16 +70,17 @@ def build_model(retention: dict, seed: int = 0) -> oryx_ts.OryxForecaster:
 
 
 def forecaster_of(model, variant: str):
-    return model if variant == "recurrent" else RoutedForecaster(model, FixedRouter(10))
+    return RoutedForecaster(model, FixedRouter(10)) if variant.startswith("routed") else model
 
 
-def bare_step(forecaster, B: int):
+def bare_step(forecaster, B: int, compiled: bool = False):
     """A closure stepping a plain state of B series with one fresh patch each: the reference the engine is held to."""
     state = forecaster.init_state(B)
     patch = torch.randn(B, 8, 4)
     if isinstance(forecaster, RoutedForecaster):
         return lambda: forecaster.step(patch, state)
-    return lambda: forecaster.step(patch, state, None)
+    step = torch.compile(forecaster.step, dynamic=False) if compiled else forecaster.step
+    return lambda: step(patch, state, None)
 
 
 def rss_bytes() -> int:
@@ -127,9 +128,10 @@ def run_latency(model, variants, n: int, warmup: int) -> list[dict]:
     for variant in variants:
         for adapt in (True, False):
             fc = forecaster_of(model, variant)
-            engine = Engine(fc, adapter=AdapterConfig(enabled=adapt))
+            compiled = variant.endswith("compiled")
+            engine = Engine(fc, adapter=AdapterConfig(enabled=adapt), compile=compiled)
             feed = Feed(engine, 1, seed=1)
-            bare = bare_step(fc, 1)
+            bare = bare_step(fc, 1, compiled)
             eng_t, bare_t = [], []
             for k in tqdm(range(warmup + n), desc=f"latency {variant} adapt={adapt}", leave=False, disable=None):
                 t0 = time.perf_counter()
@@ -179,9 +181,9 @@ def run_throughput(model, cases, warmup: int) -> list[dict]:
     return rows
 
 
-def run_state(retention: dict, max_patches: int, seconds: float) -> dict:
+def run_state(retention: dict, max_patches: int, seconds: float, compiled: bool = False) -> dict:
     """One series through the engine (adaptation on) until `max_patches` or `seconds`; state bytes at log-spaced counts."""
-    engine = Engine(build_model(retention))
+    engine = Engine(build_model(retention), compile=compiled)
     feed = Feed(engine, 1, seed=3)
     marks = set(np.unique(np.round(np.logspace(0, np.log10(max_patches), 61)).astype(int)).tolist())
     samples = []
@@ -369,6 +371,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes for a CI smoke run (< 30 s)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--compile", action="store_true", help="also time Engine(compile=True) (torch.compile; compiles for a minute first)")
     ap.add_argument("--routed", action=argparse.BooleanOptionalAction, default=True, help="also time RoutedForecaster(model, FixedRouter(10))")
     ap.add_argument("--out", type=Path, default=None, help="JSON folder (default benchmarks/results, --quick: runs/streams_quick)")
     ap.add_argument("--plot", type=Path, default=None, help="PNG (default docs/streams_state_bytes.png, --quick: next to the JSON)")
@@ -385,6 +388,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = build_model(RETENTION)
     variants = ("recurrent", "routed") if args.routed else ("recurrent",)
+    if args.compile:
+        variants += ("recurrent-compiled",)
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     result = {"date": date, "quick": q, "threads": args.threads, "preset": "debug", "block": RETENTION,
               "machine": machine(), "sections": sections}
@@ -404,8 +409,8 @@ def main() -> None:
         result["throughput"] = run_throughput(model, cases, warmup=1 if q else 2)
     if "state" in sections:
         secs = args.state_seconds or (1 if q else 120)
-        result["state"] = {"bounded": run_state(RETENTION, 1_000_000, secs),
-                           "all": run_state({"retention": "all"}, 1_000_000, secs / 5)}
+        result["state"] = {"bounded": run_state(RETENTION, 1_000_000, secs, args.compile),
+                           "all": run_state({"retention": "all"}, 1_000_000, min(secs / 5, 300))}
         plot_state(result["state"], plot)
         result["plot"] = str(plot)
     if "profile" in sections:
