@@ -81,12 +81,14 @@ def front_report(results: Sequence[Mapping[str, Any]], *, objectives: Mapping[st
     "chosen" (index into rows or None), "excluded" (trials left out), "rule"}`.
     """
     objectives = dict(objectives or {k: OBJECTIVES[k] for k in PLOT_OBJECTIVES})
-    rows = complete_rows(results, {**objectives, **{k: OBJECTIVES[k] for k in PLOT_OBJECTIVES}})
+    rows = complete_rows(results, {**objectives, **OBJECTIVES})
     rows.sort(key=lambda r: (r["flops_share"], r["crps"]))
     front = pareto_mask(np.array([[r[k] for k in objectives] for r in rows]).reshape(len(rows), len(objectives)),
                         list(objectives.values())) if rows else np.zeros(0, dtype=bool)
-    for r, f in zip(rows, front):
-        r["on_front"] = bool(f)
+    every = pareto_mask(np.array([[r[k] for k in OBJECTIVES] for r in rows]).reshape(len(rows), len(OBJECTIVES)),
+                        list(OBJECTIVES.values())) if rows else np.zeros(0, dtype=bool)
+    for r, f, g in zip(rows, front, every):
+        r["on_front"], r["on_front_with_recall"] = bool(f), bool(g)
     chosen = choose(rows, front, tolerance=tolerance, min_recall=min_recall)
     rule = f"the cheapest front point (realized FLOPs) with CRPS within {tolerance:.0%} of the best"
     if min_recall is not None:
@@ -100,15 +102,16 @@ def _params(row: Mapping[str, Any]) -> str:
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:
-    """Every complete trial, cheapest first; front points and the chosen point marked."""
+    """Every complete trial, cheapest first; front points (CRPS and FLOPs; and with recall as a third
+    objective) and the chosen point marked."""
     head = ("| settings | CRPS | MAE | FLOPs / token | share of all-attention | surcharge share | window recall "
-            "| state bytes | front |\n|---|---|---|---|---|---|---|---|---|")
+            "| state bytes | front | front with recall |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for i, r in enumerate(report["rows"]):
         mark = "**chosen**" if i == report["chosen"] else ("yes" if r["on_front"] else "")
         lines.append(f"| {_params(r)} | {r['crps']:.4f} | {r.get('mae', float('nan')):.4f} | {r.get('flops_per_token', float('nan')):,.0f} "
                      f"| {r['flops_share']:.4f} | {r.get('surcharge_share', float('nan')):.3f} | {r['window_recall']:.3f} "
-                     f"| {r.get('state_bytes', 0):,} | {mark} |")
+                     f"| {r.get('state_bytes', 0):,} | {mark} | {'yes' if r['on_front_with_recall'] else ''} |")
     return "\n".join(lines)
 
 
@@ -151,9 +154,9 @@ def plot(report: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     return path
 
 
-def write_report(results: Sequence[Mapping[str, Any]], out_dir: str | Path, *, title: str = "",
+def write_report(results: Sequence[Mapping[str, Any]], out_dir: str | Path, *, name: str = "sweep", title: str = "",
                  tolerance: float = 0.02, min_recall: float | None = None) -> dict[str, Path]:
-    """Write `pareto.md`, `pareto.json` and `pareto.png` to `out_dir`; returns their paths."""
+    """Write `<name>_pareto.md`, `.json` and `.png` to `out_dir`; returns their paths by suffix."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = front_report(results, tolerance=tolerance, min_recall=min_recall)
@@ -162,7 +165,7 @@ def write_report(results: Sequence[Mapping[str, Any]], out_dir: str | Path, *, t
     if chosen is not None:
         text += f"\n\nChosen: {_params(report['rows'][chosen])} ({report['rule']})."
     text += f"\n{len(report['rows'])} complete trials; {report['excluded']} left out (stopped early, errored or unfinished).\n"
-    paths = {"md": out / "pareto.md", "json": out / "pareto.json", "png": out / "pareto.png"}
+    paths = {suffix: out / f"{name}_pareto.{suffix}" for suffix in ("md", "json", "png")}
     paths["md"].write_text(text)
     paths["json"].write_text(json.dumps(report, indent=2, default=_json_default))
     plot(report, paths["png"], title=title)
