@@ -8,8 +8,8 @@ Every peer has the same two calls:
   observed row of each origin), in data units, at the backtest's quantile levels.
 
 Leakage: `predict` hands each origin only rows `<= end` (the gluonts peers get a copy cut at the
-origin; NHiTS reads encoder rows only, which tests/evaluation/test_leakage.py checks by perturbing
-every row after an origin). The learned peers are global univariate models over the channels (one
+origin, NHiTS one group per origin holding the rows up to it and placeholders after), which
+tests/evaluation/test_leakage.py checks by perturbing every row after an origin. The learned peers are global univariate models over the channels (one
 series per channel, as `datasets.adapters` builds them) with a stated, fixed training budget
 (`PeerBudget`: epochs x batches per epoch x batch size, capped by wall-clock minutes).
 gluonts, pandas, lightning and pytorch-forecasting are imported lazily (the `forecasting` extra).
@@ -133,6 +133,7 @@ class _GluonTSPeer:
     freq: str = "1h"
     start: Any = None
     past: int = 0
+    sampled: bool = False  # forecasts are sample paths (DeepAR)
 
     def _estimator(self, context: int):
         raise NotImplementedError
@@ -161,26 +162,32 @@ class _GluonTSPeer:
                      **asdict(self.budget)}
 
     def predict(self, values_LC: np.ndarray, ends_N: np.ndarray, horizon: int) -> np.ndarray:
+        import torch
         from gluonts.dataset.common import ListDataset
+        from tqdm.auto import tqdm
 
         if self.predictor is None:
             raise ValueError(f"{self.name}: fit before predict")
         if horizon > self.horizon:
             raise ValueError(f"{self.name} was trained for {self.horizon} steps, asked for {horizon}")
         ends = _check_ends(values_LC, ends_N)
-        L, C = values_LC.shape
-        entries = []
-        for e in ends:
-            begin = max(0, int(e) + 1 - self.past)
-            for c in range(C):  # only rows <= the origin: nothing after it exists in the entry
-                entries.append({"start": self.start + begin, "target": np.ascontiguousarray(values_LC[begin : e + 1, c], dtype=np.float32)})
-        out = np.empty((len(ends) * C, horizon, len(self.quantiles)), dtype=np.float64)
-        from tqdm.auto import tqdm
+        C, Q = values_LC.shape[1], len(self.quantiles)
 
-        forecasts = self.predictor.predict(ListDataset(entries, freq=self.freq))
-        for i, f in enumerate(tqdm(forecasts, total=len(entries), desc=f"{self.name} predict", disable=not self.progress, leave=False)):
-            out[i] = np.stack([f.quantile(q)[:horizon] for q in self.quantiles], axis=-1)
-        return np.moveaxis(out.reshape(len(ends), C, horizon, len(self.quantiles)), 1, 2)
+        def entries(e: int) -> list[dict]:  # only rows <= the origin: nothing after it exists in the entry
+            begin = max(0, e + 1 - self.past)
+            return [{"start": self.start + begin, "target": np.ascontiguousarray(values_LC[begin : e + 1, c], dtype=np.float32)}
+                    for c in range(C)]
+
+        # sampling peers draw from one generator whose consumption depends on the values (rejection
+        # sampling), so each origin is predicted alone from its own seed; the others batch all origins
+        groups = [[int(e)] for e in ends] if self.sampled else [[int(e) for e in ends]]
+        out = []
+        for group in tqdm(groups, desc=f"{self.name} predict", disable=not self.progress or len(groups) == 1, leave=False):
+            torch.manual_seed(self.budget.seed + group[0])
+            data = ListDataset([x for e in group for x in entries(e)], freq=self.freq)
+            for f in self.predictor.predict(data):
+                out.append(np.stack([f.quantile(q)[:horizon] for q in self.quantiles], axis=-1))
+        return np.moveaxis(np.stack(out).reshape(len(ends), C, horizon, Q), 1, 2).astype(np.float64)
 
 
 @dataclass
@@ -203,6 +210,7 @@ class DeepARPeer(_GluonTSPeer):
     """gluonts' torch DeepAR (Student-t output, 2 LSTM layers of 40), 100 sample paths per forecast."""
 
     name: str = "deepar"
+    sampled: bool = True
 
     def _estimator(self, context: int):
         from gluonts.torch.model.deepar import DeepAREstimator
@@ -226,6 +234,7 @@ class NHiTSPeer:
     info: dict[str, Any] = field(default_factory=dict)
     model: Any = None
     training: Any = None
+    context: int = 0
     channels: tuple[str, ...] = ()
 
     def _stream(self, values_LC: np.ndarray) -> TelemetryStream:
@@ -236,6 +245,7 @@ class NHiTSPeer:
     def fit(self, history_LC: np.ndarray, *, freq: str = "", start=None) -> None:
         import lightning.pytorch as pl
         from pytorch_forecasting import NHiTS, TimeSeriesDataSet
+        from pytorch_forecasting.data.encoders import EncoderNormalizer
         from pytorch_forecasting.metrics import QuantileLoss
 
         b = self.budget
@@ -245,7 +255,8 @@ class NHiTSPeer:
         self.training = TimeSeriesDataSet(
             frame, time_idx="time_idx", target="value", group_ids=["series"], max_encoder_length=context,
             min_encoder_length=context, max_prediction_length=self.horizon, min_prediction_length=self.horizon,
-            time_varying_unknown_reals=["value"], allow_missing_timesteps=True)
+            time_varying_unknown_reals=["value"], allow_missing_timesteps=True, target_normalizer=EncoderNormalizer())
+        self.context = context
         self.model = NHiTS.from_dataset(self.training, loss=QuantileLoss(quantiles=list(self.quantiles)), learning_rate=1e-3,
                                         log_interval=-1)
         loader = self.training.to_dataloader(train=True, batch_size=b.batch_size, num_workers=0)
@@ -255,34 +266,42 @@ class NHiTSPeer:
         self.info = {"training": b.describe(), "context": context, "seconds": time.perf_counter() - began, **asdict(b)}
 
     def predict(self, values_LC: np.ndarray, ends_N: np.ndarray, horizon: int) -> np.ndarray:
+        import pandas as pd
         from pytorch_forecasting import TimeSeriesDataSet
 
         if self.model is None:
             raise ValueError("nhits: fit before predict")
+        if horizon > self.horizon:
+            raise ValueError(f"nhits was trained for {self.horizon} steps, asked for {horizon}")
         ends = _check_ends(values_LC, ends_N)
-        L, C = values_LC.shape
-        # NHiTS reads the encoder (rows <= origin) and no future covariate; the decoder rows only mark
-        # where predictions go, so rows past the end of the data are zero placeholders
-        need = int(ends.max()) + 1 + self.horizon if len(ends) else L
-        padded = np.zeros((max(L, need), C), dtype=np.float32)
-        padded[:L] = values_LC
-        frame = to_long_frame(self._stream(padded))
-        data = TimeSeriesDataSet.from_dataset(self.training, frame, stop_randomization=True, predict=False,
-                                              min_prediction_idx=int(ends.min()) + 1)
-        wanted = set((ends + 1).tolist())
-        data = data.filter(lambda idx: idx["time_idx_first_prediction"].isin(wanted))
+        C, Q, ctx, H = values_LC.shape[1], len(self.quantiles), self.context, self.horizon
+        # per channel (the training groups), origin i owns time_idx block [i B, (i + 1) B), B = ctx + H:
+        # its `ctx` rows up to the origin (missing ones carried forward, as the library would, and
+        # back-filled at the start), then H zero placeholders where the predictions go. The window
+        # predicted for origin i spans exactly its block, so no row after an origin is ever read.
+        B = ctx + H
+        windows = np.zeros((len(ends), B, C), dtype=np.float32)
+        for i, e in enumerate(ends):
+            begin = max(0, int(e) + 1 - ctx)
+            enc = pd.DataFrame(values_LC[begin : e + 1]).ffill().bfill().fillna(0.0).to_numpy(np.float32)
+            windows[i, ctx - len(enc) : ctx] = enc
+            windows[i, : ctx - len(enc)] = enc[0]
+        frame = pd.DataFrame({
+            "series": pd.Categorical(np.repeat(np.array(self.channels, dtype=object), len(ends) * B), categories=list(self.channels)),
+            "time_idx": np.tile(np.arange(len(ends) * B, dtype=np.int64), C),
+            "value": np.moveaxis(windows, 2, 0).reshape(-1),
+        })
+        data = TimeSeriesDataSet.from_dataset(self.training, frame, predict=False, stop_randomization=True)
+        firsts = set((np.arange(len(ends)) * B + ctx).tolist())
+        data = data.filter(lambda idx: idx["time_idx_first_prediction"].isin(firsts))
         loader = data.to_dataloader(train=False, batch_size=256, num_workers=0)
         pred = self.model.predict(loader, mode="quantiles", return_index=True,
                                   trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": self.progress, "logger": False})
-        q = pred.output.cpu().numpy()  # (rows, Hz, Q)
-        index = pred.index
-        out = np.full((len(ends), horizon, C, len(self.quantiles)), np.nan)
-        row_of = {int(e) + 1: i for i, e in enumerate(ends)}
-        col_of = {name: c for c, name in enumerate(self.channels)}
-        for k, (series, first) in enumerate(zip(index["series"].astype(str), index["time_idx"].to_numpy())):
-            i = row_of.get(int(first))
-            if i is not None:
-                out[i, :, col_of[series]] = q[k, :horizon]
+        q = pred.output.cpu().numpy()
+        out = np.full((len(ends), horizon, C, Q), np.nan)
+        col = {name: c for c, name in enumerate(self.channels)}
+        for k, (name, first) in enumerate(zip(pred.index["series"].astype(str), pred.index["time_idx"].to_numpy())):
+            out[(int(first) - ctx) // B, :, col[name]] = q[k, :horizon]
         return out
 
 
