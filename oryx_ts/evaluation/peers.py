@@ -94,6 +94,7 @@ class SeasonalNaivePeer:
         with np.errstate(all="ignore"):
             offsets = np.nanquantile(resid, self.quantiles, axis=0)  # (Q, Hz, C)
         self.offsets_HzCQ = np.nan_to_num(np.moveaxis(offsets, 0, -1))
+        self.offsets_HzCQ[..., int(np.argmin(np.abs(np.asarray(self.quantiles) - 0.5)))] = 0.0  # the median is the naive value
         self.info = {"training": f"residual quantiles over {len(ends)} training origins", "seconds": time.perf_counter() - began}
 
     def predict(self, values_LC: np.ndarray, ends_N: np.ndarray, horizon: int) -> np.ndarray:
