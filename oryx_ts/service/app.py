@@ -69,6 +69,13 @@ class Observations(BaseModel):
         max_length=HARD_MAX_ROWS, description="one row per timestamp; null = missing channel")
 
 
+class ErrorReply(BaseModel):
+    detail: str | list[dict[str, Any]] = Field(description="why: a sentence, or the fields that failed validation")
+
+
+_ERRORS = {code: {"model": ErrorReply} for code in (401, 404, 409, 413, 422, 503)}
+
+
 class RejectedRow(BaseModel):
     index: int
     timestamp: int | None
@@ -364,8 +371,7 @@ def create_app(settings: Settings, *, model: oryx_ts.OryxForecaster | None = Non
         yield
         service.close(clean=True)
 
-    app = FastAPI(title="oryx_ts forecasting service", version=oryx_ts.__version__ if hasattr(oryx_ts, "__version__") else "0.1.0",
-                  lifespan=lifespan)
+    app = FastAPI(title="oryx_ts forecasting service", version="1", lifespan=lifespan, responses=_ERRORS)
     app.state.service = service
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
     m = service.metrics
