@@ -181,6 +181,10 @@ def _worker(loop_config: dict[str, Any]) -> None:
     def report(state: LoopState, record: dict) -> None:
         if first_step[0] is None:
             first_step[0] = state.step - 1
+        marker = loop_config["fail_marker"]
+        if state.step == loop_config["fail_at"] and rank == world - 1 and not os.path.exists(marker):
+            Path(marker).touch()
+            os._exit(1)  # tests: a worker dies once, after a checkpoint; the run must resume from it
         last = state.step == config.train.steps
         if "val_loss" not in record and not last:
             return
@@ -189,8 +193,6 @@ def _worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 state.save(d)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
-        if loop_config["fail_at"] is not None and state.step == loop_config["fail_at"] and rank == world - 1 and checkpoint is None:
-            os._exit(1)  # tests: a worker dies after a checkpoint; the run must resume from it
 
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -242,7 +244,7 @@ def train_distributed(
 
     `storage`: where Ray Train keeps the run and its checkpoints (never ~/ray_results);
     `max_failures`: restarts from the last checkpoint after a worker fails; `fail_at`: tests only,
-    the last worker exits after that step's checkpoint. Saves an oryx_ts checkpoint to `out_dir`
+    the last worker exits once, at that step (before its report; make it a step after a checkpoint). Saves an oryx_ts checkpoint to `out_dir`
     when given. Starts an embedded local Ray unless one is running or `address` is given.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -262,7 +264,7 @@ def train_distributed(
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": config.to_json(), "values": values, "init": model, "threads": threads_per_worker,
-                           "fail_at": fail_at},
+                           "fail_at": fail_at, "fail_marker": str(Path(storage).resolve() / f".{name}.failed")},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": threads_per_worker}),
