@@ -58,7 +58,7 @@ class SeriesSpec(BaseModel):
     step: StrictInt = Field(gt=0, le=2**62, description="grid step, in the timestamps' units")
     origin: Annotated[StrictInt, Field(**INT64)] | None = None
     patch_len: StrictInt | None = Field(default=None, description="if given, must equal the model's")
-    labels: list[tuple[Annotated[StrictInt, Field(**INT64)], Annotated[StrictInt, Field(**INT64)]]] = Field(
+    labels: list[Annotated[list[Annotated[StrictInt, Field(**INT64)]], Field(min_length=2, max_length=2)]] = Field(
         default_factory=list, max_length=10_000, description="[start, end) windows the router should not miss")
 
 
@@ -73,7 +73,7 @@ class ErrorReply(BaseModel):
     detail: str | list[dict[str, Any]] = Field(description="why: a sentence, or the fields that failed validation")
 
 
-_ERRORS = {code: {"model": ErrorReply} for code in (401, 404, 409, 413, 422, 503)}
+_ERRORS = {code: {"model": ErrorReply} for code in (400, 401, 404, 409, 413, 422, 503)}
 
 
 class RejectedRow(BaseModel):
@@ -95,7 +95,7 @@ class SeriesInfo(BaseModel):
     channels: list[str]
     step: int
     origin: int | None
-    labels: list[tuple[int, int]]
+    labels: list[list[int]]
     patch_len: int
     horizon: int
     quantiles: list[float]
@@ -417,7 +417,7 @@ def create_app(settings: Settings, *, model: oryx_ts.OryxForecaster | None = Non
         if meta is None:
             raise unknown(series)
         return SeriesInfo(id=series, channels=meta["channels"], step=meta["step"], origin=meta["origin"],
-                          labels=[tuple(w) for w in meta["labels"]], patch_len=service.P, horizon=service.Hz,
+                          labels=[list(w) for w in meta["labels"]], patch_len=service.P, horizon=service.Hz,
                           quantiles=service.quantiles)
 
     @app.get("/healthz")
@@ -457,7 +457,7 @@ def create_app(settings: Settings, *, model: oryx_ts.OryxForecaster | None = Non
             if sum(1 for k in service.engine.series if k.startswith(who + "/")) >= settings.max_series_per_tenant:
                 raise _http(409, f"tenant holds the maximum of {settings.max_series_per_tenant} series")
             try:
-                service.engine.add_series(key, step=spec.step, origin=spec.origin, labels=spec.labels)
+                service.engine.add_series(key, step=spec.step, origin=spec.origin, labels=[tuple(w) for w in spec.labels])
             except ValueError as e:
                 raise _http(422, str(e).replace(repr(key), repr(spec.id))) from None
             return [Event("create", who, spec.id, body=body)], None
