@@ -118,11 +118,19 @@ class Database:
 
     # --- tenants and keys -------------------------------------------------------------------
 
-    def add_key(self, tenant: str) -> str:
-        """Create an API key for `tenant` (creating the tenant); returns the key, which is stored only hashed."""
+    def add_key(self, tenant: str, key: str | None = None) -> str:
+        """Create an API key for `tenant` (creating the tenant); returns the key, which is stored only hashed.
+
+        `key`: register this existing key instead of a new one (the shards of a Ray deployment share keys).
+        """
         if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
             raise ValueError(f"tenant must match {TENANT_RE.pattern}, got {tenant!r}")
-        key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        if key is None:
+            key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        elif (m := _KEY_RE.match(key)) is not None:
+            key_id, secret = m.groups()
+        else:
+            raise ValueError("not an oryx_ts API key")
         salt = secrets.token_bytes(16)
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
