@@ -1,0 +1,96 @@
+"""Load test of `oryx-ts serve` on loopback: acknowledged rows/s and latencies, group commit on vs off.
+
+Starts one uvicorn server per mode (its own process group, killed at the end), creates the series,
+drives it with client threads for a bounded time and prints one table row per mode (markdown).
+
+    .venv/bin/python benchmarks/service.py                      # 8 clients x 2 s over 64 series
+    .venv/bin/python benchmarks/service.py --clients 64 --series 1024 --seconds 10
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+import oryx_ts
+from oryx_ts.config import preset
+from oryx_ts.service.load import create_series, run_load
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(model_dir: Path, data_dir: Path, group: bool, threads: int) -> tuple[subprocess.Popen, str, str]:
+    key = subprocess.run([sys.executable, "-m", "oryx_ts.cli", "serve", "keys", "add", "bench", "--data-dir", str(data_dir)],
+                         check=True, capture_output=True, text=True, timeout=120).stdout.strip()
+    port = free_port()
+    cmd = [sys.executable, "-m", "oryx_ts.cli", "serve", "--model", str(model_dir), "--data-dir", str(data_dir),
+           "--port", str(port), "--threads", str(threads), "--snapshot-every-s", "0", *([] if group else ["--no-group-commit"])]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url, key
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    stop(proc)
+    raise RuntimeError("the server did not start within 90 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="checkpoint directory (default: an untrained debug model)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--series", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--rows", type=int, default=8, help="rows per ingest request")
+    p.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    p.add_argument("--modes", default="group,naive", help="comma-separated: group, naive")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="oryx-bench-") as tmp:
+        model_dir = Path(args.model) if args.model else Path(tmp) / "model"
+        if args.model is None:
+            oryx_ts.save(oryx_ts.OryxForecaster(preset("debug")), model_dir)
+        channels = oryx_ts.load(model_dir).config.tokenizer.channels
+        print(f"# {datetime.date.today()} {platform.node()} {os.cpu_count()} cores, {args.clients} clients x {args.seconds:g} s, "
+              f"{args.series} series, {args.rows} rows/request, 1 forecast per 4 requests")
+        print("| mode | rows/s acked | ingest p50 / p99 ms | forecast p50 / p99 ms | requests | errors |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for mode in args.modes.split(","):
+            proc, url, key = serve(model_dir, Path(tmp) / mode, mode == "group", args.threads)
+            try:
+                ids = create_series(url, key, args.series, [f"c{i}" for i in range(channels)])
+                r = run_load(url, key, ids, channels, clients=args.clients, seconds=args.seconds, rows=args.rows)
+            finally:
+                stop(proc)
+            print(f"| {mode} commit | {r.rows_per_s:,.0f} | {r.ingest_p50_ms:.1f} / {r.ingest_p99_ms:.1f} | "
+                  f"{r.forecast_p50_ms:.1f} / {r.forecast_p99_ms:.1f} | {r.requests} | {r.errors} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
