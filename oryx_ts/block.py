@@ -120,17 +120,21 @@ class OryxMixer(nn.Module):
         q_lin_BTHK = _l2norm(act(q).view(B, T, H, K))
         return q_lin_BTHK, k_BTHK, v_BTHV, (tail_k, tail_v, tail_q)
 
+    def _gates(self, u_BTD):
+        """fp32 log decay `g_BTH` and the second gate: beta (gdn) or dt (mamba2, which steps on dt * v)."""
+        A = -torch.exp(self.lin_A_log.float())
+        if self.config.mixer == "gdn":
+            return A * F.softplus(self.lin_a(u_BTD).float() + self.lin_dt_bias), torch.sigmoid(self.lin_beta(u_BTD).float())
+        dt = F.softplus(self.lin_dt(u_BTD).float() + self.lin_dt_bias)
+        return A * dt, dt
+
     def _linear(self, u_BTD, q_BTHK, k_BTHK, v_BTHV, st: LayerState | None):
         c = self.config
-        A = -torch.exp(self.lin_A_log.float())
+        g, gate = self._gates(u_BTD)
         if c.mixer == "gdn":
-            g = A * F.softplus(self.lin_a(u_BTD).float() + self.lin_dt_bias)
-            beta = torch.sigmoid(self.lin_beta(u_BTD).float())
-            v_in = v_BTHV
+            beta, v_in = gate, v_BTHV
         else:
-            dt = F.softplus(self.lin_dt(u_BTD).float() + self.lin_dt_bias)
-            g, beta = A * dt, None
-            v_in = v_BTHV * dt[..., None].to(v_BTHV.dtype)
+            beta, v_in = None, v_BTHV * gate[..., None].to(v_BTHV.dtype)
         init = st.rec_BHKV if st is not None else None
         if st is not None and u_BTD.shape[1] == 1:
             o, rec = dispatch.linear_step(
@@ -194,6 +198,8 @@ class OryxMixer(nn.Module):
         c = self.config
         B = u_B1D.shape[0]
         H, K = c.n_heads, c.head_dim_k
+        if dispatch.use_layer_step(u_B1D, K, c.head_dim_v):
+            return self._step_fused(u_B1D, m_B, st, pos_B, plan)
         q_lin, k, v, tails = self._qkv(u_B1D, st)
         o_lin, rec = self._linear(u_B1D, q_lin, k, v, st)
         # RoPE at per-series positions: the series axis stands in for the token axis of `rope`
@@ -225,6 +231,33 @@ class OryxMixer(nn.Module):
             blended = torch.where(m == 1, o_att, m * o_att + (1 - m) * pick(o_lin))
             o = blended if att_rows is None else o_lin.index_copy(0, att_rows, blended)
         return self._output(u_B1D, o)
+
+    def _step_fused(self, u_B1D, m_B, st: LayerState, pos_B, plan: SlotPlan) -> torch.Tensor:
+        """`step` through `dispatch.layer_step`: one launch for the mixers of every series, modes on the device."""
+        c = self.config
+        B = u_B1D.shape[0]
+        H, K = c.n_heads, c.head_dim_k
+        q_lin, k, v, tails = self._qkv(u_B1D, st)
+        g, gate = self._gates(u_B1D)
+        q_att = _l2norm(self.att_q(u_B1D).view(B, 1, H, K))
+        k_att = k
+        if c.rope:  # per-series positions: the series axis stands in for the token axis of `rope`
+            k_att = dispatch.rope(k.transpose(0, 1), pos_B, base=c.rope_base).transpose(0, 1)
+            q_att = dispatch.rope(q_att.transpose(0, 1), pos_B, base=c.rope_base).transpose(0, 1)
+        if not st.rec_BHKV.is_contiguous() or st.rec_BHKV.dtype != torch.float32:
+            st.rec_BHKV = st.rec_BHKV.to(torch.float32, memory_format=torch.contiguous_format)
+        o = dispatch.layer_step(
+            c.mixer, q_lin[:, 0], k[:, 0], v[:, 0], g[:, 0], gate[:, 0], st.rec_BHKV,
+            q_att_BHK=q_att[:, 0], k_att_BHK=k_att[:, 0], k_cache_BSHK=st.k_cache_BSHK, v_cache_BSHV=st.v_cache_BSHV,
+            write_slot_B=plan.write_slot_B, valid_BS=plan.valid_BS, route_B=m_B, scale_H=self.att_log_temp.exp(),
+            pin_B=plan.pin_B, pin_slot_B=plan.pin_slot_B,
+            # retention `all`: slot = position, so the slots past the new token are empty and need no scan
+            len_B=plan.write_slot_B + 1 if c.retention == "all" else None,
+            d_H=self.lin_D if c.mixer == "mamba2" else None,
+        )
+        st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX = (t.detach() for t in tails)
+        return self._output(u_B1D, o[:, None])
+
 
 class OryxBlock(nn.Module):
     """Pre-norm residual block: `x + mixer(norm(x))`, then `x + mlp(norm(x))`."""

@@ -21,6 +21,7 @@ from torch import nn
 
 from oryx_ts.block import OryxBlock, RMSNorm
 from oryx_ts.config import OryxConfig
+from oryx_ts.kernels import dispatch
 from oryx_ts.state import State, bounded_until
 from oryx_ts.tokenizer import PatchTokenizer
 
@@ -196,10 +197,12 @@ class OryxForecaster(nn.Module):
         m_B = self._modes(None if modes is None else self._series_modes(modes, B)[:, None], B, 1, patch_BPC.device)[:, 0]
         b = self.config.block
         plan = state.plan_step(m_B, b.window, b.pinned)
-        # the step's one host sync: which series compute attention; a compiled step computes it for
-        # every series instead (a mode of 0 then takes the recurrent output exactly)
-        att_rows = None if torch.compiler.is_compiling() else (m_B != 0).nonzero().squeeze(1)
         x_B1D, pos_B = embedded.tokens_B1D, state.n_tokens_B
+        # the general path's one host sync: which series compute attention; a compiled step computes
+        # it for every series instead (a mode of 0 then takes the recurrent output exactly), and the
+        # fused CUDA step reads the modes on the device
+        fused = dispatch.use_layer_step(x_B1D, b.head_dim_k, b.head_dim_v)
+        att_rows = None if torch.compiler.is_compiling() or fused else (m_B != 0).nonzero().squeeze(1)
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
             x_B1D = block.step(x_B1D, m_B, layer_state, pos_B, plan, att_rows)
         state.norm_stats_B3C = embedded.stats_B3C

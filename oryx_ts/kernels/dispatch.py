@@ -11,6 +11,9 @@ Fast paths (all Triton; imported on first use, so the CPU install never imports 
                   (differentiable) or fla `chunk_simple_gla` (`impl="fla"`; forward-only on Hopper
                   with triton < 3.7.1)
     linear_step   our fused single-token kernel (`kernels.step_triton`), any number of series
+    layer_step    the model's streaming step of one layer's mixers in one launch (`kernels.step_triton`:
+                  recurrent update, slot plan on the KV cache, attention for the series whose mode
+                  is nonzero, mode mix), no host sync; its twin is `kernels.step_naive`
     routed_attention  our routed-query kernel (`kernels.attention.routed_triton`); per-key eviction
                   positions (`k_until_BS`) still take the torch path
     rope          fla's fused rotary kernel (one pass forward, one backward) with our fp32 tables
@@ -35,6 +38,7 @@ from oryx_ts.kernels.attention.rope import rope as _rope_torch
 from oryx_ts.kernels.attention.rope import rope_tables
 from oryx_ts.kernels.gdn.naive import gdn_step, naive_chunk_gdn
 from oryx_ts.kernels.mamba2.naive import naive_chunk_ssd, ssd_step
+from oryx_ts.kernels.step_naive import naive_layer_step
 
 Backend = Literal["auto", "torch", "triton"]
 Mixer = Literal["gdn", "mamba2"]
@@ -92,7 +96,7 @@ def _shape_ok(op: str, q: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
         return False, "fla's GDN backward on Hopper with triton < 3.7.1 (TileLang) does not compile for fp32; use bf16"
     if op == "routed_attention":
         return (True, "") if 16 <= K <= 128 and 16 <= V <= 128 else (False, f"head dims must lie in [16, 128], got K={K}, V={V}")
-    if op == "linear_step":
+    if op in ("linear_step", "layer_step"):
         return (True, "") if K * V <= 128 * 128 else (False, f"state {K}x{V} is larger than 128x128")
     # fla and mamba-ssm chunk kernels: tensor-core tiles need dims of at least 16
     return (True, "") if 16 <= K <= 256 and 16 <= V <= 256 else (False, f"head dims must lie in [16, 256], got K={K}, V={V}")
@@ -188,6 +192,36 @@ def linear_step(
     if mixer == "mamba2":
         return ssd_step(q_BHK, k_BHK, v_BHV, g_BH, state_BHKV)
     raise ValueError(f"unknown mixer {mixer!r}; expected 'gdn' or 'mamba2'")
+
+
+def use_layer_step(x: torch.Tensor, k_dim: int, v_dim: int) -> bool:
+    """Whether the model's streaming step takes `layer_step`'s fused kernel for tensors like `x`.
+
+    True on CUDA with triton and a state of at most 128x128 per head, outside `torch.compile`
+    (which traces the block's general path). The block then computes the attention query for every
+    series and hands the modes to the kernel as a device tensor: no host sync.
+    """
+    if torch.compiler.is_compiling() or not fast_path_available(x.device, "layer_step")[0]:
+        return False
+    return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and k_dim <= 128 and v_dim <= 128
+
+
+def layer_step(mixer: Mixer, *args, backend: Backend = "auto", **kwargs) -> torch.Tensor:
+    """One streaming step of a layer's mixers; see `step_triton.fused_layer_step` for the arguments.
+
+    The fast path is one Triton launch; the torch path is `step_naive.naive_layer_step`. Both
+    update the recurrent state and the KV cache in place and return o_BHV.
+    """
+    if mixer not in ("gdn", "mamba2"):
+        raise ValueError(f"unknown mixer {mixer!r}; expected 'gdn' or 'mamba2'")
+    q, v = args[0], args[2]
+    path = select_backend(q, backend, "layer_step", v)
+    last_backend["layer_step"] = path
+    if path == "triton":
+        from oryx_ts.kernels.step_triton import fused_layer_step
+
+        return fused_layer_step(mixer, *args, **kwargs)
+    return naive_layer_step(mixer, *args, **kwargs)
 
 
 def routed_attention(
