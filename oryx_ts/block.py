@@ -147,13 +147,34 @@ class OryxMixer(nn.Module):
             o = o + self.lin_D[:, None].to(o.dtype) * v_BTHV
         return o, rec
 
-    def forward(self, u_BTD: torch.Tensor, m_BT: torch.Tensor, *, k_until_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """Mix T tokens of a stream from its start (nothing kept); bounded retention comes as `k_until_BT`."""
+    def forward(
+        self,
+        u_BTD: torch.Tensor,
+        m_BT: torch.Tensor,
+        *,
+        k_until_BT: torch.Tensor | None = None,
+        keep: tuple[LayerState, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Mix T tokens of a stream from its start; bounded retention comes as `k_until_BT`.
+
+        `keep = (layer_state, slot_BT)` also leaves the state a streaming step would have after these
+        tokens in `layer_state` (empty, preallocated): token n's key and value go to slot `slot_BT[:, n]`
+        (-1: not retained), and the recurrent state and conv tails are the final ones.
+        """
         c = self.config
         B, T, _ = u_BTD.shape
         H, V = c.n_heads, c.head_dim_v
-        q_lin, k, v, _ = self._qkv(u_BTD, None)
-        o_lin, _ = self._linear(u_BTD, q_lin, k, v, None)
+        q_lin, k, v, tails = self._qkv(u_BTD, None)
+        o_lin, rec = self._linear(u_BTD, q_lin, k, v, None)
+        if keep is not None:
+            st, slot_BT = keep
+            keys = dispatch.rope(k, torch.arange(T, device=u_BTD.device), base=c.rope_base) if c.rope else k
+            b_idx, n_idx = (slot_BT >= 0).nonzero(as_tuple=True)
+            s_idx = slot_BT[b_idx, n_idx]
+            st.k_cache_BSHK[b_idx, s_idx] = keys[b_idx, n_idx].detach().to(st.k_cache_BSHK.dtype)
+            st.v_cache_BSHV[b_idx, s_idx] = v[b_idx, n_idx].detach().to(st.v_cache_BSHV.dtype)
+            st.rec_BHKV = rec.detach().float()
+            st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX = (t.detach() for t in tails)
 
         pos_T = torch.arange(T, device=u_BTD.device)
         # one host sync per layer: which tokens any series routes to attention, and whether the modes
@@ -269,8 +290,8 @@ class OryxBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
 
-    def forward(self, x_BTD: torch.Tensor, m_BT: torch.Tensor, *, k_until_BT: torch.Tensor | None = None) -> torch.Tensor:
-        x_BTD = x_BTD + self.mixer(self.mixer_norm(x_BTD), m_BT, k_until_BT=k_until_BT)
+    def forward(self, x_BTD: torch.Tensor, m_BT: torch.Tensor, *, k_until_BT: torch.Tensor | None = None, keep=None) -> torch.Tensor:
+        x_BTD = x_BTD + self.mixer(self.mixer_norm(x_BTD), m_BT, k_until_BT=k_until_BT, keep=keep)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
     def step(self, x_B1D, m_B, st: LayerState, pos_B, plan: SlotPlan, att_rows) -> torch.Tensor:

@@ -132,6 +132,55 @@ class OryxForecaster(nn.Module):
         self.tokenizer.check_input(x_BLC)
         return self.tokenizer(x_BLC)[0]
 
+    @torch.no_grad()
+    def prefill(
+        self, x_BLC: torch.Tensor, modes: torch.Tensor | None = None, *, capacity: int = 256, parts=None
+    ) -> tuple[torch.Tensor, State]:
+        """The parallel forward over whole streams from their start, plus the state that stepping them would leave.
+
+        Returns `(forecasts_BTHzCQ, state)`: the forecasts are `forward(x_BLC, modes)`'s, and
+        `step` continued from `state` gives what stepping every patch from the start would (tested),
+        so a long history is replayed in one parallel pass. `parts` as in `init_state`.
+        """
+        self.tokenizer.check_input(x_BLC)
+        x_BTD, mean, std, stats = self.tokenizer(x_BLC)
+        B, T = x_BTD.shape[:2]
+        m_BT = self._modes(modes, B, T, x_BTD.device)
+        b = self.config.block
+        state = self.init_state(B, capacity=max(capacity, T), device=x_BTD.device, parts=parts)
+        slot_BT = self._prefill_slots(state, m_BT)
+        k_until_BT = bounded_until(m_BT, b.window, b.pinned) if b.retention == "bounded" else None
+        for block, layer_state in zip(self.blocks, state.layers, strict=True):
+            x_BTD = block(x_BTD, m_BT, k_until_BT=k_until_BT, keep=(layer_state, slot_BT))
+        state.norm_stats_B3C = stats
+        state.n_tokens_B = torch.full_like(state.n_tokens_B, T)
+        pred = self.head(self.norm(x_BTD))
+        return self.tokenizer.denormalize(pred, mean, std), state
+
+    def _prefill_slots(self, state: State, m_BT: torch.Tensor) -> torch.Tensor:
+        """Where each of T tokens sits after T steps (`State.plan_step`'s policy in closed form); fills `state.slots`."""
+        B, T = m_BT.shape
+        pos_T = torch.arange(T, device=m_BT.device)
+        if not state.bounded:
+            return pos_T.expand(B, T).clone()
+        window, pinned = self.config.block.window, self.config.block.pinned
+        slot_BT = torch.where(pos_T >= T - window, pos_T % window, -1).expand(B, T).clone()
+        sl = state.slots
+        for b in range(B):
+            recent = pos_T[pos_T >= T - window]
+            sl.pos_BS[b, recent % window] = recent
+            sl.mode_BS[b, recent % window] = m_BT[b, recent] > 0.5
+            if pinned == 0:
+                continue
+            left = ((m_BT[b] > 0.5) & (pos_T < T - window)).nonzero().squeeze(1)  # pinned as they left the window, in order
+            k = torch.arange(len(left), device=m_BT.device)
+            alive = k >= len(left) - pinned
+            slot_BT[b, left[alive]] = window + k[alive] % pinned
+            sl.pos_BS[b, window + k[alive] % pinned] = left[alive]
+            sl.mode_BS[b, window + k[alive] % pinned] = True
+            sl.pins_B[b] = len(left)
+        return slot_BT
+
     def targets_normalized(self, x_BLC: torch.Tensor, mean_BTC: torch.Tensor, std_BTC: torch.Tensor) -> torch.Tensor:
         """For each token the next Hz steps of `x_BLC`, normalized like that token; NaN past the end."""
         P, Hz = self.config.tokenizer.patch_len, self.config.head.horizon
