@@ -181,6 +181,11 @@ class OryxForecaster(nn.Module):
             sl.pins_B[b] = len(left)
         return slot_BT
 
+    def statistics(self, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mean_BTC, std_BTC)` fp64: the causal normalization of every token of whole streams."""
+        mean, std, _ = self.tokenizer.statistics(x_BLC)
+        return mean, std
+
     def targets_normalized(self, x_BLC: torch.Tensor, mean_BTC: torch.Tensor, std_BTC: torch.Tensor) -> torch.Tensor:
         """For each token the next Hz steps of `x_BLC`, normalized like that token; NaN past the end."""
         P, Hz = self.config.tokenizer.patch_len, self.config.head.horizon

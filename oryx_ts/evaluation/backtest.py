@@ -46,12 +46,16 @@ def backtest_streams(
     max_batch: int = 16384,
     progress: bool = False,
     desc: str = "backtest",
+    history: int = 0,
 ) -> dict[str, StreamBacktest]:
     """Replay `(L, C)` streams (NaN = missing) through one engine; returns each stream's per-token results.
 
     Streams are fed `chunk` raw steps at a time (default: one patch) in rounds over all streams,
     with a `flush` after each round. `adapter` defaults to adaptation off (frozen forecasts served);
     `labels` are `[start, end)` raw-step windows per stream for the audits.
+    `history` raw steps at the head of every stream are replayed in one parallel pass
+    (`Engine.prefill`: routers that read no surprise; the adapter learns only after it) and the rest
+    is streamed; the per-token results then equal a full replay within fp32 rounding (tested).
     Raises `ValueError` for a stream of the wrong width.
     """
     engine = Engine(forecaster, MemoryStore(), adapter=adapter or AdapterConfig(enabled=False), max_batch=max_batch)
@@ -73,7 +77,14 @@ def backtest_streams(
         arrays[sid] = values
         engine.add_series(sid, step=1, origin=0, labels=(labels or {}).get(sid, ()))
     longest = max((len(v) for v in arrays.values()), default=0)
-    for start in tqdm(range(0, longest, chunk), desc=desc, disable=not progress, leave=False):
+    if history:
+        for sid, values in arrays.items():
+            head = values[:history]
+            observed = ~np.isnan(head).all(axis=1)
+            result = engine.prefill(sid, np.arange(len(head))[observed], head[observed])
+            if result.rejected:
+                raise ValueError(f"stream {sid!r}: {len(result.rejected)} rows rejected, first: {result.rejected[0].detail}")
+    for start in tqdm(range(history, longest, chunk), desc=desc, disable=not progress, leave=False):
         for sid, values in arrays.items():
             part = values[start : start + chunk]
             if len(part):

@@ -134,16 +134,45 @@ class RoutedForecaster:
                     out[k].append(v.cpu() if k != "forecast" else v)
             stacked = {k: torch.stack(v, dim=1) for k, v in out.items()}
             return RoutedForecast(stacked["forecast"], stacked["scores"], stacked["modes"], stacked["flops"], stacked["allow"])
-        tokens_BTD = model.embed(x_BLC)
+        scores_BT, modes, flops, allow, _ = self._decide_all(x_BLC)
+        forecast = model(x_BLC, modes.to(x_BLC.device))
+        return RoutedForecast(forecast, scores_BT, modes, flops, allow)
+
+    __call__ = forward
+
+    def _decide_all(self, x_BLC: torch.Tensor):
+        """Every token's decision for a router that reads no surprise: scores first, then the controller in order."""
+        B, T = x_BLC.shape[0], x_BLC.shape[1] // self.config.tokenizer.patch_len
+        tokens_BTD = self.model.embed(x_BLC)
         positions_BT = torch.arange(T).expand(B, T)
         scores_BT = self.router.scores(RouterInputs(tokens_BTD, torch.zeros(B, T, N_FEATURES), positions_BT)).detach().float().cpu()
         ctrl = ControllerState.init(B, self.budget.window if self.budget else 1)
         decided = [self._decide(scores_BT[:, n], ctrl, positions_BT[:, n]) for n in range(T)]
         modes, flops, allow = (torch.stack([d[i] for d in decided], dim=1) for i in range(3))
-        forecast = model(x_BLC, modes.to(x_BLC.device))
-        return RoutedForecast(forecast, scores_BT, modes, flops, allow)
+        return scores_BT, modes, flops, allow, ctrl
 
-    __call__ = forward
+    @torch.no_grad()
+    def prefill(self, x_BLC: torch.Tensor, *, capacity: int = 256, parts=None) -> tuple[RoutedForecast, State]:
+        """`forward` over whole streams plus the state (routing and controller parts included) that stepping would leave.
+
+        Only for routers that read no surprise (their decisions do not depend on earlier forecasts);
+        raises `ValueError` for one that does: stream those through `step`.
+        """
+        if self.router.needs_surprise:
+            raise ValueError(f"{type(self.router).__name__} reads the surprise of earlier forecasts: its decisions are sequential, stream it")
+        self.model.tokenizer.check_input(x_BLC)
+        scores_BT, modes, flops, allow, ctrl = self._decide_all(x_BLC)
+        state = self.init_state(x_BLC.shape[0], capacity=capacity, device=x_BLC.device, parts=parts)
+        forecast, filled = self.model.prefill(x_BLC, modes.to(x_BLC.device), capacity=capacity, parts=None)
+        filled.parts = state.parts
+        dev = filled.device
+        filled.parts["controller"] = ControllerState(**{k: v.to(dev) for k, v in vars(ctrl).items()})
+        rs = filled.parts["routing"]
+        rs.last_score_B, rs.last_mode_B = scores_BT[:, -1].to(dev), modes[:, -1].to(dev)
+        rs.last_flops_B, rs.last_allowance_B = flops[:, -1].to(dev), allow[:, -1].to(dev)
+        rs.spent_B, rs.allowed_B = flops.sum(1).to(dev), allow.sum(1).to(dev)
+        rs.prev_forecast_BPCQ = forecast[:, -1, : rs.prev_forecast_BPCQ.shape[1]].clone()
+        return RoutedForecast(forecast, scores_BT, modes, flops, allow), filled
 
 
 def realized_over_budget(flops: np.ndarray | torch.Tensor, allowance: np.ndarray | torch.Tensor) -> float:

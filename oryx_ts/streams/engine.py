@@ -192,7 +192,7 @@ class Engine:
                 sums_BK=torch.zeros(b, len(SUMS), dtype=torch.float64, device=device),
             )
 
-        parts = {"forecast": forecast_part, "adapter": lambda b, device: self.adapter.init_state(b, device)}
+        parts = self._parts = {"forecast": forecast_part, "adapter": lambda b, device: self.adapter.init_state(b, device)}
         if n == 0:
             return State.concat([self.forecaster.init_state(1, capacity=self.capacity, device=dev, parts=parts)]).select([])
         return self.forecaster.init_state(n, capacity=self.capacity, device=dev, parts=parts)
@@ -260,6 +260,72 @@ class Engine:
         """
         s = self._get(series_id)
         return self._buffer(s, s.regularizer.advance(timestamp))
+
+    @torch.no_grad()
+    def prefill(self, series_id: str, timestamps: Any, values: Any) -> IngestResult:
+        """Start a series from a long history in one parallel pass instead of patch by patch.
+
+        The rows are regularized as by `ingest`; the whole patches among them go through
+        `RoutedForecaster.prefill` (the parallel forward plus the state stepping would leave), and
+        their forecasts are scored and recorded as a flush would. The state, forecasts, scores and
+        audits then equal those of ingesting and flushing the same rows, within fp32 rounding,
+        except that the adapter does not learn during the history (it starts at the identity with
+        the first streamed patch). For routers that read no surprise; raises `ValueError` for one
+        that does, for a series that already holds rows, or with patches still queued.
+        """
+        s = self._get(series_id)
+        if s.regularizer.newest_index is not None or s.queue or len(s.buffer_LC):
+            raise ValueError(f"prefill starts a series: {series_id!r} already holds rows")
+        if self.forecaster.router.needs_surprise:
+            raise ValueError(f"{type(self.forecaster.router).__name__} decides from earlier forecasts: ingest and flush instead")
+        pushed = s.regularizer.push(timestamps, values)
+        for r in pushed.rejected:
+            s.rejected[r.reason] += 1
+        rows_LC = pushed.released_LC
+        if len(rows_LC) and s.first_index is None:
+            s.first_index = pushed.first_index
+        T = len(rows_LC) // self.P
+        s.buffer_LC = rows_LC[T * self.P :].copy()
+        if T == 0:
+            return IngestResult(pushed.accepted, pushed.rejected, 0)
+        x = torch.from_numpy(np.ascontiguousarray(rows_LC[: T * self.P]))[None].to(self.device)
+        out, sub = self.forecaster.prefill(x, capacity=self.capacity, parts=self._parts)
+        mean, std = self.model.statistics(x)  # (1, T, C) fp64, each token's normalization
+        frozen = ((out.forecast - mean.float()[:, :, None, :, None]) / std.float()[:, :, None, :, None])[0]
+        fc: ForecastState = sub.parts["forecast"]
+        labelled = self._labelled([s] * T, np.arange(T))
+        for j in range(max(0, T - self.M), T):
+            slot = j % self.M
+            fc.pending_frozen_BMHzCQ[0, slot] = frozen[j]
+            fc.pending_served_BMHzCQ[0, slot] = frozen[j]
+            fc.pending_mean_BMC[0, slot], fc.pending_std_BMC[0, slot] = mean[0, j], std[0, j]
+            fc.pending_token_BM[0, slot] = j
+            fc.pending_label_BM[0, slot] = bool(labelled[j])
+        fc.served_BHzCQ = out.forecast[:, -1].clone()
+        # every entry whose target lies inside the history has matured, scored in its origin's units
+        target = self.model.targets_normalized(x, mean, std)[0].float()  # (T, Hz, C), NaN past the history
+        ok = ~torch.isnan(target)
+        w = ok.float()
+        t0 = torch.where(ok, target, 0.0)
+        p = torch.where(ok[..., None], frozen, 0.0)
+        q = self._quantiles_f32
+        err_T = ((p[..., self.config.head.median_index] - t0).abs() * w).sum((1, 2)).double()
+        diff = t0[..., None] - p
+        pin = (torch.maximum(q * diff, (q - 1) * diff).mean(-1) * w).sum().double()
+        n_T = w.sum((1, 2)).double()
+        lab = torch.as_tensor(labelled, device=self.device)
+        sums = [err_T.sum(), err_T.sum(), pin, pin, n_T.sum(), err_T[lab].sum(), n_T[lab].sum(), err_T[~lab].sum(), n_T[~lab].sum(),
+                out.modes_BT.sum().double().to(self.device)]
+        fc.sums_BK[0] = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in sums])
+        self._recall([s] * T, np.arange(T), out.modes_BT[0].numpy())
+        nbytes = int(sub.nbytes_B()[0])
+        s.state_bytes.extend((n, nbytes) for n in range(0, T, self.state_bytes_every))
+        self.pool.scatter([s.row], sub)
+        if self.on_step is not None:
+            fr = out.forecast[0].cpu().numpy()
+            self.on_step(StepRecord([series_id] * T, np.arange(T), fr, fr, out.modes_BT[0].numpy(),
+                                    out.flops_BT[0].numpy(), out.allowance_BT[0].numpy(), np.full(T, nbytes)))
+        return IngestResult(pushed.accepted, pushed.rejected, 0)
 
     def drain(self, series_id: str) -> int:
         """End of a series' stream: release the rows its regularizer holds open; returns patches queued."""

@@ -307,3 +307,46 @@ def test_a_compiled_engine_serves_what_the_eager_one_does():
         assert engine.audit("s0")["matured_entries"] > 0
     # inductor reorders fp32 arithmetic: equal within rounding, modes identical
     np.testing.assert_allclose(served[True], served[False], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("retention", list(RETENTIONS))
+def test_prefill_then_ingest_equals_ingesting_everything(mixer, retention):
+    model = random_model(mixer, block=RETENTIONS[retention])
+    routed = RoutedForecaster(model, RandomRouter(0.3, seed=5), BudgetConfig(fraction=0.4, window=6))
+    values = streams(1, 30, seed=8)["s0"]
+    cut = 17 * P + 3  # the history ends inside a patch
+    runs = {}
+    for use_prefill in (False, True):
+        rec = Recorder()
+        engine = Engine(routed, adapter=OFF, capacity=4, on_step=rec)
+        engine.add_series("s0", step=1, origin=0, labels=[(60, 90)])
+        head = (np.arange(cut), values[:cut])
+        (engine.prefill if use_prefill else engine.ingest)("s0", *head)
+        engine.flush()
+        for n in range(cut, len(values), 5):
+            engine.ingest("s0", np.arange(n, min(n + 5, len(values))), values[n : n + 5])
+            engine.flush()
+        runs[use_prefill] = (rec, engine.audit("s0"), engine.forecast("s0"))
+    (r0, a0, f0), (r1, a1, f1) = runs[False], runs[True]
+    assert set(r0.served) == set(r1.served)
+    for key in r0.served:
+        np.testing.assert_allclose(r1.served[key], r0.served[key], rtol=1e-4, atol=1e-4)
+        assert r1.modes[key] == r0.modes[key]
+    np.testing.assert_allclose(f1.values, f0.values, rtol=1e-4, atol=1e-4)
+    for k in ("tokens", "matured_entries", "state_bytes", "window_recall", "attention_rate"):
+        assert a1[k] == a0[k] or (np.isnan(a1[k]) and np.isnan(a0[k])), k
+    for k in ("mae_served", "crps_served", "mae_in_windows", "mae_outside_windows", "flops_spent"):
+        assert a1[k] == pytest.approx(a0[k], rel=1e-5), k
+
+
+def test_prefill_refuses_surprise_routers_and_started_series():
+    model = random_model("gdn")
+    engine = Engine(RoutedForecaster(model, SurpriseRouter()))
+    engine.add_series("x", step=1, origin=0)
+    with pytest.raises(ValueError, match="earlier forecasts"):
+        engine.prefill("x", np.arange(16), np.zeros((16, C), dtype=np.float32))
+    plain = Engine(model)
+    plain.add_series("x", step=1, origin=0)
+    plain.ingest("x", [0], [[0.0] * C])
+    with pytest.raises(ValueError, match="already holds rows"):
+        plain.prefill("x", np.arange(1, 17), np.zeros((16, C), dtype=np.float32))
