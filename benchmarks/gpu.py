@@ -9,13 +9,15 @@ with `triton.testing.do_bench` (median, ms), prints one table and writes `gpu_be
     mixers     the linear mixers alone: fla GDN, mamba-ssm SSD, fla simple GLA
     layer      one Oryx layer (d_model 512, 8 heads of 64) forward+backward at attention
                fractions 0 / 0.1 / 0.25 / 1 vs a pure fla GDN layer and a pure SDPA layer
-    step       streaming step of 4 layers' mixers for 1 / 1024 / 16384 series, caches 512 / 4096:
-               our fused kernel (CUDA graph) vs fla's recurrent step and SDPA decode
+    step       `model.step` of a 4-layer model, 16,384 series, bounded cache 512, 0% and 10% attention:
+               fused path vs the general path, the fused kernels alone, against the state-bytes floor
     profile    (not in the default run) torch.profiler tables of the Oryx layer at T=32k, 0% and
                10% attention: where its time goes
 
 Usage: python benchmarks/gpu.py [--sections attention,mixers,layer,step] [--budget-s 420]
 `benchmarks/gpu_all.sh` installs the carried wheels and runs the parity tests and this script.
+Every run first measures its ceilings (a 2 GiB device copy, a bf16 8192^3 matmul, random data);
+each floor divides the bytes or FLOPs a case must move or do by them, and rows print their share.
 Routing in every section: chunks of 128 tokens, each routed to attention at random with the given
 rate (seeded), so the routed fraction is what the table says up to sampling.
 """
@@ -67,6 +69,8 @@ def add(section, case, impl, ms, baseline=None, ratio_to=None, **extra):
         row["ratio_to"] = ratio_to
     rows.append(row)
     r = f"  {row['ratio']:.3f}x {ratio_to}" if baseline is not None else ""
+    if "share_of_floor" in extra:
+        r += f"  ({extra['share_of_floor']:.0%} of its floor)"
     print(f"[{section}] {case:<38} {impl:<34} {ms:9.3f} ms{r}", flush=True)
     return ms
 
@@ -110,9 +114,12 @@ def section_attention():
             except Exception as e:  # a backend may not take this shape
                 notes.append(f"SDPA {name} B{B} T{T} H{H} D{D}: {type(e).__name__}: {str(e)[:120]}")
         case = f"B{B} T{T} H{H} D{D}"
+        # FLOP floors: QK^T and PV, 4 FLOP per (query, visible key, head, dim); forward+backward 3.5x the
+        # forward (flash-attention 2: 2 forward matmuls, 5 backward ones with the recompute)
+        full_f = flop_floor_ms(4 * B * H * D * T * (T + 1) / 2)
         for name, (f_ms, fb_ms) in sdpa.items():
-            add("attention", case, f"SDPA causal {name} fwd", f_ms)
-            add("attention", case, f"SDPA causal {name} fwd+bwd", fb_ms)
+            add("attention", case, f"SDPA causal {name} fwd", f_ms, share_of_floor=round(full_f / f_ms, 3))
+            add("attention", case, f"SDPA causal {name} fwd+bwd", fb_ms, share_of_floor=round(3.5 * full_f / fb_ms, 3))
         best_f = min(v_[0] for v_ in sdpa.values())
         best_fb = min(v_[1] for v_ in sdpa.values())
         for frac in (0.1, 0.25):
@@ -139,11 +146,13 @@ def section_attention():
             f_fl, fb_fl = bench(fl), bench(fl_b)
             f_o, fb_o = bench(ours), bench(ours_b)
             c = f"{case} routed {frac:.0%} (Tq={Tq})"
+            fl_f = flop_floor_ms(4 * B * H * D * float((q_pos + 1).sum()))
             add("attention", c, "FlexAttention fwd", f_fl, best_f, "SDPA best fwd", mask_build_ms=round(mask_ms, 2))
             add("attention", c, "FlexAttention fwd+bwd", fb_fl, best_fb, "SDPA best fwd+bwd")
             add("attention", c, "ours fwd", f_o, best_f, "SDPA best fwd", vs_flex=round(f_o / f_fl, 3),
-                rel_err_vs_flex=err)
-            add("attention", c, "ours fwd+bwd", fb_o, best_fb, "SDPA best fwd+bwd", vs_flex=round(fb_o / fb_fl, 3))
+                rel_err_vs_flex=err, share_of_floor=round(fl_f / f_o, 3))
+            add("attention", c, "ours fwd+bwd", fb_o, best_fb, "SDPA best fwd+bwd", vs_flex=round(fb_o / fb_fl, 3),
+                share_of_floor=round(3.5 * fl_f / fb_o, 3))
             del q, qf, block_mask
         del q_full, k, v, qh, kh, vh
         torch.cuda.empty_cache()
@@ -317,93 +326,116 @@ def section_profile():
         notes.append(head)
 
 
+# ----------------------------------------------------------------------------- ceilings
+CEIL: dict[str, float] = {}
+
+
+def measure_ceilings() -> None:
+    """The two ceilings every floor below divides by, measured in this run on random data:
+    device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul rate."""
+    src = torch.randn(2**30, device="cuda", dtype=DT)  # 2 GiB, far beyond L2
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    CEIL["copy_bytes_per_s"] = 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    add("ceilings", "device copy 2 GiB bf16", "torch copy_", ms, copy_tb_s=round(CEIL["copy_bytes_per_s"] / 1e12, 3))
+    del src, dst
+    n = 8192
+    a, b = torch.randn(n, n, device="cuda", dtype=DT), torch.randn(n, n, device="cuda", dtype=DT)
+    ms = bench(lambda: a @ b)
+    CEIL["bf16_flop_per_s"] = 2 * n**3 / (ms * 1e-3)
+    add("ceilings", "bf16 matmul 8192^3", "torch matmul", ms, tflop_s=round(CEIL["bf16_flop_per_s"] / 1e12, 1))
+    del a, b
+    torch.cuda.empty_cache()
+
+
+def bytes_floor_ms(n_bytes: float) -> float:
+    return n_bytes / CEIL["copy_bytes_per_s"] * 1e3
+
+
+def flop_floor_ms(flop: float) -> float:
+    return flop / CEIL["bf16_flop_per_s"] * 1e3
+
+
 # ----------------------------------------------------------------------------- step
-def _graph(fn):
-    """Capture `fn` in a CUDA graph (after a warm-up on a side stream); returns the replay callable."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
 def section_step():
-    from oryx_ts.kernels.gdn.fast import fla_fused_recurrent_gdn
-    from oryx_ts.kernels.step_triton import fused_layer_step
+    """The streaming step of a 4-layer model through `model.step`, 16,384 series, bounded cache of
+    512 slots (window 448 + 64 pinned), bf16 weights and cache, fp32 recurrent state; every
+    series at its own position. Fused path (default on CUDA) vs the general path of the same
+    model (the block's eager ops, one host sync per step), and the fused kernels alone."""
+    from oryx_ts.config import preset
+    from oryx_ts.model import OryxForecaster
 
-    L, H, K, V = 4, 8, 64, 64
-    for N, S in ((1, 512), (1, 4096), (1024, 512), (1024, 4096), (16384, 512)):
-        torch.manual_seed(0)
-        case = f"{N} series, cache {S}, 4 layers"
-        free = torch.cuda.mem_get_info()[0]
-        kv_bytes = N * S * H * (K + V) * 2
-        n_kv = max(1, min(L, int((free * 0.6) // kv_bytes)))  # layers share cache buffers only when memory forces it
-        if n_kv < L:
-            notes.append(f"step {case}: {n_kv} KV-cache buffers for {L} layers (each {kv_bytes / 1e9:.1f} GB, "
-                         "far larger than L2, so sharing does not change the timing)")
-        caches = [(torch.randn(N, S, H, K, device="cuda", dtype=DT), torch.randn(N, S, H, V, device="cuda", dtype=DT))
-                  for _ in range(n_kv)]
-        states = [torch.randn(N, H, K, V, device="cuda") * 0.1 for _ in range(L)]
-        q = F.normalize(torch.randn(N, H, K, device="cuda"), dim=-1).to(DT)
-        k = F.normalize(torch.randn(N, H, K, device="cuda"), dim=-1).to(DT)
-        v = torch.randn(N, H, V, device="cuda", dtype=DT)
-        g = -torch.rand(N, H, device="cuda") * 0.1
-        beta = torch.rand(N, H, device="cuda")
-        scale_h = torch.full((H,), 8.0, device="cuda")
-        slot = torch.full((N,), S - 1, device="cuda", dtype=torch.int64)  # a full ring: evict one slot each step
-        length = torch.full((N,), S, device="cuda", dtype=torch.int64)
-        out = torch.empty(N, H, V, device="cuda", dtype=DT)
-        state_bytes = L * N * H * K * V * 4 * 2
-        results = {}
-        for frac in (0.0, 0.1, 1.0):
-            # one series: "routed" means this step attends (the worst step); many: a fraction of series
-            route = (torch.rand(N, device="cuda") < frac).to(DT) if N > 1 else torch.full((1,), float(frac > 0),
-                                                                                              device="cuda", dtype=DT)
+    N, W, PIN = 16384, 448, 64
+    cfg = preset("base", block=dict(n_layers=4, n_heads=8, head_dim_k=64, head_dim_v=64, mixer="gdn",
+                                    retention="bounded", window=W, pinned=PIN),
+                 tokenizer=dict(channels=8, patch_len=16), head=dict(horizon=16, quantiles=(0.1, 0.5, 0.9)))
+    b = cfg.block
+    L, H, K, V, S = b.n_layers, b.n_heads, b.head_dim_k, b.head_dim_v, W + PIN
+    torch.manual_seed(0)
+    model = OryxForecaster(cfg).cuda().to(DT).eval()
+    with torch.no_grad():
+        model.head.proj.weight.normal_(0, 0.02)
+        state = model.init_state(N)
+        for ls in state.layers:  # a steady state: random contents, every slot holding a token
+            ls.k_cache_BSHK.normal_(0, 0.125)
+            ls.v_cache_BSHV.normal_()
+            ls.rec_BHKV.normal_(0, 0.1)
+            for t in (ls.conv_k_BWX, ls.conv_v_BWX, ls.conv_q_BWX):
+                t.normal_()
+        state.n_tokens_B.copy_(10_000 + torch.randint(0, 5_000, (N,), device="cuda"))
+        state.slots.pos_BS.copy_(torch.arange(S, device="cuda").expand(N, S))
+        state.slots.mode_BS.copy_(torch.rand(N, S, device="cuda") < 0.1)
+        state.slots.pins_B.random_(0, 1000)
+    patch = torch.randn(N, cfg.tokenizer.patch_len, cfg.tokenizer.channels, device="cuda")
+    case = f"{N} series, {L} layers H{H} {K}x{V}, bounded cache {S}"
+    rec_bytes = L * N * H * K * V * 4 * 2  # fp32 state read and written
+    cache_row = S * H * (K + V) * 2  # one series' bf16 cache, one layer
+    write_bytes = L * N * H * (K + V) * 2 + sum(t.numel() * t.element_size() * 2 for ls in state.layers
+                                                for t in (ls.conv_k_BWX, ls.conv_v_BWX, ls.conv_q_BWX))
+    add("step", case, "state bytes per step (GB): recurrent r+w / cache one-slot writes + conv tails",
+        0.0, rec_gb=round(rec_bytes / 1e9, 2), writes_gb=round(write_bytes / 1e9, 3),
+        cache_gb=round(L * N * cache_row / 1e9, 1))
+    results = {}
+    for frac in (0.0, 0.1):
+        m = (torch.rand(N, device="cuda") < frac).float()
+        n_routed = int(m.sum())
+        floor = bytes_floor_ms(rec_bytes + write_bytes + L * n_routed * cache_row)
+        with torch.no_grad():
+            model.step(patch, state, m)
+            assert _dispatch.last_backend["layer_step"] == "triton"
+            ms = bench(lambda: model.step(patch, state, m))
+            results[frac] = ms
+            add("step", f"{case}, {frac:.0%} attention ({n_routed} series)", "model.step, fused layer step", ms,
+                floor, "state-bytes floor", share_of_floor=round(floor / ms, 3), floor_ms=round(floor, 3))
+            # the fused kernels alone, on the model's own tensors (what the rest of model.step costs)
+            blk = model.blocks[0].mixer
+            u = torch.randn(N, 1, b.d_model, device="cuda", dtype=DT)
+            q_lin, k, v, _ = blk._qkv(u, state.layers[0])
+            g, gate = blk._gates(u)
+            qa = F.normalize(torch.randn(N, H, K, device="cuda"), dim=-1).to(DT)
+            plan = state.plan_step(m, W, PIN)
+            scale_h = blk.att_log_temp.exp()
 
-            def ours():
-                for layer in range(L):
-                    kc, vc = caches[layer % n_kv]
-                    fused_layer_step("gdn", q, k, v, g, beta, states[layer], q_att_BHK=q, k_att_BHK=k,
-                                     k_cache_BSHK=kc, v_cache_BSHV=vc, slot_B=slot, len_B=length, route_B=route,
-                                     scale_H=scale_h, out_BHV=out)
+            def kernels_only():
+                for ls in state.layers:
+                    _dispatch.layer_step("gdn", q_lin[:, 0], k[:, 0], v[:, 0], g[:, 0], gate[:, 0], ls.rec_BHKV,
+                                         q_att_BHK=qa, k_att_BHK=k[:, 0], k_cache_BSHK=ls.k_cache_BSHK,
+                                         v_cache_BSHV=ls.v_cache_BSHV, write_slot_B=plan.write_slot_B,
+                                         valid_BS=plan.valid_BS, route_B=m, scale_H=scale_h, pin_B=plan.pin_B,
+                                         pin_slot_B=plan.pin_slot_B)
 
-            results[frac] = bench(_graph(ours))
-        # fla recurrent step (GDN only; out-of-place state), batch split past the 16384-series fault
-        q1, k1, v1, g1, b1 = q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None]
-
-        def fla_step():
-            for layer in range(L):
-                fla_fused_recurrent_gdn(q1, k1, v1, g1, b1, initial_state=states[layer])
-
-        try:
-            fla_ms, fla_how = bench(_graph(fla_step)), "CUDA graph"
-        except Exception as e:
-            notes.append(f"step {case}: fla step not capturable ({type(e).__name__}); timed eagerly")
-            fla_ms, fla_how = bench(fla_step), "eager"
-        # SDPA decode of an all-attention model: append the token, one query over the whole cache
-        idx = torch.full((1,), S - 1, device="cuda", dtype=torch.int64)
-
-        def sdpa_step():
-            for layer in range(L):
-                kc, vc = caches[layer % n_kv]
-                kc.index_copy_(1, idx, k[:, None])
-                vc.index_copy_(1, idx, v[:, None])
-                F.scaled_dot_product_attention(q[:, :, None], kc.transpose(1, 2), vc.transpose(1, 2))
-
-        sdpa_ms = bench(_graph(sdpa_step))
-        add("step", case, "fla fused_recurrent GDN step", fla_ms, graph=fla_how)
-        add("step", case, "SDPA decode (all attention)", sdpa_ms)
-        floor = state_bytes / 3.0e12 * 1e3
-        for frac, ms in results.items():
-            add("step", case, f"ours fused step, {frac:.0%} routed", ms, fla_ms, "fla recurrent step",
-                vs_sdpa=round(ms / sdpa_ms, 3), state_rw_floor_ms=round(floor, 3))
-        del caches, states
-        torch.cuda.empty_cache()
+            kms = bench(kernels_only)
+            add("step", f"{case}, {frac:.0%} attention ({n_routed} series)", "fused layer-step kernels alone x4", kms,
+                floor, "state-bytes floor", share_of_floor=round(floor / kms, 3))
+            # the general path of the same model: the block's eager ops, att_rows host sync
+            with mock.patch.object(_dispatch, "use_layer_step", lambda *a: False):
+                model.step(patch, state, m)
+                gms = bench(lambda: model.step(patch, state, m), rep=50)
+            add("step", f"{case}, {frac:.0%} attention ({n_routed} series)", "model.step, general path", gms,
+                floor, "state-bytes floor", fused_over_general=round(ms / gms, 3))
+    add("step", case, "model.step 10% / 0%", results[0.1], results[0.0], "model.step 0%")
+    del state, model
+    torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- main
@@ -431,10 +463,10 @@ def write(out: Path, env: dict) -> None:
     (out / "gpu_bench.json").write_text(json.dumps(dict(env=env, rows=rows, notes=notes), indent=1))
     lines = [f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, fla {env['fla-core']}, "
              f"mamba-ssm {env['mamba-ssm']}, tilelang {env['tilelang']}, {env['date']}, bf16", "",
-             "| section | case | impl | ms | ratio | to |", "|---|---|---|---|---|---|"]
+             "| section | case | impl | ms | ratio | to | share of floor |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['section']} | {r['case']} | {r['impl']} | {r['ms']:.3f} | {r.get('ratio', '')} | "
-                     f"{r.get('ratio_to', '')} |")
+                     f"{r.get('ratio_to', '')} | {r.get('share_of_floor', '')} |")
     lines += [""] + [f"- {n}" for n in notes]
     (out / "gpu_bench.md").write_text("\n".join(lines) + "\n")
 
@@ -449,6 +481,7 @@ def main() -> None:
         raise SystemExit("benchmarks/gpu.py needs a CUDA device")
     env = environment()
     print(env, flush=True)
+    measure_ceilings()
     for name in args.sections.split(","):
         if time.time() - T0 > args.budget_s:
             notes.append(f"section {name} not run: time budget spent")

@@ -7,6 +7,10 @@
 # wheels of fla-core, flash-linear-attention, mamba-ssm (Triton-only build), tilelang and its two
 # helpers in .whl/, plus libz3.so.xz (tilelang's solver library); see docs/BENCHMARKS.md. Writes
 # everything under $OUT (default runs/gpu): parity.txt, parity.xml, gpu_bench.{md,json}, profiles.
+#
+# What fits one 10-minute device call (H200, 16 cores): `parity bench=step` (parity on 6 pytest-xdist
+# workers, about 5-6 minutes, most of it tilelang and fla compiles; then the step section, about a
+# minute); then, in a second call, `bench=layer,attention,mixers profile` (about 6 minutes).
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
@@ -30,9 +34,10 @@ rc=0
 for step in "${steps[@]}"; do
   case $step in
     parity)
-      # the GPU tests live in one file (the rest of the suite needs the CPU extras, absent here);
-      # fla's fp32 chunk_simple_gla takes about 2.5 minutes to compile on an H100
-      python3 -m pytest -p no:cacheprovider -m gpu -o addopts="" --timeout 400 -q -rs \
+      # the GPU tests live in two files (the rest of the suite needs the CPU extras, absent here);
+      # fla's fp32 chunk_simple_gla takes about 2.5 minutes to compile on an H100, so the tests
+      # run on pytest-xdist workers side by side (one process needs about 1,600 s)
+      python3 -m pytest -p no:cacheprovider -m gpu -o addopts="" --timeout 400 -q -rs -n "${PARITY_WORKERS:-6}" \
         --junitxml "$OUT/parity.xml" tests/kernels/test_gpu_parity.py tests/test_train_gpu.py 2>&1 | tee "$OUT/parity.txt"
       rc=$((rc | ${PIPESTATUS[0]}))
       ;;
