@@ -9,7 +9,6 @@ reports `/healthz` as the worst shard's. API keys must exist in every shard
 (`oryx-ts serve keys add TENANT --data-dir DIR --shards N`).
 """
 
-from __future__ import annotations
 
 import dataclasses
 import json
