@@ -33,6 +33,9 @@ def _mean_std(stats_B3C: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.
     return mean, (var + eps).sqrt()
 
 
+SCAN_CHUNK = 64  # tokens per chunk of the parallel statistics scan
+
+
 class PatchTokenizer(nn.Module):
     """Patches, causal normalization, missing mask, linear embedding; inverse transform for forecasts."""
 
@@ -65,18 +68,35 @@ class PatchTokenizer(nn.Module):
         return _mean_std(stats_B3C, self.config.norm_eps)
 
     def statistics(self, x_BLC: torch.Tensor, stats_B3C: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-token normalization statistics. Returns `(mean_BTC, std_BTC, final_stats_B3C)` (fp64)."""
+        """Per-token normalization statistics. Returns `(mean_BTC, std_BTC, final_stats_B3C)` (fp64).
+
+        The decayed sums are the recurrence `s_n = decay * s_(n-1) + sums(patch n)` that `step`
+        runs, evaluated in chunks of `SCAN_CHUNK` tokens as a small triangular matrix product (fp64:
+        it agrees with the step's recurrence to rounding).
+        """
         cfg = self.config
         B, L, C = x_BLC.shape
-        patches_BTPC = x_BLC.reshape(B, L // cfg.patch_len, cfg.patch_len, C)
+        T = L // cfg.patch_len
+        x = x_BLC.reshape(B, T, cfg.patch_len, C).to(torch.float64)
+        observed = ~torch.isnan(x)
+        x0 = torch.where(observed, x, 0.0)
+        sums_BT3C = torch.stack([observed.sum(2).to(torch.float64), x0.sum(2), (x0 * x0).sum(2)], dim=2)
         stats = self.init_stats(B, x_BLC.device) if stats_B3C is None else stats_B3C
-        means, stds = [], []
-        for n in range(patches_BTPC.shape[1]):
-            stats = _stats_update(stats, patches_BTPC[:, n], cfg.norm_decay)
-            mean, std = _mean_std(stats, cfg.norm_eps)
-            means.append(mean)
-            stds.append(std)
-        return torch.stack(means, 1), torch.stack(stds, 1), stats
+        c = min(SCAN_CHUNK, T)
+        i = torch.arange(c, device=x_BLC.device, dtype=torch.float64)
+        lower = torch.tril(cfg.norm_decay ** (i[:, None] - i[None, :]).clamp_min(0))  # d^(i-k) for k <= i
+        carry = cfg.norm_decay ** (i + 1)
+        out = []
+        for n0 in range(0, T, c):
+            chunk = sums_BT3C[:, n0 : n0 + c]
+            n = chunk.shape[1]
+            within = torch.einsum("ik,bkjc->bijc", lower[:n, :n], chunk)
+            states = within + carry[:n, None, None] * stats[:, None]
+            out.append(states)
+            stats = states[:, -1]
+        all_BT3C = torch.cat(out, 1)
+        mean, std = _mean_std(all_BT3C.reshape(B * T, 3, C), cfg.norm_eps)
+        return mean.reshape(B, T, C), std.reshape(B, T, C), stats
 
     def normalize(self, x_BTXC: torch.Tensor, mean_BTC: torch.Tensor, std_BTC: torch.Tensor) -> torch.Tensor:
         """Scale raw values (any X steps per token) with each token's statistics; NaN stays NaN."""

@@ -76,42 +76,60 @@ def controller_step(
     `positions` are the series' token positions (one int for all, or one per series).
     Returns `(modes_B, flops_B, allowance_B)`: 1 = attention, the FLOPs that token spends, and its allowance.
     """
+    scores = scores_B.detach().to(torch.float64).cpu().numpy()[:, None]
+    modes, flops, allow = controller_run(scores, st, budget, config, positions)
+    return torch.from_numpy(modes[:, 0]).float(), torch.from_numpy(flops[:, 0]), torch.from_numpy(allow[:, 0])
+
+
+def controller_run(
+    scores_BT: np.ndarray, st: ControllerState, budget: BudgetConfig, config: OryxConfig, positions: int | np.ndarray | torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decide T consecutive tokens of every series, the first at `positions`; advances `st` in place.
+
+    The same arithmetic as T calls of `controller_step` (which is this with T = 1), in float64
+    numpy with the costs of every position computed once. Returns `(modes_BT, flops_BT, allowance_BT)`.
+    """
     W = budget.window
     if st.excess_BW.shape[1] != max(W - 1, 0):
         raise ValueError(f"controller state holds a window of {st.excess_BW.shape[1] + 1} tokens, the budget asks for {W}")
-    scores = scores_B.detach().to(torch.float64).cpu()
-    B = scores.shape[0]
-    pos = np.broadcast_to(np.asarray(torch.as_tensor(positions).cpu(), dtype=np.int64), (B,))
-    rec, att, allow = (torch.from_numpy(a) for a in allowance(budget, config, pos[:, None] + np.arange(W)[None, :]))
+    scores_BT = np.asarray(scores_BT, dtype=np.float64)
+    B, T = scores_BT.shape
+    pos0 = np.broadcast_to(np.asarray(torch.as_tensor(positions).cpu(), dtype=np.int64), (B,))
+    rec_all, att_all, allow_all = allowance(budget, config, pos0[:, None] + np.arange(T + W)[None, :])
     k = 1 + budget.slack
-    past = st.excess_BW.cpu()
-    pos_t = torch.from_numpy(pos.copy())
-    # worst window through this token: L past tokens (newest first), this one, W-1-L future recurrent ones
-    past_L = torch.cat([past.new_zeros(B, 1), past.flip(1).cumsum(1)], dim=1)  # (B, W)
-    before_start = torch.arange(W)[None, :] > pos_t[:, None]  # windows that would start before the stream are not windows
-    past_L = past_L.masked_fill(before_start, float("-inf"))
-    fut = torch.cat([rec.new_zeros(B, 1), (rec[:, 1:] - k * allow[:, 1:]).cumsum(1)], dim=1)  # (B, W) future prefix sums
-    worst = (past_L + fut.flip(1)).amax(1) + (att[:, 0] - k * allow[:, 0])
-    eps = 1e-12 * k * allow.sum(1)
-    surcharge_allow = W * (allow[:, 0] - rec[:, 0])
-    fits_spike = worst <= eps
-    fits_ordinary = worst <= -budget.reserve * surcharge_allow + eps
     dev_ = st.score_mean_B.device
-    correction = 1.0 - (1.0 - SCORE_EMA) ** (pos_t.to(torch.float64) + 1)  # tokens seen, this one included
-    mean = st.score_mean_B.cpu() + SCORE_EMA * (scores - st.score_mean_B.cpu())
-    dev = st.score_dev_B.cpu() + SCORE_EMA * ((scores - mean / correction).abs() - st.score_dev_B.cpu())
-    z = st.z_B.cpu()
-    tau = (mean / correction + z * (dev / correction + 1e-9)).clamp(TAU_MIN, 1.0)
-    spike = (mean / correction + budget.spike_z * (dev / correction + 1e-9)).clamp(TAU_MIN, 1.0)
-    modes = ((scores >= tau) & fits_ordinary) | ((scores >= spike) & fits_spike)
-    m = modes.to(torch.float64)
-    flops = rec[:, 0] + m * (att[:, 0] - rec[:, 0])
-    rate = ((allow[:, 0] - rec[:, 0]) / (att[:, 0] - rec[:, 0])).clamp(0.0, 1.0)
-    st.z_B = (z + budget.threshold_lr * (m - rate)).clamp(-Z_MAX, Z_MAX).to(dev_)
-    st.score_mean_B, st.score_dev_B = mean.to(dev_), dev.to(dev_)
-    if W > 1:
-        st.excess_BW = torch.cat([past[:, 1:], (flops - k * allow[:, 0])[:, None]], dim=1).to(st.excess_BW.device)
-    return m.to(torch.float32), flops, allow[:, 0].clone()
+    past = st.excess_BW.cpu().numpy().copy()
+    z, mean_s, dev_s = (t.cpu().numpy().copy() for t in (st.z_B, st.score_mean_B, st.score_dev_B))
+    out_m, out_f, out_a = np.zeros((B, T)), np.zeros((B, T)), np.zeros((B, T))
+    w_idx = np.arange(W)[None, :]
+    for t in range(T):
+        rec, att, allow = rec_all[:, t : t + W], att_all[:, t : t + W], allow_all[:, t : t + W]
+        pos = pos0 + t
+        scores = scores_BT[:, t]
+        # worst window through this token: L past tokens (newest first), this one, W-1-L future recurrent ones
+        past_L = np.concatenate([np.zeros((B, 1)), np.cumsum(past[:, ::-1], axis=1)], axis=1)  # (B, W)
+        past_L = np.where(w_idx > pos[:, None], -np.inf, past_L)  # windows that would start before the stream are not windows
+        fut = np.concatenate([np.zeros((B, 1)), np.cumsum(rec[:, 1:] - k * allow[:, 1:], axis=1)], axis=1)  # (B, W)
+        worst = (past_L + fut[:, ::-1]).max(axis=1) + (att[:, 0] - k * allow[:, 0])
+        eps = 1e-12 * k * allow.sum(axis=1)
+        surcharge_allow = W * (allow[:, 0] - rec[:, 0])
+        fits_spike = worst <= eps
+        fits_ordinary = worst <= -budget.reserve * surcharge_allow + eps
+        correction = 1.0 - (1.0 - SCORE_EMA) ** (pos.astype(np.float64) + 1)  # tokens seen, this one included
+        mean_s = mean_s + SCORE_EMA * (scores - mean_s)
+        dev_s = dev_s + SCORE_EMA * (np.abs(scores - mean_s / correction) - dev_s)
+        tau = np.clip(mean_s / correction + z * (dev_s / correction + 1e-9), TAU_MIN, 1.0)
+        spike = np.clip(mean_s / correction + budget.spike_z * (dev_s / correction + 1e-9), TAU_MIN, 1.0)
+        m = (((scores >= tau) & fits_ordinary) | ((scores >= spike) & fits_spike)).astype(np.float64)
+        flops = rec[:, 0] + m * (att[:, 0] - rec[:, 0])
+        rate = np.clip((allow[:, 0] - rec[:, 0]) / (att[:, 0] - rec[:, 0]), 0.0, 1.0)
+        z = np.clip(z + budget.threshold_lr * (m - rate), -Z_MAX, Z_MAX)
+        if W > 1:
+            past = np.concatenate([past[:, 1:], (flops - k * allow[:, 0])[:, None]], axis=1)
+        out_m[:, t], out_f[:, t], out_a[:, t] = m, flops, allow[:, 0]
+    st.z_B, st.score_mean_B, st.score_dev_B = (torch.from_numpy(a).to(dev_) for a in (z, mean_s, dev_s))
+    st.excess_BW = torch.from_numpy(past).to(st.excess_BW.device)
+    return out_m, out_f, out_a
 
 
 def window_sums(values_T: np.ndarray, window: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 from oryx_ts.config import BudgetConfig, OryxConfig
 from oryx_ts.flops import mode_costs_at
 from oryx_ts.model import OryxForecaster
-from oryx_ts.routers.budget import ControllerState, controller_step
+from oryx_ts.routers.budget import ControllerState, controller_run, controller_step
 from oryx_ts.routers.features import N_FEATURES, surprise_features
 from oryx_ts.routers.heuristics import Router, RouterInputs
 from oryx_ts.routers.state import RoutingState
@@ -147,8 +147,10 @@ class RoutedForecaster:
         positions_BT = torch.arange(T).expand(B, T)
         scores_BT = self.router.scores(RouterInputs(tokens_BTD, torch.zeros(B, T, N_FEATURES), positions_BT)).detach().float().cpu()
         ctrl = ControllerState.init(B, self.budget.window if self.budget else 1)
-        decided = [self._decide(scores_BT[:, n], ctrl, positions_BT[:, n]) for n in range(T)]
-        modes, flops, allow = (torch.stack([d[i] for d in decided], dim=1) for i in range(3))
+        if self.budget is not None:
+            modes, flops, allow = (torch.from_numpy(a) for a in controller_run(scores_BT.double().numpy(), ctrl, self.budget, self.config, 0))
+            return scores_BT, modes.float(), flops, allow, ctrl
+        modes, flops, allow = self._decide(scores_BT, ctrl, positions_BT)
         return scores_BT, modes, flops, allow, ctrl
 
     @torch.no_grad()
