@@ -532,6 +532,8 @@ class Engine:
             "adapter_rollbacks": int(ad.rollbacks_B[0]),
             "labelled_windows": len(s.labels),
             "window_recall": ratio(len(s.windows_recalled), len(s.windows_seen)),
+            "windows_seen": len(s.windows_seen),
+            "windows_recalled": len(s.windows_recalled),
             "mae_in_windows": ratio(sums["abs_served_in"], sums["entries_in"]),
             "mae_outside_windows": ratio(sums["abs_served_out"], sums["entries_out"]),
             "rejected": dict(s.rejected),
