@@ -15,6 +15,7 @@ from its last checkpoint (`FailureConfig(max_failures)`) and a resumed run equal
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from oryx_ts.config import OryxConfig
 from oryx_ts.datasets.windows import WindowSampler
@@ -33,7 +36,8 @@ from oryx_ts.train import check_trainable, lr_factor, sample_modes, validation_l
 
 __all__ = ["LoopState", "fit", "train_distributed"]
 
-LOOP_FILE = "loop.pt"
+LOOP_FILE = "loop.json"
+LOOP_TENSORS = "loop.safetensors"
 
 
 @dataclass
@@ -48,25 +52,47 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / LOOP_FILE
-        torch.save({"config": self.model.config.to_json(), "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "generator": self.generator.get_state(), "step": self.step, "history": self.history}, path)
-        return path
+        """Write the state as safetensors (model, optimizer moments, generator) plus JSON (the rest); nothing pickled."""
+        directory = Path(directory)
+        opt = self.optimizer.state_dict()
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        moments: dict[str, dict[str, Any]] = {}
+        for idx, entry in opt["state"].items():
+            moments[str(idx)] = {}
+            for name, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{idx}.{name}"] = value.detach().cpu().contiguous()
+                else:
+                    moments[str(idx)][name] = value
+        tensors["generator"] = self.generator.get_state()
+        save_file(tensors, str(directory / LOOP_TENSORS))
+        meta = {"config": self.model.config.to_dict(), "param_groups": opt["param_groups"], "moments": moments,
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history}
+        (directory / LOOP_FILE).write_text(json.dumps(meta))
+        return directory / LOOP_FILE
 
     def load(self, directory: str | Path) -> None:
-        path = Path(directory) / LOOP_FILE
+        """Read a state written by `save`; raises `ValueError` for a missing, corrupt or mismatched one."""
+        directory = Path(directory)
         try:
-            data = torch.load(path, weights_only=False)
-        except (OSError, RuntimeError, EOFError) as e:
-            raise ValueError(f"cannot read the training state {path}: {e}") from e
-        if OryxConfig.from_json(data["config"]) != self.model.config:
-            raise ValueError(f"{path} was written for another config than this run's")
-        self.model.load_state_dict(data["model"])
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.scheduler.load_state_dict(data["scheduler"])
-        self.generator.set_state(data["generator"])
-        self.step, self.history = int(data["step"]), list(data["history"])
+            meta = json.loads((directory / LOOP_FILE).read_text())
+            tensors = load_file(str(directory / LOOP_TENSORS))
+        except (OSError, json.JSONDecodeError, SafetensorError) as e:
+            raise ValueError(f"cannot read the training state in {directory}: {e}") from e
+        if OryxConfig.from_dict(meta["config"]) != self.model.config:
+            raise ValueError(f"{directory} was written for another config than this run's")
+        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict[str, Any]] = {}
+        for idx, rest in meta["moments"].items():
+            state[int(idx)] = dict(rest)
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.generator.set_state(tensors["generator"])
+        self.step, self.history = int(meta["step"]), list(meta["history"])
 
 
 class _Loss(torch.nn.Module):
