@@ -10,14 +10,19 @@ each mode alone and every mix work.
 """
 
 import dataclasses
+import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from oryx_ts.checkpoint import DataInfo, fingerprint, save
@@ -143,6 +148,198 @@ def validation_loss(model: OryxForecaster, sampler: WindowSampler, *, batch_size
     return float(np.mean(losses))
 
 
+LOOP_FILE = "loop.json"
+LOOP_TENSORS = "loop.safetensors"
+
+
+@dataclass
+class LoopState:
+    """Everything a run needs to continue where it stopped."""
+
+    model: OryxForecaster
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the state as safetensors (model, optimizer moments, generator) plus JSON (the rest); nothing pickled."""
+        directory = Path(directory)
+        opt = self.optimizer.state_dict()
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        moments: dict[str, dict[str, Any]] = {}
+        for idx, entry in opt["state"].items():
+            moments[str(idx)] = {}
+            for name, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{idx}.{name}"] = value.detach().cpu().contiguous()
+                else:
+                    moments[str(idx)][name] = value
+        tensors["generator"] = self.generator.get_state()
+        save_file(tensors, str(directory / LOOP_TENSORS))
+        meta = {"config": self.model.config.to_dict(), "param_groups": opt["param_groups"], "moments": moments,
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history}
+        (directory / LOOP_FILE).write_text(json.dumps(meta))
+        return directory / LOOP_FILE
+
+    def load(self, directory: str | Path) -> None:
+        """Read a state written by `save`; raises `ValueError` for a missing, corrupt or mismatched one."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / LOOP_FILE).read_text())
+            tensors = load_file(str(directory / LOOP_TENSORS))
+        except (OSError, json.JSONDecodeError, SafetensorError) as e:
+            raise ValueError(f"cannot read the training state in {directory}: {e}") from e
+        if OryxConfig.from_dict(meta["config"]) != self.model.config:
+            raise ValueError(f"{directory} was written for another config than this run's")
+        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict[str, Any]] = {}
+        for idx, rest in meta["moments"].items():
+            state[int(idx)] = dict(rest)
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.generator.set_state(tensors["generator"])
+        self.step, self.history = int(meta["step"]), list(meta["history"])
+
+
+class _Loss(torch.nn.Module):
+    """The model's loss as a module's forward, so DDP (which hooks `forward`) syncs its gradients."""
+
+    def __init__(self, model: OryxForecaster):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_BLC: torch.Tensor, modes_T: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(x_BLC, modes_T)
+
+
+def new_loop_state(config: OryxConfig, model: OryxForecaster | None, total: list[int] | None = None) -> LoopState:
+    """A fresh loop: seeded generator, AdamW with decay on matrices only, warm-up and cosine schedule over `total[0]` steps."""
+    t = config.train
+    torch.manual_seed(t.seed)
+    generator = torch.Generator().manual_seed(t.seed)
+    model = model or OryxForecaster(config)
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+    total = total if total is not None else [t.steps]  # a list: a time budget shortens the schedule once it is fitted
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, t.warmup_steps, total[0]))
+    return LoopState(model, opt, sched, generator)
+
+
+def fit(
+    config: OryxConfig,
+    values: np.ndarray | torch.Tensor,
+    *,
+    model: OryxForecaster | None = None,
+    device: str | torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    resume: str | Path | None = None,
+    on_step: Callable[[LoopState, dict], None] | None = None,
+    stop_after: int | None = None,
+    max_seconds: float | None = None,
+    probe_steps: int = 5,
+    progress: bool = False,
+) -> tuple[LoopState, dict | None]:
+    """The one training loop: mixed-mode windows of a `(L, C)` stream, on shard `rank` of `world_size`.
+
+    Every worker draws the same global batch of `train.batch_size` windows from the same seeded
+    generator and keeps its shard (`rank::world_size`), so gradients averaged by DDP (`wrap`) are
+    those of the global batch. `resume`: a directory holding a saved `LoopState`. `on_step(state,
+    record)` runs after every optimizer step. `stop_after` ends the loop after that step.
+    `max_seconds`: after `probe_steps` timed steps the step count is capped so that the cosine
+    schedule ends at the budget (never above `train.steps`); a machine that slows down stops at the
+    budget. Returns the loop state (model in eval mode) and the time budget's record (or None).
+    Raises `ValueError` for a stream that cannot train or a batch that does not split over the workers.
+    """
+    t = config.train
+    began = time.perf_counter()
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world_size {world_size}")
+    if t.batch_size % world_size:
+        raise ValueError(f"train.batch_size={t.batch_size} does not split over {world_size} workers; give a multiple of {world_size}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    values = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    P = config.tokenizer.patch_len
+    window = t.window_tokens * P
+    split = int(values.shape[0] * (1 - t.val_fraction))
+    train_windows = WindowSampler(values, window, stop=split, align=P)
+    val_windows = WindowSampler(values, window, start=split, align=P)
+
+    total = [t.steps]
+    if model is not None and device is not None:
+        model.to(device)
+    state = new_loop_state(config, model, total)
+    if resume is not None:
+        state.load(resume)
+    model = state.model
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    loss_module = _Loss(model)
+    loss_fn = wrap(loss_module) if wrap is not None else loss_module
+    model.train()
+    val_began = time.perf_counter()
+    if state.step == 0:
+        state.history.append({"step": 0, "val_loss": validation_loss(model, val_windows, batch_size=t.batch_size)})
+    val_seconds = time.perf_counter() - val_began
+    loop_began, first = time.perf_counter(), state.step
+    probe = min(t.steps, max(1, probe_steps))
+    budget = None
+    bar = tqdm(total=total[0], initial=state.step, desc="train", disable=not progress, dynamic_ncols=True)
+    while state.step < total[0]:
+        if max_seconds is not None and state.step >= probe and time.perf_counter() - began > max_seconds:
+            total[0] = state.step  # the budget ran out before the fitted schedule did
+            budget["stopped_early"] = True
+            break
+        state.step += 1
+        x = train_windows.sample(t.batch_size, state.generator)
+        modes = sample_modes(t.window_tokens, config, state.generator).to(device)
+        loss = loss_fn(x[rank::world_size].to(device), modes)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        lr = state.optimizer.param_groups[0]["lr"]
+        state.optimizer.step()
+        state.scheduler.step()
+        record = {"step": state.step, "train_loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
+        if max_seconds is not None and state.step - first == probe:
+            per_step = (time.perf_counter() - loop_began) / probe
+            cost = per_step + val_seconds / t.val_every  # a validation every val_every steps
+            left = max_seconds - (time.perf_counter() - began) - val_seconds  # the final validation
+            total[0] = max(state.step, min(t.steps, state.step + int(left / cost)))
+            budget = {"max_seconds": max_seconds, "planned_steps": t.steps, "seconds_per_step": per_step, "stopped_early": False}
+            bar.total = total[0]
+            bar.refresh()
+        if state.step % t.val_every == 0 or state.step == total[0]:
+            record["val_loss"] = validation_loss(model, val_windows, batch_size=t.batch_size)
+            bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{record['val_loss']:.4f}")
+        state.history.append(record)
+        bar.update(1)
+        if on_step is not None:
+            on_step(state, record)
+        if stop_after is not None and state.step >= stop_after and state.step < total[0]:
+            bar.close()
+            model.eval()
+            return state, budget  # interrupted: resumed later, validated then
+    bar.close()
+    if "val_loss" not in state.history[-1]:
+        state.history[-1]["val_loss"] = validation_loss(model, val_windows, batch_size=t.batch_size)
+    if budget is not None:
+        budget["steps"] = total[0]
+    model.eval()
+    return state, budget
+
+
 def train(
     config: OryxConfig,
     values: np.ndarray | torch.Tensor,
@@ -159,99 +356,32 @@ def train(
 
     The model trains on `device` (default: where `model` is, else the CPU); windows are cut from
     the stream in host memory and moved there batch by batch. `model` (e.g. a loaded checkpoint)
-    is trained further instead of a fresh one.
+    is trained further instead of a fresh one. The loop is `fit` (one process, one worker).
 
     The last `config.train.val_fraction` of the stream is held out for validation. If `out_dir` is
     given, the final model is saved there as a checkpoint, with `data` (the file's channel names,
     step and timestamp column) completed by the stream's length, training span, fingerprint and
     the tokenizer's normalization policy.
 
-    `max_seconds`: a time budget. The first `probe_steps` steps (and the first validation) are
-    timed, then the step count is capped so that the cosine schedule ends at the budget (never
-    raised above `config.train.steps`); if the machine slows down and the budget runs out anyway,
-    training stops there. How it went is in `TrainResult.time_budget` and the checkpoint's extra.
+    `max_seconds`: a time budget (see `fit`); how it went is in `TrainResult.time_budget` and the
+    checkpoint's extra.
 
     Raises `ValueError` if the stream does not match the config's channel count or cannot train
     (see `check_trainable`: all missing, a missing or constant channel, too few rows).
     """
-    t = config.train
     values = torch.as_tensor(np.asarray(values, dtype=np.float32))
     C = config.tokenizer.channels
     if values.dim() != 2 or values.shape[1] != C:
         raise ValueError(f"expected a stream of shape (length, {C}), got {tuple(values.shape)}")
     if data is not None and len(data.channels) != C:
         raise ValueError(f"data names {len(data.channels)} channels {list(data.channels)}, the stream has {C}")
-    if max_seconds is not None and not max_seconds > 0:
-        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
     check_trainable(values, config, data.channels if data is not None else None)
     began = time.perf_counter()
-    P = config.tokenizer.patch_len
-    window = t.window_tokens * P
-    split = int(values.shape[0] * (1 - t.val_fraction))
-    train_windows = WindowSampler(values, window, stop=split, align=P)
-    val_windows = WindowSampler(values, window, start=split, align=P)
-
-    torch.manual_seed(t.seed)
-    generator = torch.Generator().manual_seed(t.seed)
-    model = model or OryxForecaster(config)
-    if device is not None:
-        model.to(device)
-    device = next(model.parameters()).device
-    model.train()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr
-    )
-
-    total = t.steps  # capped once the probe steps are timed, when there is a time budget
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, t.warmup_steps, total))
-    result = TrainResult(model=model)
-    val_began = time.perf_counter()
-    result.history.append({"step": 0, "val_loss": validation_loss(model, val_windows, batch_size=t.batch_size)})
-    val_seconds = time.perf_counter() - val_began
-    loop_began = time.perf_counter()
-    probe = min(t.steps, max(1, probe_steps))
-    stopped_early = False
-    bar = tqdm(total=total, desc="train", disable=not progress, dynamic_ncols=True)
-    step = 0
-    while step < total:
-        step += 1
-        if max_seconds is not None and step > probe and time.perf_counter() - began > max_seconds:
-            stopped_early, total = True, step - 1  # the budget ran out before the fitted schedule did
-            break
-        x = train_windows.sample(t.batch_size, generator).to(device)
-        loss = model.loss(x, sample_modes(t.window_tokens, config, generator).to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        record = {"step": step, "train_loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
-        if max_seconds is not None and step == probe:
-            per_step = (time.perf_counter() - loop_began) / probe
-            cost = per_step + val_seconds / t.val_every  # a validation every val_every steps
-            left = max_seconds - (time.perf_counter() - began) - val_seconds  # the final validation
-            total = max(probe, min(t.steps, probe + int(left / cost)))
-            result.time_budget = {"max_seconds": max_seconds, "planned_steps": t.steps, "seconds_per_step": per_step}
-            bar.total = total
-            bar.refresh()
-        if step % t.val_every == 0 or step == total:
-            record["val_loss"] = validation_loss(model, val_windows, batch_size=t.batch_size)
-            bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{record['val_loss']:.4f}")
-        result.history.append(record)
-        bar.update(1)
-    bar.close()
-    if "val_loss" not in result.history[-1]:
-        result.history[-1]["val_loss"] = validation_loss(model, val_windows, batch_size=t.batch_size)
-    result.steps = total
+    state, budget = fit(config, values, model=model, device=device, max_seconds=max_seconds, probe_steps=probe_steps, progress=progress)
+    result = TrainResult(model=state.model, history=state.history, steps=state.step, time_budget=budget)
     result.seconds = time.perf_counter() - began
-    if result.time_budget is not None:
-        result.time_budget.update(steps=total, stopped_early=stopped_early)
-    model.eval()
     if out_dir is not None:
+        split = int(values.shape[0] * (1 - config.train.val_fraction))
         if data is not None:
             tk = config.tokenizer
             data = dataclasses.replace(
@@ -261,7 +391,7 @@ def train(
         extra = {"history": result.history, "steps": result.steps, "seconds": round(result.seconds, 2)}
         if result.time_budget is not None:
             extra["time_budget"] = result.time_budget
-        result.checkpoint = save(model, out_dir, extra=extra, data=data)
+        result.checkpoint = save(state.model, out_dir, extra=extra, data=data)
     return result
 
 

@@ -114,7 +114,7 @@ def _forecaster(config: OryxConfig, setup: SweepSetup, values: np.ndarray, repor
     cache = Path(setup.run_dir) / "forecasters" / forecaster_key(train_cfg, setup.data.key())
     with _locked(cache.with_suffix(".lock")):
         if not (cache / "history.json").exists():
-            state = fit(train_cfg, values, resume=resume, on_step=report)
+            state, _ = fit(train_cfg, values, resume=resume, on_step=report)
             oryx_ts.save(state.model, cache)
             (cache / "history.json").write_text(json.dumps(state.history))
     history = json.loads((cache / "history.json").read_text())

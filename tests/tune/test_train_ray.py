@@ -27,12 +27,12 @@ def _max_diff(a, b) -> float:
 def test_one_worker_loop_is_train_and_resumes_exactly():
     values = generate(3000, 4, seed=0).values
     reference = train(CONFIG, values, progress=False)
-    state = fit(CONFIG, values)
+    state, _ = fit(CONFIG, values)
     assert [h["val_loss"] for h in state.history if "val_loss" in h] == reference.val_losses
     assert _max_diff(state.model, reference.model) == 0.0
     with tempfile.TemporaryDirectory() as d:
-        fit(CONFIG, values, stop_after=5).save(d)
-        resumed = fit(CONFIG, values, resume=d)
+        fit(CONFIG, values, stop_after=5)[0].save(d)
+        resumed, _ = fit(CONFIG, values, resume=d)
     assert resumed.history == state.history and _max_diff(resumed.model, state.model) == 0.0
 
 
