@@ -57,8 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--season", type=int, default=None, help="seasonal period in steps (default: a day of steps, else 1)")
     p.add_argument("--warmup-tokens", type=int, default=None, help="replay only this many tokens before the test part (default: all)")
     p.add_argument("--origin-stride", type=int, default=1, help="score every K-th test token's origin (default 1)")
-    p.add_argument("--path", choices=["engine", "parallel"], default="engine",
-                   help="oryx test forecasts from the engine (default) or one parallel forward checked against the engine on a sample")
+    p.add_argument("--path", choices=["engine", "prefill"], default="engine",
+                   help="stream everything through the engine (default), or prefill the history before the test part in one parallel pass")
     p.add_argument("--quick", action="store_true",
                    help=f"a short CI run: first {QUICK['rows']} rows (hourly means of a minute dataset), "
                         f"{QUICK['train_steps']} oryx steps, peers {QUICK['peer_epochs']} epoch x {QUICK['peer_batches']} batches")

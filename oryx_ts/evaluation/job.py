@@ -10,10 +10,11 @@ is the last row of a token, and the scored origins are those from `b - 1` on who
 lies inside the stream (every `origin_stride`-th of them). Every model is scored at exactly those
 origins against the same targets; peers see only the rows up to each origin.
 
-Oryx's test forecasts come from `backtest_streams` (the engine, the service's code path). With
-`path="parallel"` (routers that read no surprise, adaptation off) they come from one parallel
-`RoutedForecaster.forward` over the replayed span instead, and the engine replays a sample of it
-to check they agree; the report names the path and the largest difference.
+Oryx's forecasts come from `backtest_streams` (the engine, the service's code path). With
+`path="prefill"` (routers that read no surprise) the history before the test part is replayed in
+one parallel pass (`Engine.prefill`: the same state and records within fp32 rounding, tested;
+the adapter learns only from the test part on) and the test part streams through the engine as
+with `path="engine"`; the report names the path.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from oryx_ts.evaluation.peers import PEERS, PeerBudget, freq_string, make_peer
 
 __all__ = ["BacktestSpec", "BacktestResult", "derive_labels", "load_stream", "run_backtest", "split_rows"]
 
-Path_ = Literal["engine", "parallel"]
+Path_ = Literal["engine", "prefill"]
 ROUTERS = ("none", "all", "fixed", "surprise", "learned")
 
 
@@ -66,7 +67,6 @@ class BacktestSpec:
     warmup_tokens: int | None = None
     origin_stride: int = 1
     path: Path_ = "engine"
-    check_tokens: int = 256
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -83,8 +83,8 @@ class BacktestSpec:
         unknown = [p for p in self.peers if p not in PEERS]
         if unknown:
             raise ValueError(f"unknown peers {unknown}; choose from {', '.join(PEERS)}")
-        if self.path not in ("engine", "parallel"):
-            raise ValueError(f"path must be engine or parallel, got {self.path!r}")
+        if self.path not in ("engine", "prefill"):
+            raise ValueError(f"path must be engine or prefill, got {self.path!r}")
 
 
 @dataclass
@@ -235,7 +235,7 @@ def _model(spec: BacktestSpec, stream: TelemetryStream, a: int, b: int, out: Pat
     return result.model, info
 
 
-def _replay(routed, values_LC: np.ndarray, spec: BacktestSpec, windows: list[LabelWindow], s: int) -> tuple[dict, dict]:
+def _replay(routed, values_LC: np.ndarray, spec: BacktestSpec, windows: list[LabelWindow], s: int, b: int) -> tuple[dict, dict]:
     """Oryx over rows `[s, s + T P)`: per token served and frozen forecasts, modes, FLOPs, allowance, state bytes."""
     import torch
 
@@ -249,25 +249,14 @@ def _replay(routed, values_LC: np.ndarray, spec: BacktestSpec, windows: list[Lab
     adapter = AdapterConfig(enabled=spec.adaptation)
     info: dict[str, Any] = {"path": spec.path, "tokens": T, "first_row": s}
     began = time.perf_counter()
-    if spec.path == "parallel":
-        if routed.router.needs_surprise or spec.adaptation:
-            raise ValueError("path=parallel needs a router that reads no surprise (none, all, fixed:K) and adaptation off; "
-                             "use path=engine")
-        with torch.no_grad():
-            out = routed(torch.from_numpy(np.ascontiguousarray(x))[None])
-        fc = out.forecast[0].numpy()
-        run = {"forecasts_THzCQ": fc, "frozen_THzCQ": fc, "modes_T": out.modes_BT[0].numpy(), "flops_T": out.flops_BT[0].numpy(),
-               "allowance_T": out.allowance_BT[0].numpy(), "state_bytes_T": np.full(T, -1, dtype=np.int64)}
-        info["seconds"] = time.perf_counter() - began
-        n = min(T, spec.check_tokens)
-        check = backtest_streams(routed, {"stream": x[: n * P]}, adapter=adapter, progress=spec.progress, desc="engine check")["stream"]
-        info["check_tokens"] = n
-        info["check_max_abs_diff"] = float(np.nanmax(np.abs(check.forecasts_THzCQ - fc[:n]))) if n else 0.0
-        info["check_modes_equal"] = bool((check.modes_T == run["modes_T"][:n]).all())
-        info["audit"] = {k: v for k, v in check.audit.items() if k != "state_bytes_history"}
-        run["state_bytes_T"][:n] = check.state_bytes_T
-        return run, info
-    got = backtest_streams(routed, {"stream": x}, adapter=adapter, labels=labels, progress=spec.progress, desc="oryx replay")["stream"]
+    history = 0
+    if spec.path == "prefill":
+        if routed.router.needs_surprise:
+            raise ValueError("path=prefill needs a router that reads no surprise (none, all, fixed:K); use path=engine")
+        history = max(0, b - s)
+        info["history_rows"] = history
+    got = backtest_streams(routed, {"stream": x}, adapter=adapter, labels=labels, progress=spec.progress, desc="oryx replay",
+                           history=history)["stream"]
     info["seconds"] = time.perf_counter() - began
     info["audit"] = {k: v for k, v in got.audit.items() if k != "state_bytes_history"}
     run = {k: getattr(got, k) for k in ("forecasts_THzCQ", "frozen_THzCQ", "modes_T", "flops_T", "allowance_T", "state_bytes_T")}
@@ -363,7 +352,7 @@ def run_backtest(spec: BacktestSpec) -> BacktestResult:
     target = horizon_targets(values, ends, spec.horizon)
 
     t0 = time.perf_counter()
-    run, replay = _replay(routed, values, spec, windows, s)
+    run, replay = _replay(routed, values, spec, windows, s, b)
     timings["oryx_replay"] = time.perf_counter() - t0
     forecasts = {"oryx": run["forecasts_THzCQ"][scored, : spec.horizon]}
     if spec.adaptation:

@@ -176,8 +176,7 @@ def _markdown(result: BacktestResult, files: dict[str, str]) -> str:
     lines = [f"# Backtest: {d['name'] or d['source']} ({s['date']})", ""]
     replay = s["oryx"]["replay"]
     path = ("engine (`backtest_streams`, the service's code path)" if replay["path"] == "engine" else
-            f"parallel `RoutedForecaster.forward`; the engine replayed the first {replay['check_tokens']} tokens and "
-            f"agreed within {replay['check_max_abs_diff']:.2e} (modes equal: {replay['check_modes_equal']})")
+            f"engine, with the {replay['history_rows']:,} rows before the test part prefilled in one parallel pass (`Engine.prefill`)")
     model = s["oryx"]["model"]
     trained = (f"preset `{model['preset']}` trained here on rows [0, {sp['validation'][1]}) for {model['steps']} steps "
                f"({model['seconds']:.0f} s; validation loss {model['val_loss_first']:.3f} -> {model['val_loss_last']:.3f})"

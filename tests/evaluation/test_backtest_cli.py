@@ -50,24 +50,27 @@ def test_backtest_writes_report_and_scores_naive_by_hand(data, tmp_path, capsys)
     assert "seasonal_naive" in capsys.readouterr().out
 
 
-def test_parallel_path_is_checked_against_the_engine(data, tmp_path):
-    out = tmp_path / "par"
-    assert main(["backtest", "--dataset", str(data), "--peers", "none", "--router", "fixed:4", "--path", "parallel",
-                 "--out", str(out), *ARGS]) == 0
-    s = json.loads((out / "backtest.json").read_text())
-    replay = s["oryx"]["replay"]
-    assert replay["path"] == "parallel" and replay["check_tokens"] > 0 and replay["check_modes_equal"]
-    assert replay["check_max_abs_diff"] < 1e-3
-    assert "parallel `RoutedForecaster.forward`" in (out / "report.md").read_text()
+def test_prefilled_history_gives_the_streamed_backtest(data, tmp_path):
+    runs = {}
+    for path in ("engine", "prefill"):
+        out = tmp_path / path
+        assert main(["backtest", "--dataset", str(data), "--peers", "none", "--router", "fixed:4", "--path", path,
+                     "--out", str(out), *ARGS]) == 0
+        runs[path] = json.loads((out / "backtest.json").read_text())
+    assert runs["prefill"]["oryx"]["replay"]["path"] == "prefill" and runs["prefill"]["oryx"]["replay"]["history_rows"] > 0
+    assert "prefilled in one parallel pass" in (tmp_path / "prefill" / "report.md").read_text()
+    a, b = (runs[p]["scores"]["oryx"]["overall"] for p in ("engine", "prefill"))
+    for metric in ("mae", "crps"):
+        assert b[metric] == pytest.approx(a[metric], rel=1e-4), metric
 
 
 def test_bad_invocations_end_in_one_line(data, tmp_path, capsys):
     assert main(["backtest", "--dataset", str(data), "--split", "0.5,0.5", "--out", str(tmp_path)]) == 2
     assert main(["backtest", "--dataset", str(data), "--peers", "prophet", "--out", str(tmp_path)]) == 2
-    assert main(["backtest", "--dataset", str(data), "--router", "surprise", "--path", "parallel", "--out", str(tmp_path),
+    assert main(["backtest", "--dataset", str(data), "--router", "surprise", "--path", "prefill", "--out", str(tmp_path),
                  *ARGS]) == 2
     err = capsys.readouterr().err
-    assert "unknown peers ['prophet']" in err and "path=parallel needs a router" in err
+    assert "unknown peers ['prophet']" in err and "path=prefill needs a router" in err
 
 
 @pytest.mark.network
