@@ -11,6 +11,7 @@ with `triton.testing.do_bench` (median, ms), prints one table and writes `gpu_be
                fractions 0 / 0.1 / 0.25 / 1 vs a pure fla GDN layer and a pure SDPA layer
     step       `model.step` of a 4-layer model, 16,384 series, bounded cache 512, 0% and 10% attention:
                fused path vs the general path, the fused kernels alone, against the state-bytes floor
+               (ORYX_PROFILE_STEP=1 adds torch.profiler tables of three steps)
     profile    (not in the default run) torch.profiler tables of the Oryx layer at T=32k, 0% and
                10% attention: where its time goes
 
@@ -434,6 +435,18 @@ def section_step():
             add("step", f"{case}, {frac:.0%} attention ({n_routed} series)", "model.step, general path", gms,
                 floor, "state-bytes floor", fused_over_general=round(ms / gms, 3))
     add("step", case, "model.step 10% / 0%", results[0.1], results[0.0], "model.step 0%")
+    if os.environ.get("ORYX_PROFILE_STEP"):  # where model.step's time goes outside the fused kernels
+        from torch.profiler import ProfilerActivity, profile
+
+        m = (torch.rand(N, device="cuda") < 0.1).float()
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                model.step(patch, state, m)
+            torch.cuda.synchronize()
+        for key in ("self_cuda_time_total", "cpu_time_total"):
+            table = prof.key_averages().table(sort_by=key, row_limit=25)
+            print(table, flush=True)
+            Path(os.environ.get("OUT", "runs/bench"), f"profile_step_{key}.txt").write_text(table)
     del state, model
     torch.cuda.empty_cache()
 
