@@ -53,8 +53,11 @@ class QuantileHead(nn.Module):
         mid = Q // 2
         gaps = F.softplus(raw - 1.0) + 1e-4
         center = raw[..., mid : mid + 1]
-        below = center - gaps[..., :mid].flip(-1).cumsum(-1).flip(-1)
-        above = center + gaps[..., mid + 1 :].cumsum(-1)
+        lo, hi = gaps[..., :mid], gaps[..., mid + 1 :]
+        # a cumulative sum over one level is the level itself; skipping it matters on CUDA, where
+        # flip/cumsum over an axis of length 1 costs more than the rest of a streaming step
+        below = center - (lo if mid == 1 else lo.flip(-1).cumsum(-1).flip(-1))
+        above = center + (hi if hi.shape[-1] == 1 else hi.cumsum(-1))
         return torch.cat([below, center, above], dim=-1)
 
 
