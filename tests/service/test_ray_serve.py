@@ -42,6 +42,7 @@ def local_ray():
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_two_shards_and_a_killed_replica_recovers_its_series(tmp_path, local_ray):
     ray, serve, port = local_ray
     oryx_ts.save(random_model(), tmp_path / "model")

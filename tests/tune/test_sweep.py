@@ -22,6 +22,7 @@ def _completed(storage) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_sweep_killed_then_resumed(tmp_path, drivers):
     storage, out = tmp_path / "budget-quick", tmp_path / "report"
     args = [*CLI, "sweep", "--quick", "--storage", str(storage), "--out", str(out), "--cpus", "2"]

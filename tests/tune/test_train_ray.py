@@ -64,6 +64,7 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_two_gloo_workers_match_one_and_resume_after_a_killed_worker(tmp_path, drivers):
     log = tmp_path / "driver.log"
     rc = drivers.run([PYTHON, "-c", DRIVER, str(tmp_path / "ray")], log, timeout=240)
