@@ -486,22 +486,22 @@ class Engine:
     def forecast(self, series_id: str) -> Forecast:
         """The latest forecast of a series; raises `KeyError` (unknown) or `ValueError` (no whole patch yet)."""
         s = self._get(series_id)
-        row = self.pool.select([s.row])
-        n = int(row.n_tokens_B[0]) - 1
+        r = s.row  # read the few fields a forecast needs, not a copy of the series' whole state
+        n = int(self.pool.n_tokens_B[r]) - 1
         if n < 0:
             need = self.P - len(s.buffer_LC) - sum(len(p) for p in s.queue)
             raise ValueError(f"series {series_id!r} has no forecast yet: {need} more step(s) complete its first patch (then flush)")
         reg = s.regularizer
         i0 = s.first_index or 0
         origin = reg.timestamp_of(i0 + (n + 1) * self.P - 1)
-        routing = row.parts["routing"]
+        routing = self.pool.parts["routing"]
         return Forecast(
             series_id=series_id, token=n, origin_timestamp=origin,
-            timestamps=np.asarray([reg.timestamp_of(i0 + (n + 1) * self.P + h) for h in range(self.Hz)], dtype=np.int64),
+            timestamps=reg.timestamp_of(i0 + (n + 1) * self.P) + reg.step * np.arange(self.Hz, dtype=np.int64),
             quantiles=tuple(self.config.head.quantiles),
-            values=row.parts["forecast"].served_BHzCQ[0].cpu().numpy(),
-            mode=float(routing.last_mode_B[0]), flops=float(routing.last_flops_B[0]),
-            allowance=float(routing.last_allowance_B[0]),
+            values=self.pool.parts["forecast"].served_BHzCQ[r].cpu().numpy().copy(),
+            mode=float(routing.last_mode_B[r]), flops=float(routing.last_flops_B[r]),
+            allowance=float(routing.last_allowance_B[r]),
         )
 
     def audit(self, series_id: str) -> dict[str, Any]:
