@@ -56,6 +56,8 @@ class ForecastState:
     sums_BK: torch.Tensor  # float64 running sums, columns `SUMS`
 
 
+STATE_BYTES_KEPT = 256
+
 SUMS = (
     "abs_frozen", "abs_served", "pinball_frozen", "pinball_served", "entries",
     "abs_served_in", "entries_in", "abs_served_out", "entries_out", "attention_tokens",
@@ -112,7 +114,8 @@ class _Series:
     rejected: Counter = field(default_factory=Counter)
     windows_recalled: set = field(default_factory=set)
     windows_seen: set = field(default_factory=set)
-    state_bytes: list[tuple[int, int]] = field(default_factory=list)  # (token, bytes), sampled
+    # (token, bytes) every `state_bytes_every` tokens, the last STATE_BYTES_KEPT samples (bounded memory)
+    state_bytes: deque = field(default_factory=lambda: deque(maxlen=STATE_BYTES_KEPT))
 
 
 class Engine:
@@ -400,9 +403,9 @@ class Engine:
         tokens = n_R.cpu().numpy()
         sample = tokens % self.state_bytes_every == 0
         nbytes = sub.nbytes_B().numpy() if sample.any() or self.on_step else None
-        for s, n, keep in zip(batch, tokens, sample):
+        for i, (s, n, keep) in enumerate(zip(batch, tokens, sample)):
             if keep:
-                s.state_bytes.append((int(n), int(nbytes[0])))
+                s.state_bytes.append((int(n), int(nbytes[i])))
         if self.on_step is not None:
             self.on_step(StepRecord(
                 [s.series_id for s in batch], tokens, served.cpu().numpy(), forecast_RHzCQ.cpu().numpy(),
@@ -558,7 +561,7 @@ class Engine:
             tensors[f"series.{k}.buffer_LC"] = torch.from_numpy(s.buffer_LC.copy())
             meta.append({
                 "id": sid, "first_index": s.first_index, "regularizer": reg, "labels": s.labels, "rejected": dict(s.rejected),
-                "recalled": sorted(s.windows_recalled), "seen": sorted(s.windows_seen), "state_bytes": s.state_bytes,
+                "recalled": sorted(s.windows_recalled), "seen": sorted(s.windows_seen), "state_bytes": list(s.state_bytes),
             })
         self.store.write(tensors, {"format": "oryx_ts.engine/1", "layout": pooled.layout(), "series": meta,
                                    "config": self.config.to_dict()})
@@ -588,7 +591,7 @@ class Engine:
                 s.first_index = m["first_index"]
                 s.rejected.update(m["rejected"])
                 s.windows_recalled, s.windows_seen = set(m["recalled"]), set(m["seen"])
-                s.state_bytes = [tuple(x) for x in m["state_bytes"]]
+                s.state_bytes.extend(tuple(x) for x in m["state_bytes"])
                 series[s.series_id] = s
         except KeyError as e:
             raise ValueError(f"engine snapshot lacks {e}") from e
