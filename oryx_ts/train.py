@@ -1,38 +1,43 @@
 """Training: mixed-mode quantile regression on windows of one long stream.
 
-Windows come from the head of the stream, validation from its tail. Each batch gets one mode
-pattern shared by its windows (so attention is computed only for the attention chunks): chunks of
-`mode_chunk` tokens run in attention mode with probability `attention_fraction`, and a share
-`full_mode_fraction` of batches runs entirely in one mode, half of them all-attention, so that
-each mode alone and every mix work.
+Windows come from the head of the stream and validation from its tail, or from a separate
+validation array (`oryx_ts.validation`). Each batch gets one mode pattern shared by its windows
+(so attention is computed only for the attention chunks): chunks of `mode_chunk` tokens run in
+attention mode with probability `attention_fraction`, and a share `full_mode_fraction` of batches
+runs entirely in one mode, half of them all-attention, so that each mode alone and every mix work.
+
+Every `train.val_every` steps (and at the start and the end) the model is scored on the same
+validation windows; the weights with the lowest validation loss are kept (`LoopState`) and, with
+`train.keep_best`, are the ones returned and saved. With `train.patience = N > 0` the run stops
+after N evaluations in a row without a new best (those during the warm-up do not count).
 
 `train_router` fits a `LearnedRouter` against a trained, frozen forecaster (see its docstring).
 """
 
 import dataclasses
-import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from oryx_ts.checkpoint import DataInfo, fingerprint, save
 from oryx_ts.config import BudgetConfig, OryxConfig
 from oryx_ts.datasets.windows import WindowSampler
+from oryx_ts.loop_state import LOOP_FILE, LOOP_TENSORS, LoopState, lr_factor, new_loop_state
 from oryx_ts.model import OryxForecaster
 from oryx_ts.routers.features import mark_lookahead, novelty_scores, surprise_features, surprise_targets
 from oryx_ts.routers.heuristics import RouterInputs
 from oryx_ts.routers.learned import LearnedRouter
 from oryx_ts.routers.runtime import forecast_steps
+from oryx_ts.validation import check_trainable, rows_needed, split_stream
+
+__all__ = ["LOOP_FILE", "LOOP_TENSORS", "LoopState", "TrainResult", "check_trainable", "fit", "fixed_schedule", "lr_factor",
+           "new_loop_state", "rows_needed", "sample_modes", "train", "train_router", "validation_loss"]
 
 
 @dataclass
@@ -40,7 +45,11 @@ class TrainResult:
     """A trained model, its loss history and where it was saved.
 
     steps: the optimizer steps run; time_budget: with `max_seconds`, how the schedule was fitted
-    (`max_seconds`, `planned_steps`, `steps`, `seconds_per_step`, `stopped_early`), else None.
+    (`max_seconds`, `planned_steps`, `steps`, `seconds_per_step`, `stopped_early`: the budget ran
+    out before the fitted schedule did), else None. validation: where the validation windows came
+    from (`source` "tail" or "array", `rows`, `windows`), `best_step` and `best_val_loss`, the
+    `curve` `[[step, val_loss], ...]`, `stopped` ("patience" when early stopping ended the run,
+    else None), `patience` and `keep_best`. `model` holds the best weights when `keep_best`.
     """
 
     model: OryxForecaster
@@ -49,6 +58,7 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     time_budget: dict | None = None
+    validation: dict = field(default_factory=dict)
 
     @property
     def val_losses(self) -> list[float]:
@@ -72,69 +82,6 @@ def sample_modes(n_tokens: int, config: OryxConfig, generator: torch.Generator) 
     return chunk_modes.repeat_interleave(t.mode_chunk)[:n_tokens]
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """The learning-rate multiplier of optimizer step `step + 1`: linear warmup, then a cosine that reaches 0.1 at step `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _fits(rows: int, window_tokens: int, config: OryxConfig) -> tuple[bool, bool]:
-    """(training split holds a window, validation split holds a window) for a stream of `rows` steps."""
-    P = config.tokenizer.patch_len
-    window = window_tokens * P
-    split = int(rows * (1 - config.train.val_fraction))
-    return split >= window, -(-split // P) * P + window <= rows
-
-
-def rows_needed(config: OryxConfig) -> int:
-    """The fewest stream rows that give `config` one training window and one validation window."""
-    rows = config.train.window_tokens * config.tokenizer.patch_len
-    while not all(_fits(rows, config.train.window_tokens, config)):
-        rows += 1
-    return rows
-
-
-def check_trainable(values: torch.Tensor, config: OryxConfig, channels: tuple[str, ...] | None = None) -> None:
-    """Refuse a `(L, C)` stream that cannot train `config`, saying why and what to change.
-
-    Raises `ValueError` for an all-missing stream, a channel with no finite value, a constant
-    channel, or a stream too short for one training and one validation window (naming the rows
-    needed, which split is short and the settings that lower the need).
-    """
-    names = channels or tuple(f"channel {c}" for c in range(values.shape[1]))
-    finite = torch.isfinite(values)
-    if not finite.any():
-        raise ValueError(f"the stream ({values.shape[0]} rows x {values.shape[1]} channels) has no finite value: every value is missing")
-    for c, name in enumerate(names):
-        column = values[:, c][finite[:, c]]
-        if column.numel() == 0:
-            raise ValueError(f"{name!r} has no finite value (every row is missing); leave it out (--channels)")
-        if column.numel() > 1 and bool((column == column[0]).all()):
-            raise ValueError(f"{name!r} is constant ({column[0].item():g} in every observed row): there is nothing to forecast; "
-                             "leave it out (--channels)")
-    rows, t = values.shape[0], config.train
-    has_train, has_val = _fits(rows, t.window_tokens, config)
-    if has_train and has_val:
-        return
-    P = config.tokenizer.patch_len
-    split = int(rows * (1 - t.val_fraction))
-    val_span, train_span = f"the validation split is rows [{split}, {rows})", f"the training split is rows [0, {split})"
-    short = f"{val_span}, shorter than a window" if has_train else (
-        f"{train_span}, shorter than a window" if has_val else f"{train_span} and {val_span}: both are shorter than a window")
-    fitting = [w for w in range(t.window_tokens - 1, 0, -1) if all(_fits(rows, w, config))]
-    lower = f"train.window_tokens={fitting[0]} fits these {rows} rows" if fitting else "no window_tokens fits these rows"
-    val_hint = "raise train.val_fraction (--set train.val_fraction=F)" if has_train else "lower train.val_fraction (--set train.val_fraction=F)"
-    raise ValueError(
-        f"the stream has {rows} rows, too few: one window of train.window_tokens={t.window_tokens} x tokenizer.patch_len={P} "
-        f"= {t.window_tokens * P} steps must fit in the training split and another in the validation split "
-        f"(the last train.val_fraction={t.val_fraction:g}); {short}. "
-        f"This config needs at least {rows_needed(config)} rows. Lower train.window_tokens (--set train.window_tokens=N; "
-        f"{lower}) or {val_hint}"
-    )
-
-
 @torch.no_grad()
 def validation_loss(model: OryxForecaster, sampler: WindowSampler, *, batch_size: int, max_batches: int = 8) -> float:
     """Mean loss over validation windows in the 1-in-4 schedule."""
@@ -148,65 +95,6 @@ def validation_loss(model: OryxForecaster, sampler: WindowSampler, *, batch_size
     return float(np.mean(losses))
 
 
-LOOP_FILE = "loop.json"
-LOOP_TENSORS = "loop.safetensors"
-
-
-@dataclass
-class LoopState:
-    """Everything a run needs to continue where it stopped."""
-
-    model: OryxForecaster
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    generator: torch.Generator
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write the state as safetensors (model, optimizer moments, generator) plus JSON (the rest); nothing pickled."""
-        directory = Path(directory)
-        opt = self.optimizer.state_dict()
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        moments: dict[str, dict[str, Any]] = {}
-        for idx, entry in opt["state"].items():
-            moments[str(idx)] = {}
-            for name, value in entry.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optimizer.{idx}.{name}"] = value.detach().cpu().contiguous()
-                else:
-                    moments[str(idx)][name] = value
-        tensors["generator"] = self.generator.get_state()
-        save_file(tensors, str(directory / LOOP_TENSORS))
-        meta = {"config": self.model.config.to_dict(), "param_groups": opt["param_groups"], "moments": moments,
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history}
-        (directory / LOOP_FILE).write_text(json.dumps(meta))
-        return directory / LOOP_FILE
-
-    def load(self, directory: str | Path) -> None:
-        """Read a state written by `save`; raises `ValueError` for a missing, corrupt or mismatched one."""
-        directory = Path(directory)
-        try:
-            meta = json.loads((directory / LOOP_FILE).read_text())
-            tensors = load_file(str(directory / LOOP_TENSORS))
-        except (OSError, json.JSONDecodeError, SafetensorError) as e:
-            raise ValueError(f"cannot read the training state in {directory}: {e}") from e
-        if OryxConfig.from_dict(meta["config"]) != self.model.config:
-            raise ValueError(f"{directory} was written for another config than this run's")
-        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict[int, dict[str, Any]] = {}
-        for idx, rest in meta["moments"].items():
-            state[int(idx)] = dict(rest)
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, idx, name = key.split(".", 2)
-                state.setdefault(int(idx), {})[name] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        self.scheduler.load_state_dict(meta["scheduler"])
-        self.generator.set_state(tensors["generator"])
-        self.step, self.history = int(meta["step"]), list(meta["history"])
-
-
 class _Loss(torch.nn.Module):
     """The model's loss as a module's forward, so DDP (which hooks `forward`) syncs its gradients."""
 
@@ -218,25 +106,15 @@ class _Loss(torch.nn.Module):
         return self.model.loss(x_BLC, modes_T)
 
 
-def new_loop_state(config: OryxConfig, model: OryxForecaster | None, total: list[int] | None = None) -> LoopState:
-    """A fresh loop: seeded generator, AdamW with decay on matrices only, warm-up and cosine schedule over `total[0]` steps."""
-    t = config.train
-    torch.manual_seed(t.seed)
-    generator = torch.Generator().manual_seed(t.seed)
-    model = model or OryxForecaster(config)
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
-    total = total if total is not None else [t.steps]  # a list: a time budget shortens the schedule once it is fitted
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, t.warmup_steps, total[0]))
-    return LoopState(model, opt, sched, generator)
+def _as_stream(values: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.float32))
 
 
 def fit(
     config: OryxConfig,
     values: np.ndarray | torch.Tensor,
     *,
+    val_values: np.ndarray | torch.Tensor | None = None,
     model: OryxForecaster | None = None,
     device: str | torch.device | None = None,
     rank: int = 0,
@@ -253,12 +131,22 @@ def fit(
 
     Every worker draws the same global batch of `train.batch_size` windows from the same seeded
     generator and keeps its shard (`rank::world_size`), so gradients averaged by DDP (`wrap`) are
-    those of the global batch. `resume`: a directory holding a saved `LoopState`. `on_step(state,
-    record)` runs after every optimizer step. `stop_after` ends the loop after that step.
+    those of the global batch. `val_values`: a separate `(L_val, C)` validation array (then all of
+    `values` trains), default the stream's last `train.val_fraction`. `resume`: a directory
+    holding a saved `LoopState` (best weights, patience count and fitted schedule included).
+    `on_step(state, record)` runs after every optimizer step. `stop_after` ends the loop after
+    that step (an interruption: the model keeps its current weights, to be resumed).
+
+    Validation runs before the first step, every `train.val_every` steps and after the last one;
+    `train.patience` > 0 stops the run after that many evaluations in a row without a new best
+    (counted after the warm-up), and `train.keep_best` loads the best weights into the model at
+    the end. Early stopping ends the run where it is; the schedule is not refitted.
+
     `max_seconds`: after `probe_steps` timed steps the step count is capped so that the cosine
-    schedule ends at the budget (never above `train.steps`); a machine that slows down stops at the
-    budget. Returns the loop state (model in eval mode) and the time budget's record (or None).
-    Raises `ValueError` for a stream that cannot train or a batch that does not split over the workers.
+    schedule ends at the budget (never above `train.steps`; the validations' cost counted); a
+    machine that slows down stops at the budget, after a last validation. Returns the loop state
+    (model in eval mode) and the time budget's record (or None). Raises `ValueError` for a stream
+    that cannot train or a batch that does not split over the workers.
     """
     t = config.train
     began = time.perf_counter()
@@ -268,19 +156,16 @@ def fit(
         raise ValueError(f"train.batch_size={t.batch_size} does not split over {world_size} workers; give a multiple of {world_size}")
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
-    values = torch.as_tensor(np.asarray(values, dtype=np.float32))
-    P = config.tokenizer.patch_len
-    window = t.window_tokens * P
-    split = int(values.shape[0] * (1 - t.val_fraction))
-    train_windows = WindowSampler(values, window, stop=split, align=P)
-    val_windows = WindowSampler(values, window, start=split, align=P)
+    values = _as_stream(values)
+    val = None if val_values is None else _as_stream(val_values)
+    split = split_stream(values, config, val)
 
-    total = [t.steps]
     if model is not None and device is not None:
         model.to(device)
-    state = new_loop_state(config, model, total)
+    state = new_loop_state(config, model)
     if resume is not None:
         state.load(resume)
+    total = state.total
     model = state.model
     if device is not None:
         model.to(device)
@@ -288,21 +173,27 @@ def fit(
     loss_module = _Loss(model)
     loss_fn = wrap(loss_module) if wrap is not None else loss_module
     model.train()
+
+    def validate() -> tuple[float, bool]:
+        loss = validation_loss(model, split.val, batch_size=t.batch_size)
+        return loss, state.observe(loss, patience=t.patience, warmup_steps=t.warmup_steps)
+
     val_began = time.perf_counter()
-    if state.step == 0:
-        state.history.append({"step": 0, "val_loss": validation_loss(model, val_windows, batch_size=t.batch_size)})
+    if state.step == 0 and not state.history:
+        state.history.append({"step": 0, "val_loss": validate()[0]})
     val_seconds = time.perf_counter() - val_began
     loop_began, first = time.perf_counter(), state.step
     probe = min(t.steps, max(1, probe_steps))
     budget = None
+    stopping = state.stopped is not None
     bar = tqdm(total=total[0], initial=state.step, desc="train", disable=not progress, dynamic_ncols=True)
-    while state.step < total[0]:
-        if max_seconds is not None and state.step >= probe and time.perf_counter() - began > max_seconds:
+    while not stopping and state.step < total[0]:
+        if max_seconds is not None and state.step - first >= probe and time.perf_counter() - began > max_seconds:
             total[0] = state.step  # the budget ran out before the fitted schedule did
             budget["stopped_early"] = True
             break
         state.step += 1
-        x = train_windows.sample(t.batch_size, state.generator)
+        x = split.train.sample(t.batch_size, state.generator)
         modes = sample_modes(t.window_tokens, config, state.generator).to(device)
         loss = loss_fn(x[rank::world_size].to(device), modes)
         state.optimizer.zero_grad(set_to_none=True)
@@ -321,21 +212,23 @@ def fit(
             bar.total = total[0]
             bar.refresh()
         if state.step % t.val_every == 0 or state.step == total[0]:
-            record["val_loss"] = validation_loss(model, val_windows, batch_size=t.batch_size)
-            bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{record['val_loss']:.4f}")
+            record["val_loss"], stopping = validate()
+            bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{record['val_loss']:.4f}", best=state.best_step)
         state.history.append(record)
         bar.update(1)
         if on_step is not None:
             on_step(state, record)
-        if stop_after is not None and state.step >= stop_after and state.step < total[0]:
+        if stop_after is not None and state.step >= stop_after and state.step < total[0] and not stopping:
             bar.close()
             model.eval()
             return state, budget  # interrupted: resumed later, validated then
     bar.close()
     if "val_loss" not in state.history[-1]:
-        state.history[-1]["val_loss"] = validation_loss(model, val_windows, batch_size=t.batch_size)
+        state.history[-1]["val_loss"] = validate()[0]
     if budget is not None:
-        budget["steps"] = total[0]
+        budget["steps"] = state.step
+    if t.keep_best:
+        state.restore_best()
     model.eval()
     return state, budget
 
@@ -344,6 +237,7 @@ def train(
     config: OryxConfig,
     values: np.ndarray | torch.Tensor,
     *,
+    val_values: np.ndarray | torch.Tensor | None = None,
     model: OryxForecaster | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
@@ -358,37 +252,45 @@ def train(
     the stream in host memory and moved there batch by batch. `model` (e.g. a loaded checkpoint)
     is trained further instead of a fresh one. The loop is `fit` (one process, one worker).
 
-    The last `config.train.val_fraction` of the stream is held out for validation. If `out_dir` is
-    given, the final model is saved there as a checkpoint, with `data` (the file's channel names,
-    step and timestamp column) completed by the stream's length, training span, fingerprint and
-    the tokenizer's normalization policy.
+    Validation: the `(L_val, C)` array `val_values` when given (then the whole stream trains),
+    else the last `config.train.val_fraction` of the stream. The returned (and saved) model has
+    the weights of the lowest validation loss when `train.keep_best` (the default), else the last
+    step's; `train.patience` > 0 stops early (see `fit`). If `out_dir` is given, the model is
+    saved there as a checkpoint, with `data` (the file's channel names, step and timestamp column)
+    completed by the stream's length, training span, fingerprint and the tokenizer's normalization
+    policy; its extra holds the history, `TrainResult.validation` (best step, the validation
+    curve, why it stopped) and the time budget's record.
 
-    `max_seconds`: a time budget (see `fit`); how it went is in `TrainResult.time_budget` and the
-    checkpoint's extra.
+    `max_seconds`: a time budget (see `fit`); how it went is in `TrainResult.time_budget`.
 
-    Raises `ValueError` if the stream does not match the config's channel count or cannot train
-    (see `check_trainable`: all missing, a missing or constant channel, too few rows).
+    Raises `ValueError` if the stream (or `val_values`) does not match the config's channel count
+    or cannot train (see `check_trainable`: all missing, a missing or constant channel, too few
+    rows, a horizon longer than a window holds).
     """
-    values = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    values = _as_stream(values)
+    val = None if val_values is None else _as_stream(val_values)
     C = config.tokenizer.channels
     if values.dim() != 2 or values.shape[1] != C:
         raise ValueError(f"expected a stream of shape (length, {C}), got {tuple(values.shape)}")
     if data is not None and len(data.channels) != C:
         raise ValueError(f"data names {len(data.channels)} channels {list(data.channels)}, the stream has {C}")
-    check_trainable(values, config, data.channels if data is not None else None)
+    check_trainable(values, config, data.channels if data is not None else None, val_values=val)
     began = time.perf_counter()
-    state, budget = fit(config, values, model=model, device=device, max_seconds=max_seconds, probe_steps=probe_steps, progress=progress)
-    result = TrainResult(model=state.model, history=state.history, steps=state.step, time_budget=budget)
+    state, budget = fit(config, values, val_values=val, model=model, device=device, max_seconds=max_seconds,
+                        probe_steps=probe_steps, progress=progress)
+    t, split = config.train, split_stream(values, config, val)
+    info = split.info | ({"fingerprint": fingerprint(val)} if val is not None else {})
+    result = TrainResult(model=state.model, history=state.history, steps=state.step, time_budget=budget,
+                         validation={**info, **state.summary(), "patience": t.patience, "keep_best": t.keep_best})
     result.seconds = time.perf_counter() - began
     if out_dir is not None:
-        split = int(values.shape[0] * (1 - config.train.val_fraction))
         if data is not None:
             tk = config.tokenizer
             data = dataclasses.replace(
-                data, rows=int(values.shape[0]), train_rows=split, fingerprint=fingerprint(values),
+                data, rows=int(values.shape[0]), train_rows=split.train_rows, fingerprint=fingerprint(values),
                 normalization={"kind": "causal_ema", "decay": tk.norm_decay, "eps": tk.norm_eps, "clip": tk.clip},
             )
-        extra = {"history": result.history, "steps": result.steps, "seconds": round(result.seconds, 2)}
+        extra = {"history": result.history, "steps": result.steps, "seconds": round(result.seconds, 2), "validation": result.validation}
         if result.time_budget is not None:
             extra["time_budget"] = result.time_budget
         result.checkpoint = save(state.model, out_dir, extra=extra, data=data)

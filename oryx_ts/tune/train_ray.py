@@ -149,6 +149,8 @@ def train_distributed(
     state = new_loop_state(config, trained)
     with result.checkpoint.as_directory() as d:
         state.load(d)
+    if config.train.keep_best:
+        state.restore_best()  # the last checkpoint holds the last step's weights and the best ones
     trained.eval()
     metrics = result.metrics or {}
     run_seconds = float(metrics.get("seconds", seconds))
