@@ -102,7 +102,11 @@ class HeadConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Mixed-mode training on windows of a long stream."""
+    """Mixed-mode training on windows of a long stream.
+
+    Validation loss is measured every `val_every` steps on fixed windows (the stream's last
+    `val_fraction`, or a separate validation array); see `oryx_ts.train.fit` for early stopping.
+    """
 
     steps: int = 300
     batch_size: int = 16
@@ -110,15 +114,18 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear warm-up, at most half the run's steps (a short or time-budgeted run still decays)
     mode_chunk: int = 4  # tokens per mode chunk
     attention_fraction: float = 0.25  # chance that a chunk runs in attention mode
     full_mode_fraction: float = 0.2  # share of windows that run entirely in one mode (half each)
     val_fraction: float = 0.15  # tail of the stream held out for validation
-    val_every: int = 50
+    val_every: int = 50  # optimizer steps between validation evaluations (also one before the first and one after the last)
+    patience: int = 0  # early stopping: stop after this many evaluations in a row without a new best (after warm-up); 0 = off
+    keep_best: bool = True  # the trained model gets the weights of its lowest validation loss (False: the last step's)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.patience >= 0, f"train.patience must be >= 0 (0 = no early stopping), got {self.patience}")
         for name in ("steps", "batch_size", "window_tokens", "mode_chunk", "val_every"):
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("attention_fraction", "full_mode_fraction"):
@@ -248,6 +255,23 @@ class OryxConfig:
             data[name].update(changes)
         return OryxConfig.from_dict(data)
 
+    def with_retention(self, retention: Retention, *, window: int | None = None, pinned: int | None = None) -> "OryxConfig":
+        """Copy under another KV-cache retention: `all`, or `bounded` with `window` recent and `pinned` pinned tokens.
+
+        Retention changes no weight's shape, so a model trained under one runs under another
+        (`oryx_ts.checkpoint.with_retention`). `window` / `pinned` default to this config's; they
+        apply to `bounded` only. Raises `ValueError` for an unknown retention, window or pinned
+        given with `all`, or values the block refuses (window < 1, pinned < 0).
+        """
+        if retention not in get_args(Retention):
+            raise ValueError(f"retention must be one of {', '.join(get_args(Retention))}, got {retention!r}")
+        if retention == "all" and (window is not None or pinned is not None):
+            raise ValueError("window and pinned apply to bounded retention only; retention 'all' keeps every token")
+        block: dict[str, Any] = {"retention": retention}
+        block |= {} if window is None else {"window": window}
+        block |= {} if pinned is None else {"pinned": pinned}
+        return self.replace(block=block)
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
 
@@ -369,3 +393,19 @@ def parse_overrides(config: OryxConfig, items: list[str]) -> OryxConfig:
             raise ValueError(f"{key}: unknown key {name!r} in section {section!r}; expected one of {', '.join(hints)}")
         changes.setdefault(section, {})[name] = _parse_value(key.strip(), raw, hints[name])
     return config.replace(**changes) if changes else config
+
+
+def parse_retention(text: str) -> dict[str, Any]:
+    """`all` or `bounded[:WINDOW[:PINNED]]` (tokens) as keyword arguments of `OryxConfig.with_retention`.
+
+    Raises `ValueError` naming the text and the expected form.
+    """
+    name, *numbers = text.strip().split(":")
+    form = "expected all, bounded, bounded:WINDOW or bounded:WINDOW:PINNED (tokens), e.g. bounded:512:64"
+    if name not in get_args(Retention) or len(numbers) > 2 or (name == "all" and numbers):
+        raise ValueError(f"retention {text!r}: {form}")
+    try:
+        values = [int(n) for n in numbers]
+    except ValueError:
+        raise ValueError(f"retention {text!r}: WINDOW and PINNED are whole numbers of tokens; {form}") from None
+    return {"retention": name} | dict(zip(("window", "pinned"), values))
