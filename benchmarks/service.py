@@ -1,10 +1,13 @@
 """Load test of `oryx-ts serve` on loopback: acknowledged rows/s and latencies, group commit on vs off.
 
-Starts one uvicorn server per mode (its own process group, killed at the end), creates the series,
-drives it with client threads for a bounded time and prints one table row per mode (markdown).
+Starts one uvicorn server per mode (its own process group, killed at the end) and, for each load
+level, creates fresh series, drives them with client threads for a bounded time and prints one
+table row (markdown). A load level is `closed` (each client sends as soon as it is answered: the
+server's saturation throughput) or a number R: each client sends R requests per second on a fixed
+schedule, latency counted from the scheduled send time (see `oryx_ts.service.load`).
 
-    .venv/bin/python benchmarks/service.py                      # 8 clients x 2 s over 64 series
-    .venv/bin/python benchmarks/service.py --clients 64 --series 1024 --seconds 10
+    .venv/bin/python benchmarks/service.py                      # 8 clients x 2 s over 64 series, closed loop
+    .venv/bin/python benchmarks/service.py --clients 64 --series 1024 --seconds 10 --loads closed,2,4 --modes group
 """
 
 import argparse
@@ -70,6 +73,7 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=8, help="rows per ingest request")
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     p.add_argument("--modes", default="group,naive", help="comma-separated: group, naive")
+    p.add_argument("--loads", default="closed", help="comma-separated load levels: closed, or requests/s per client")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="oryx-bench-") as tmp:
         model_dir = Path(args.model) if args.model else Path(tmp) / "model"
@@ -78,17 +82,20 @@ def main() -> int:
         channels = oryx_ts.load(model_dir).config.tokenizer.channels
         print(f"# {datetime.date.today()} {platform.node()} {os.cpu_count()} cores, {args.clients} clients x {args.seconds:g} s, "
               f"{args.series} series, {args.rows} rows/request, 1 forecast per 4 requests")
-        print("| mode | rows/s acked | ingest p50 / p99 ms | forecast p50 / p99 ms | requests | errors |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| mode | load (requests/s offered) | rows/s acked | ingest p50 / p99 ms | forecast p50 / p99 ms | requests | errors |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for mode in args.modes.split(","):
             proc, url, key = serve(model_dir, Path(tmp) / mode, mode == "group", args.threads)
             try:
-                ids = create_series(url, key, args.series, [f"c{i}" for i in range(channels)])
-                r = run_load(url, key, ids, channels, clients=args.clients, seconds=args.seconds, rows=args.rows)
+                for j, load in enumerate(args.loads.split(",")):
+                    rate = None if load == "closed" else float(load)
+                    ids = create_series(url, key, args.series, [f"c{i}" for i in range(channels)], prefix=f"load{j}")
+                    r = run_load(url, key, ids, channels, clients=args.clients, seconds=args.seconds, rows=args.rows, rate=rate)
+                    level = "closed loop" if rate is None else f"{args.clients} x {rate:g}/s = {r.offered_per_s:,.0f}"
+                    print(f"| {mode} commit | {level} | {r.rows_per_s:,.0f} | {r.ingest_p50_ms:.1f} / {r.ingest_p99_ms:.1f} | "
+                          f"{r.forecast_p50_ms:.1f} / {r.forecast_p99_ms:.1f} | {r.requests} | {r.errors} |", flush=True)
             finally:
                 stop(proc)
-            print(f"| {mode} commit | {r.rows_per_s:,.0f} | {r.ingest_p50_ms:.1f} / {r.ingest_p99_ms:.1f} | "
-                  f"{r.forecast_p50_ms:.1f} / {r.forecast_p99_ms:.1f} | {r.requests} | {r.errors} |", flush=True)
     return 0
 
 

@@ -76,3 +76,52 @@ def test_health_metrics_and_openapi(app_and_keys):
     assert keys["a"] not in text and "tenant-a" not in text
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/series", "/v1/series/{series}/observations", "/v1/series/{series}/forecast"} <= set(paths)
+
+
+def test_forecasts_are_read_without_the_engine_lock_and_only_once_durable(app_and_keys):
+    import threading
+
+    app, client, keys = app_and_keys
+    service = app.state.service
+    h = auth(keys["a"])
+    create(client, keys["a"], "s")
+    client.post("/v1/series/s/observations", json=rows(0, 0, 16), headers=h)
+    first = client.get("/v1/series/s/forecast", headers=h).json()
+    assert first["token"] == 1
+    # a flush holding the lock (here: a thread that holds it) does not delay a forecast read
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with service.lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(5)
+        assert client.get("/v1/series/s/forecast", headers=h).json() == first
+    finally:
+        release.set()
+        t.join()
+    # the patch of a failed commit was stepped, then undone: its forecast was never served
+    service.writer.fail_next_commit = 1
+    assert client.post("/v1/series/s/observations", json=rows(0, 16, 8), headers=h).status_code == 503
+    assert client.get("/v1/series/s/forecast", headers=h).json() == first
+    assert client.post("/v1/series/s/observations", json=rows(0, 16, 8), headers=h).json()["accepted"] == 8
+    assert client.get("/v1/series/s/forecast", headers=h).json()["token"] == 2
+
+
+def test_a_deleted_series_forecast_is_gone_with_it(app_and_keys):
+    app, client, keys = app_and_keys
+    h = auth(keys["a"])
+    create(client, keys["a"], "s")
+    client.post("/v1/series/s/observations", json=rows(0, 0, 8), headers=h)
+    assert client.get("/v1/series/s/forecast", headers=h).status_code == 200
+    assert client.delete("/v1/series/s", headers=h).status_code == 204
+    assert client.get("/v1/series/s/forecast", headers=h).status_code == 404
+    create(client, keys["a"], "s", channels=["a", "b", "c", "d"])
+    r = client.get("/v1/series/s/forecast", headers=h)
+    assert r.status_code == 409, r.text  # the new series has no patch yet: nothing of the old one is served
+    client.post("/v1/series/s/observations", json=rows(1, 0, 8), headers=h)
+    assert client.get("/v1/series/s/forecast", headers=h).json()["channels"] == ["a", "b", "c", "d"]
