@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from oryx_ts.config import OryxConfig, RouterConfig
+from oryx_ts.config import OryxConfig, Retention, RouterConfig
 from oryx_ts.model import OryxForecaster
 from oryx_ts.routers.features import N_FEATURES
 from oryx_ts.routers.learned import LearnedRouter
@@ -162,11 +162,32 @@ def read_config(path: str | Path) -> OryxConfig:
         raise ValueError(f"corrupt checkpoint config {path / CONFIG}: {e}") from e
 
 
-def load(path: str | Path, *, map_location: str | torch.device = "cpu", config: OryxConfig | None = None) -> OryxForecaster:
+def with_retention(model: OryxForecaster, retention: Retention, *, window: int | None = None,
+                   pinned: int | None = None) -> OryxForecaster:
+    """A copy of `model` (same weights, device, dtype and train/eval mode) under another KV-cache retention.
+
+    `retention`, `window`, `pinned` as in `OryxConfig.with_retention` (window and pinned default
+    to the model's). The copy forecasts as a model built from the changed config and given these
+    weights, and its `init_state` makes states of the new policy. Raises `ValueError` for a
+    retention the config refuses.
+    """
+    config = model.config.with_retention(retention, window=window, pinned=pinned)
+    p = next(model.parameters())
+    out = OryxForecaster(config).to(device=p.device, dtype=p.dtype)
+    out.load_state_dict(model.state_dict())
+    return out.train(model.training)
+
+
+def load(
+    path: str | Path, *, map_location: str | torch.device = "cpu", config: OryxConfig | None = None,
+    retention: Retention | None = None, window: int | None = None, pinned: int | None = None,
+) -> OryxForecaster:
     """Read a checkpoint written by `save`; raises `ValueError` for a missing, corrupt or mismatched one.
 
     `config` (default: the checkpoint's own) builds the model that receives the weights, e.g. to
-    fine-tune with other training settings; its shapes must match the weights.
+    fine-tune with other training settings; its shapes must match the weights. `retention` (with
+    `window`, `pinned`; see `OryxConfig.with_retention`) switches that config's KV-cache
+    retention, e.g. `load(path, retention="bounded", window=512, pinned=64)` for endless streams.
     """
     path = Path(path)
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
@@ -177,6 +198,10 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu", config: 
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"corrupt checkpoint config {path / CONFIG}: {e}") from e
     config = config or stored
+    if retention is not None:
+        config = config.with_retention(retention, window=window, pinned=pinned)
+    elif window is not None or pinned is not None:
+        raise ValueError("window and pinned come with retention='bounded'")
     _verify(path, WEIGHTS, meta)
     try:
         tensors = load_file(str(path / WEIGHTS), device=str(map_location))
