@@ -55,11 +55,11 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def _read(args: argparse.Namespace, *, channels: list[str] | None, timestamp: str | None):
+def _read(args: argparse.Namespace, *, channels: list[str] | None, timestamp: str | None, path: str | None = None):
     from oryx_ts.datasets import read
 
     try:
-        return read(args.data, timestamp=timestamp, channels=channels, step=args.step,
+        return read(path or args.data, timestamp=timestamp, channels=channels, step=args.step,
                     duplicates=args.duplicates, time_format=args.time_format)
     except FileNotFoundError as e:
         raise ValueError(str(e)) from e
@@ -88,6 +88,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# train flags that set a config field: flag -> (field, what it must be, check)
+TRAIN_FLAGS = {
+    "horizon": ("head.horizon", "a whole number of steps >= 1", lambda v: v >= 1),
+    "patch_len": ("tokenizer.patch_len", "a whole number of steps >= 1", lambda v: v >= 1),
+    "val_fraction": ("train.val_fraction", "a fraction in (0, 1)", lambda v: 0 < v < 1),
+    "patience": ("train.patience", "a number of validation evaluations >= 0 (0 = no early stopping)", lambda v: v >= 0),
+}
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """`section.key=value` items for the train flags given; raises `ValueError` for a bad value or a field also `--set`."""
+    items, fields = [], {item.partition("=")[0].strip() for item in args.set or []}
+    for name, (key, expected, ok) in TRAIN_FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not ok(value):
+            raise ValueError(f"{flag} must be {expected}, got {value:g}")
+        if key in fields:
+            raise ValueError(f"{flag} sets {key}, and --set {key}=... sets it too; give one of them")
+        items.append(f"{key}={value}")
+    return items
+
+
+def _check_init_shape(init: str, stored, config, args: argparse.Namespace) -> None:
+    """Refuse flags that would change the shape of the weights a fine-tune starts from."""
+    for name, key, have, want in (("horizon", "head.horizon", stored.head.horizon, config.head.horizon),
+                                  ("patch_len", "tokenizer.patch_len", stored.tokenizer.patch_len, config.tokenizer.patch_len)):
+        if have != want:
+            flag = "--" + name.replace("_", "-") if getattr(args, name) is not None else f"--set {key}"
+            raise ValueError(f"{flag} {want}: the checkpoint {init} has {key}={have}, and its weights have that shape; "
+                             "--init keeps it (train a new model, without --init, for another value)")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from oryx_ts.checkpoint import DataInfo, load, read_config, read_data
     from oryx_ts.config import parse_overrides, preset
@@ -99,6 +134,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("give --config or --preset, not both")
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
+    if args.val_data and args.val_fraction is not None:
+        raise ValueError("give --val-data (a separate validation file) or --val-fraction (the tail of --data), not both")
+    if args.val_data and args.workers != 1:
+        raise ValueError("--val-data is not supported with --workers; the workers validate on the tail (--val-fraction)")
+    overrides = _flag_overrides(args) + (args.set or [])
     _set_threads(args.threads)
     init_data = read_data(args.init) if args.init else None
     channels = args.channels.split(",") if args.channels else (list(init_data.channels) if init_data else None)
@@ -107,30 +147,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     values, columns = stream.values, list(stream.channels)
     if init_data is not None:
         init_data.check(columns, _step_seconds(stream), source=args.data)
+    data = DataInfo(channels=tuple(columns), step_seconds=_step_seconds(stream), timestamp=timestamp,
+                    start=None if stream.start is None else str(stream.start))
+    val_values = None
+    if args.val_data:
+        val_stream = _read(args, channels=columns, timestamp=timestamp, path=args.val_data)
+        data.check(list(val_stream.channels), _step_seconds(val_stream), source=f"--val-data {args.val_data}")
+        val_values = val_stream.values
 
     model = None
     if args.init:
-        config = parse_overrides(read_config(args.init), args.set or [])
+        stored = read_config(args.init)
+        config = parse_overrides(stored, overrides)
+        _check_init_shape(args.init, stored, config, args)
         model = load(args.init, config=config)
     else:
         base = _load_config(args.config) if args.config else preset(args.preset or "debug")
-        config = parse_overrides(base.replace(tokenizer={"channels": values.shape[1]}), args.set or [])
+        config = parse_overrides(base.replace(tokenizer={"channels": values.shape[1]}), overrides)
     if config.tokenizer.channels != values.shape[1]:
         raise ValueError(f"the model has {config.tokenizer.channels} channels, {args.data} has {values.shape[1]} ({', '.join(columns)})")
-    data = DataInfo(channels=tuple(columns), step_seconds=_step_seconds(stream), timestamp=timestamp,
-                    start=None if stream.start is None else str(stream.start))
     print(f"training on {values.shape[0]} steps x {values.shape[1]} channels ({', '.join(columns)})"
-          + (f" from {args.init}" if args.init else ""))
+          + (f" from {args.init}" if args.init else "")
+          + f"; horizon {config.head.horizon} steps, patches of {config.tokenizer.patch_len}")
     if args.workers != 1:
         from oryx_ts.tune.train_ray import train_command
         return train_command(args, config, values, model=model, data=data)
     max_seconds = None if args.max_minutes is None else 60.0 * args.max_minutes
-    result = train(config, values, model=model, out_dir=args.out, progress=not args.quiet, data=data, max_seconds=max_seconds)
+    result = train(config, values, val_values=val_values, model=model, out_dir=args.out, progress=not args.quiet, data=data,
+                   max_seconds=max_seconds)
     if result.time_budget is not None and result.steps < config.train.steps:
         print(f"time budget {args.max_minutes:g} min: {result.steps} of {config.train.steps} steps "
               f"({result.time_budget['seconds_per_step']:.2f} s per step)")
-    print(f"validation loss {result.val_losses[0]:.4f} -> {result.val_losses[-1]:.4f}; {result.steps} steps in "
-          f"{result.seconds:.0f}s; checkpoint: {result.checkpoint}")
+    v = result.validation
+    where = f"{args.val_data} ({v['rows']} rows)" if args.val_data else f"the last {v['rows']} rows"
+    print(f"validation on {where}: loss {result.val_losses[0]:.4f} -> {result.val_losses[-1]:.4f}, best {v['best_val_loss']:.4f} "
+          f"at step {v['best_step']}" + (f"; stopped early: {config.train.patience} evaluations without a new best"
+                                          if v["stopped"] == "patience" else ""))
+    kept = "the best step's" if config.train.keep_best else "the last step's"
+    print(f"{result.steps} steps in {result.seconds:.0f}s; checkpoint ({kept} weights): {result.checkpoint}")
     return 0
 
 
@@ -254,6 +308,7 @@ def _fan_chart(path: Path, stream, forecasts: np.ndarray, origins: list[int], qu
 
 def _cmd_forecast(args: argparse.Namespace) -> int:
     from oryx_ts.checkpoint import load, read_data
+    from oryx_ts.config import parse_retention
 
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in TABLE_SUFFIXES:
@@ -265,7 +320,7 @@ def _cmd_forecast(args: argparse.Namespace) -> int:
     if args.context is not None and args.context < 1:
         raise ValueError(f"--context must be >= 1 token, got {args.context}")
     _set_threads(args.threads)
-    model = load(args.model)
+    model = load(args.model, **(parse_retention(args.retention) if args.retention else {}))
     info = read_data(args.model)
     channels = args.channels.split(",") if args.channels else (list(info.channels) if info else None)
     timestamp = args.timestamp or (info.timestamp if info else None)
@@ -328,6 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="resume or fine-tune from a checkpoint: its config is the base (--set applies), its weights the start")
     tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                     help="override a config field, parsed by its type, e.g. block.mixer=mamba2, block.rope=false, train.lr=1e-3")
+    tr.add_argument("--horizon", type=int, default=None, metavar="STEPS", help="forecast steps (head.horizon; default: the preset's)")
+    tr.add_argument("--patch-len", type=int, default=None, metavar="STEPS",
+                    help="steps per token (tokenizer.patch_len; default: the preset's)")
+    tr.add_argument("--val-data", default=None, metavar="FILE",
+                    help="validate on this CSV or Parquet file (same columns and step) and train on all of --data")
+    tr.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                    help="validate on the last F of --data (train.val_fraction; default: the preset's, 0.15)")
+    tr.add_argument("--patience", type=int, default=None, metavar="N",
+                    help="stop after N validations in a row without a new best (train.patience; default 0 = off); "
+                         "the checkpoint holds the best validation step's weights either way (train.keep_best)")
     tr.add_argument("--max-minutes", type=float, default=None, metavar="M",
                     help="time budget: the step count is cut so that the schedule ends within M minutes")
     tr.add_argument("--out", default="runs/train", help="checkpoint directory")
@@ -349,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--attention-every", type=int, default=4, metavar="K",
                     help="fixed schedule: every K-th token attends (default 4; 0 = all-recurrent, 1 = all-attention)")
     fc.add_argument("--context", type=int, default=None, metavar="TOKENS", help="read at most this many patches before each origin")
+    fc.add_argument("--retention", default=None, metavar="SPEC",
+                    help="KV-cache retention of the trained weights: all, or bounded[:WINDOW[:PINNED]] in tokens "
+                         "(default: the checkpoint's)")
     _add_threads(fc)
     fc.set_defaults(func=_cmd_forecast)
 

@@ -59,6 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--origin-stride", type=int, default=1, help="score every K-th test token's origin (default 1)")
     p.add_argument("--path", choices=["engine", "prefill"], default="engine",
                    help="stream everything through the engine (default), or prefill the history before the test part in one parallel pass")
+    p.add_argument("--retention", default=None, metavar="SPEC",
+                   help="the oryx model's KV-cache retention in the replay: all, or bounded[:WINDOW[:PINNED]] in tokens "
+                        "(default: the model's own; the weights are unchanged)")
     p.add_argument("--quick", action="store_true",
                    help=f"a short CI run: first {QUICK['rows']} rows (hourly means of a minute dataset), "
                         f"{QUICK['train_steps']} oryx steps, peers {QUICK['peer_epochs']} epoch x {QUICK['peer_batches']} batches")
@@ -91,7 +94,7 @@ def _spec(args: argparse.Namespace):
         max_minutes=args.max_minutes, router=args.router, budget=args.budget, adaptation=args.adaptation == "on",
         peers=peers, peer_budget=budget, season=args.season,
         warmup_tokens=args.warmup_tokens if args.warmup_tokens is not None else (QUICK["warmup_tokens"] if quick else None),
-        origin_stride=args.origin_stride, path=args.path, progress=not args.quiet,
+        origin_stride=args.origin_stride, path=args.path, retention=args.retention, progress=not args.quiet,
     )
 
 

@@ -67,6 +67,7 @@ class BacktestSpec:
     warmup_tokens: int | None = None
     origin_stride: int = 1
     path: Path_ = "engine"
+    retention: str | None = None  # all | bounded[:WINDOW[:PINNED]]: the model's KV-cache retention in the replay (None: its own)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -85,6 +86,10 @@ class BacktestSpec:
             raise ValueError(f"unknown peers {unknown}; choose from {', '.join(PEERS)}")
         if self.path not in ("engine", "prefill"):
             raise ValueError(f"path must be engine or prefill, got {self.path!r}")
+        if self.retention is not None:
+            from oryx_ts.config import parse_retention
+
+            parse_retention(self.retention)
 
 
 @dataclass
@@ -335,6 +340,12 @@ def run_backtest(spec: BacktestSpec) -> BacktestResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     model, model_info = _model(spec, stream, a, b, out)
+    if spec.retention is not None:  # a deployment setting: the same weights under another retention
+        from oryx_ts.checkpoint import with_retention
+        from oryx_ts.config import parse_retention
+
+        model = with_retention(model, **parse_retention(spec.retention))
+        model_info["retention"] = {k: getattr(model.config.block, k) for k in ("retention", "window", "pinned")}
     timings["oryx_train"] = time.perf_counter() - t0
     quantiles = tuple(model.config.head.quantiles)
     routed, router_desc = _routed(model, spec, values[:b], spec.model)
