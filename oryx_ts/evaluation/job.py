@@ -236,7 +236,8 @@ def _model(spec: BacktestSpec, stream: TelemetryStream, a: int, b: int, out: Pat
     result = train(config, stream.values[:b], out_dir=out / "model", progress=spec.progress, data=data, max_seconds=max_seconds)
     info = {"source": "trained here on rows [0, b)", "preset": spec.preset, "overrides": list(spec.overrides),
             "steps": result.steps, "seconds": round(result.seconds, 1), "val_loss_first": result.val_losses[0],
-            "val_loss_last": result.val_losses[-1], "checkpoint": str(result.checkpoint), "config": config.to_dict()}
+            "val_loss_last": result.val_losses[-1], "best_step": result.validation["best_step"],
+            "best_val_loss": result.validation["best_val_loss"], "checkpoint": str(result.checkpoint), "config": config.to_dict()}
     return result.model, info
 
 

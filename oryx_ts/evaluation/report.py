@@ -179,7 +179,10 @@ def _markdown(result: BacktestResult, files: dict[str, str]) -> str:
             f"engine, with the {replay['history_rows']:,} rows before the test part prefilled in one parallel pass (`Engine.prefill`)")
     model = s["oryx"]["model"]
     trained = (f"preset `{model['preset']}` trained here on rows [0, {sp['validation'][1]}) for {model['steps']} steps "
-               f"({model['seconds']:.0f} s; validation loss {model['val_loss_first']:.3f} -> {model['val_loss_last']:.3f})"
+               f"({model['seconds']:.0f} s; validation loss {model['val_loss_first']:.3f} -> {model['val_loss_last']:.3f}"
+               + (f", best {model['best_val_loss']:.3f} at step {model['best_step']}"
+                  + (", whose weights are used)" if model["config"]["train"].get("keep_best", True) else ")")
+                  if model.get("best_step") is not None else ")")
                if model.get("preset") else f"checkpoint `{model['source']}`")
     lines += [
         "| setup | |", "| --- | --- |",
