@@ -21,7 +21,7 @@ from oryx_ts.service.settings import Settings
 from tests.conftest import random_model
 from tests.service.conftest import CHANNELS, auth, rows
 
-TRIALS = int(os.environ.get("ORYX_KILL_TRIALS", "3"))  # 20 for the documented run (docs/SERVICE.md)
+TRIALS = int(os.environ.get("ORYX_KILL_TRIALS", "20"))
 SERIES = ["k0", "k1", "k2"]
 SNAPSHOT_ROWS = 60
 
