@@ -65,6 +65,10 @@ def create_app(settings: Settings, *, model: oryx_ts.OryxForecaster | None = Non
         if who is None:
             raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)",
                                 headers={"WWW-Authenticate": "Bearer"})
+        wait = service.admit(key)
+        if wait:
+            raise HTTPException(429, f"rate limit of {settings.rate_limit:g} requests/s for this key; retry in {wait:.2f} s",
+                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
         return who
 
     Tenant = Annotated[str, Depends(tenant)]

@@ -27,6 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--snapshot-every-rows", type=int, default=200_000, metavar="N")
     parser.add_argument("--snapshot-every-s", type=float, default=300.0, metavar="S")
     parser.add_argument("--max-rows", type=int, default=10_000, help="rows per ingest request")
+    parser.add_argument("--rate-limit", type=float, default=0.0, metavar="R",
+                        help="requests per second per API key (429 beyond a burst of 2R); 0 = no limit (default)")
     parser.add_argument("--no-adaptation", action="store_true", help="serve the frozen model's forecasts")
     parser.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment, series sharded by hash")
     parser.add_argument("--shards", type=int, default=2, help="with --ray: replicas, one shard of series each")
@@ -53,7 +55,8 @@ def _settings(args: argparse.Namespace):
         raise ValueError("serve needs --model DIR and --data-dir DIR")
     return Settings(model_dir=args.model, data_dir=args.data_dir, router=args.router, group_commit=not args.no_group_commit,
                     snapshot_every_rows=args.snapshot_every_rows, snapshot_every_s=args.snapshot_every_s,
-                    max_rows=args.max_rows, adaptation=not args.no_adaptation)
+                    max_rows=args.max_rows, adaptation=not args.no_adaptation,
+                    rate_limit=args.rate_limit)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -121,6 +121,8 @@ class Service:
         self._pending: dict[str, Published] = {}  # stepped by the flush of the commit in flight
         self._tenants: dict[bytes, str] = {}  # sha256(key) -> tenant, verified keys only
         self._meta: dict[str, dict[str, Any]] = {}  # engine key -> the series' row
+        self._buckets: dict[bytes, list[float]] = {}  # sha256(key) -> [tokens, last refill time]
+        self._buckets_lock = threading.Lock()
         self.closing = False
         self._rows_since_snapshot = 0
         self._last_snapshot = time.monotonic()
@@ -239,6 +241,27 @@ class Service:
                     self._tenants.clear()
                 self._tenants[h] = who
         return who
+
+    def admit(self, api_key: str) -> float:
+        """Take one request from the key's token bucket: 0.0 if admitted, else the seconds until one is free."""
+        rate = self.settings.rate_limit
+        if not rate:
+            return 0.0
+        burst = float(self.settings.rate_burst or max(1.0, 2 * rate))
+        h = hashlib.sha256(api_key.encode()).digest()
+        now = time.monotonic()
+        with self._buckets_lock:
+            bucket = self._buckets.get(h)
+            if bucket is None:
+                if len(self._buckets) >= 65_536:
+                    self._buckets.clear()
+                bucket = self._buckets[h] = [burst, now]
+            bucket[0] = min(burst, bucket[0] + (now - bucket[1]) * rate)
+            bucket[1] = now
+            if bucket[0] >= 1.0:
+                bucket[0] -= 1.0
+                return 0.0
+            return (1.0 - bucket[0]) / rate
 
     def _before_commit(self, batch: list[Ticket]) -> list[Event]:
         """Under the lock, before the batch commits: step every queued patch, logged as one `flush`."""

@@ -35,7 +35,7 @@ class ErrorReply(BaseModel):
     detail: str | list[dict[str, Any]] = Field(description="why: a sentence, or the fields that failed validation")
 
 
-ERRORS = {code: {"model": ErrorReply} for code in (400, 401, 404, 409, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorReply} for code in (400, 401, 404, 409, 413, 422, 429, 503)}
 
 
 class RejectedRow(BaseModel):

@@ -26,6 +26,8 @@ class Settings:
     tolerance / duplicates: the regularizer's late and repeated-row policy for every series.
     adaptation: per-series online adaptation of the forecasts.
     max_batch: series per engine micro-batch.
+    rate_limit: requests per second per API key (a token bucket holding `rate_burst` requests; an
+        empty bucket answers 429 with Retry-After); 0 turns it off. rate_burst 0: twice rate_limit.
     """
 
     model_dir: Path
@@ -42,6 +44,8 @@ class Settings:
     duplicates: Literal["reject", "first", "last"] = "reject"
     adaptation: bool = True
     max_batch: int = 1024
+    rate_limit: float = 0.0
+    rate_burst: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -51,6 +55,8 @@ class Settings:
         for name in ("max_rows", "max_body_bytes", "max_id_len", "max_series_per_tenant", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.rate_limit >= 0 or self.rate_burst < 0:
+            raise ValueError(f"rate_limit and rate_burst must be >= 0, got {self.rate_limit} and {self.rate_burst}")
         if self.snapshot_every_rows < 0 or self.snapshot_every_s < 0:
             raise ValueError("snapshot_every_rows and snapshot_every_s must be >= 0 (0 = off)")
 

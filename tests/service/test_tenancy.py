@@ -1,9 +1,12 @@
 """Tenants never see each other: another tenant's series answers exactly like a missing one, keys are
-required on every /v1 call, and the database holds only salted hashes of keys."""
+required on every /v1 call, the database holds only salted hashes of keys, and rate limits are per key."""
+
+import time
 
 import pytest
+from fastapi.testclient import TestClient
 
-from tests.service.conftest import auth, create, rows
+from tests.service.conftest import auth, create, make_app, rows
 
 
 def endpoints(series: str) -> list[tuple[str, str, dict | None]]:
@@ -57,3 +60,18 @@ def test_keys_are_stored_hashed_with_their_own_salt(app_and_keys):
     salts = [r[0] for r in db.conn.execute("SELECT salt FROM api_keys")]
     assert len(set(salts)) == len(salts) == 2
     assert db.tenant_of(keys["a"]) == "tenant-a" and db.tenant_of(keys["a"][:-1] + "A") is None
+
+
+def test_rate_limit_is_per_key_and_answers_429_with_retry_after(tmp_path, model):
+    app = make_app(tmp_path / "d", model, rate_limit=2.0, rate_burst=3)
+    db = app.state.service.db
+    ka, kb = db.add_key("tenant-a"), db.add_key("tenant-b")
+    with TestClient(app) as client:
+        codes = [client.get("/v1/series", headers=auth(ka)).status_code for _ in range(5)]
+        assert codes[:3] == [200, 200, 200] and 429 in codes[3:]  # a burst of 3, then about 2 per second
+        r = client.get("/v1/series", headers=auth(ka))
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1 and "rate limit" in r.json()["detail"]
+        assert client.get("/v1/series", headers=auth(kb)).status_code == 200  # another key has its own bucket
+        assert client.get("/v1/series", headers={"Authorization": "Bearer oryx_nope"}).status_code == 401
+        time.sleep(0.6)
+        assert client.get("/v1/series", headers=auth(ka)).status_code == 200  # refilled at 2 per second
