@@ -129,3 +129,20 @@ def test_a_short_schedule_still_warms_up_and_decays():
     factors = [lr_factor(s, 20, 10) for s in range(10)]  # warm-up capped at 5 of the 10 steps
     assert factors[:5] == [0.2, 0.4, 0.6, 0.8, 1.0] and factors[-1] < 0.2
     assert [lr_factor(s, 4, 100) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # a long run keeps its warm-up
+
+
+def test_early_stopping_on_a_validation_stream_that_training_only_hurts():
+    # trained on clean sines, validated on white noise: every step fits the sines better and the noise worse
+    rng = np.random.default_rng(0)
+    steps = np.arange(4_000)
+    sines = np.stack([np.sin(2 * np.pi * steps / 16 + c) + 0.05 * rng.standard_normal(len(steps)) for c in range(4)], 1)
+    noise = rng.standard_normal((1_500, 4))
+    config = CONFIG.replace(train={"steps": 40, "val_every": 5, "patience": 2})
+    result = train(config, sines, val_values=noise, progress=False)
+    curve = result.validation["curve"]
+    assert curve[0][1] < curve[1][1] < curve[2][1] and result.steps == 10 and result.validation["stopped"] == "patience"
+    window = config.train.window_tokens * config.tokenizer.patch_len
+    val = WindowSampler(torch.as_tensor(noise, dtype=torch.float32), window, align=8)
+    assert validation_loss(result.model, val, batch_size=4) == curve[0][1]  # the best weights: the untrained model's
+    last = train(config.replace(train={"keep_best": False}), sines, val_values=noise, progress=False)
+    assert validation_loss(last.model, val, batch_size=4) == last.validation["curve"][-1][1]
