@@ -175,14 +175,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     max_seconds = None if args.max_minutes is None else 60.0 * args.max_minutes
     result = train(config, values, val_values=val_values, model=model, out_dir=args.out, progress=not args.quiet, data=data,
                    max_seconds=max_seconds)
-    if result.time_budget is not None and result.steps < config.train.steps:
-        print(f"time budget {args.max_minutes:g} min: {result.steps} of {config.train.steps} steps "
-              f"({result.time_budget['seconds_per_step']:.2f} s per step)")
+    budget = result.time_budget
+    if budget is not None and budget["fitted_steps"] < config.train.steps:
+        print(f"time budget {args.max_minutes:g} min: the schedule fitted to {budget['fitted_steps']} of {config.train.steps} steps "
+              f"({budget['seconds_per_step']:.2f} s per step)" + (", and the budget ran out at step "
+                                                                   f"{budget['steps']}" if budget["stopped_early"] else ""))
     v = result.validation
     where = f"{args.val_data} ({v['rows']} rows)" if args.val_data else f"the last {v['rows']} rows"
     print(f"validation on {where}: loss {result.val_losses[0]:.4f} -> {result.val_losses[-1]:.4f}, best {v['best_val_loss']:.4f} "
-          f"at step {v['best_step']}" + (f"; stopped early: {config.train.patience} evaluations without a new best"
-                                          if v["stopped"] == "patience" else ""))
+          f"at step {v['best_step']}" + (f"; stopped early at step {result.steps}: {config.train.patience} evaluations "
+                                          "without a new best" if v["stopped"] == "patience" else ""))
     kept = "the best step's" if config.train.keep_best else "the last step's"
     print(f"{result.steps} steps in {result.seconds:.0f}s; checkpoint ({kept} weights): {result.checkpoint}")
     return 0

@@ -45,8 +45,9 @@ class TrainResult:
     """A trained model, its loss history and where it was saved.
 
     steps: the optimizer steps run; time_budget: with `max_seconds`, how the schedule was fitted
-    (`max_seconds`, `planned_steps`, `steps`, `seconds_per_step`, `stopped_early`: the budget ran
-    out before the fitted schedule did), else None. validation: where the validation windows came
+    (`max_seconds`, `planned_steps`, `fitted_steps`: the schedule's length after the probe, `steps`
+    run, `seconds_per_step`, `stopped_early`: the budget ran out before the fitted schedule did),
+    else None. validation: where the validation windows came
     from (`source` "tail" or "array", `rows`, `windows`), `best_step` and `best_val_loss`, the
     `curve` `[[step, val_loss], ...]`, `stopped` ("patience" when early stopping ended the run,
     else None), `patience` and `keep_best`. `model` holds the best weights when `keep_best`.
@@ -208,7 +209,8 @@ def fit(
             cost = per_step + val_seconds / t.val_every  # a validation every val_every steps
             left = max_seconds - (time.perf_counter() - began) - val_seconds  # the final validation
             total[0] = max(state.step, min(t.steps, state.step + int(left / cost)))
-            budget = {"max_seconds": max_seconds, "planned_steps": t.steps, "seconds_per_step": per_step, "stopped_early": False}
+            budget = {"max_seconds": max_seconds, "planned_steps": t.steps, "fitted_steps": total[0], "seconds_per_step": per_step,
+                      "stopped_early": False}
             bar.total = total[0]
             bar.refresh()
         if state.step % t.val_every == 0 or state.step == total[0]:
