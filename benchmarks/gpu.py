@@ -10,8 +10,9 @@ with `triton.testing.do_bench` (median, ms), prints one table and writes `gpu_be
     layer      one Oryx layer (d_model 512, 8 heads of 64) forward+backward at attention
                fractions 0 / 0.1 / 0.25 / 1 vs a pure fla GDN layer and a pure SDPA layer
     step       `model.step` of a 4-layer model, 16,384 series, bounded cache 512, 0% and 10% attention:
-               fused path vs the general path, the fused kernels alone, against the state-bytes floor
-               (ORYX_PROFILE_STEP=1 adds torch.profiler tables of three steps)
+               eager and CUDA-graphed, fp32 and bf16 recurrent state, the fused kernels alone and the
+               general path, against the state-bytes floor; 1,024 series eager vs graphed
+               (ORYX_PROFILE_STEP=1 adds a torch.profiler table of three steps)
     profile    (not in the default run) torch.profiler tables of the Oryx layer at T=32k, 0% and
                10% attention: where its time goes
 
@@ -358,13 +359,31 @@ def flop_floor_ms(flop: float) -> float:
 
 
 # ----------------------------------------------------------------------------- step
+def _step_state(model, N, S, state_dtype):
+    """A steady state for N series: random contents, every slot holding a token, staggered positions."""
+    state = model.init_state(N, state_dtype=state_dtype)
+    for ls in state.layers:
+        ls.k_cache_BSHK.normal_(0, 0.125)
+        ls.v_cache_BSHV.normal_()
+        ls.rec_BHKV.normal_(0, 0.1)
+        for t in (ls.conv_k_BWX, ls.conv_v_BWX, ls.conv_q_BWX):
+            t.normal_()
+    state.n_tokens_B.copy_(10_000 + torch.randint(0, 5_000, (N,), device="cuda"))
+    state.slots.pos_BS.copy_(torch.arange(S, device="cuda").expand(N, S))
+    state.slots.mode_BS.copy_(torch.rand(N, S, device="cuda") < 0.1)
+    state.slots.pins_B.random_(0, 1000)
+    return state
+
+
 def section_step():
     """The streaming step of a 4-layer model through `model.step`, 16,384 series, bounded cache of
-    512 slots (window 448 + 64 pinned), bf16 weights and cache, fp32 recurrent state; every
-    series at its own position. Fused path (default on CUDA) vs the general path of the same
-    model (the block's eager ops, one host sync per step), and the fused kernels alone."""
+    512 slots (window 448 + 64 pinned), bf16 weights and cache, every series at its own position:
+    eager and replayed from a CUDA graph (`GraphedStep`), recurrent state in fp32 and in bf16
+    (`state_dtype`), against the state-bytes floor; the fused mixer-step kernels alone, the
+    general path (the block's eager ops), and 1,024 series eager vs graphed."""
     from oryx_ts.config import preset
     from oryx_ts.model import OryxForecaster
+    from oryx_ts.step_graph import GraphedStep
 
     N, W, PIN = 16384, 448, 64
     cfg = preset("base", block=dict(n_layers=4, n_heads=8, head_dim_k=64, head_dim_v=64, mixer="gdn",
@@ -376,78 +395,93 @@ def section_step():
     model = OryxForecaster(cfg).cuda().to(DT).eval()
     with torch.no_grad():
         model.head.proj.weight.normal_(0, 0.02)
-        state = model.init_state(N)
-        for ls in state.layers:  # a steady state: random contents, every slot holding a token
-            ls.k_cache_BSHK.normal_(0, 0.125)
-            ls.v_cache_BSHV.normal_()
-            ls.rec_BHKV.normal_(0, 0.1)
-            for t in (ls.conv_k_BWX, ls.conv_v_BWX, ls.conv_q_BWX):
-                t.normal_()
-        state.n_tokens_B.copy_(10_000 + torch.randint(0, 5_000, (N,), device="cuda"))
-        state.slots.pos_BS.copy_(torch.arange(S, device="cuda").expand(N, S))
-        state.slots.mode_BS.copy_(torch.rand(N, S, device="cuda") < 0.1)
-        state.slots.pins_B.random_(0, 1000)
     patch = torch.randn(N, cfg.tokenizer.patch_len, cfg.tokenizer.channels, device="cuda")
     case = f"{N} series, {L} layers H{H} {K}x{V}, bounded cache {S}"
-    rec_bytes = L * N * H * K * V * 4 * 2  # fp32 state read and written
     cache_row = S * H * (K + V) * 2  # one series' bf16 cache, one layer
-    write_bytes = L * N * H * (K + V) * 2 + sum(t.numel() * t.element_size() * 2 for ls in state.layers
-                                                for t in (ls.conv_k_BWX, ls.conv_v_BWX, ls.conv_q_BWX))
-    add("step", case, "state bytes per step (GB): recurrent r+w / cache one-slot writes + conv tails",
-        0.0, rec_gb=round(rec_bytes / 1e9, 2), writes_gb=round(write_bytes / 1e9, 3),
-        cache_gb=round(L * N * cache_row / 1e9, 1))
+    tails = L * N * 3 * (b.conv_size - 1) * H * K * 2 * 2  # bf16 conv tails read and written (K == V here)
+    writes = L * N * H * (K + V) * 2 + tails
     results = {}
-    for frac in (0.0, 0.1):
-        m = (torch.rand(N, device="cuda") < frac).float()
-        n_routed = int(m.sum())
-        floor = bytes_floor_ms(rec_bytes + write_bytes + L * n_routed * cache_row)
+    for sd, sd_name in ((None, "fp32 state"), (torch.bfloat16, "bf16 state")):
+        rec_bytes = L * N * H * K * V * (4 if sd is None else 2) * 2  # recurrent state read and written
+        add("step", case, f"state bytes per step (GB), {sd_name}: recurrent r+w / writes + conv tails r+w", 0.0,
+            rec_gb=round(rec_bytes / 1e9, 2), writes_gb=round(writes / 1e9, 3), cache_gb=round(L * N * cache_row / 1e9, 1))
         with torch.no_grad():
-            model.step(patch, state, m)
-            assert _dispatch.last_backend["layer_step"] == "triton"
-            ms = bench(lambda: model.step(patch, state, m))
-            results[frac] = ms
-            add("step", f"{case}, {frac:.0%} attention ({n_routed} series)", "model.step, fused layer step", ms,
-                floor, "state-bytes floor", share_of_floor=round(floor / ms, 3), floor_ms=round(floor, 3))
-            # the fused kernels alone, on the model's own tensors (what the rest of model.step costs)
-            blk = model.blocks[0].mixer
-            u = torch.randn(N, 1, b.d_model, device="cuda", dtype=DT)
-            q_lin, k, v, _ = blk._qkv(u, state.layers[0])
-            g, gate = blk._gates(u)
-            qa = F.normalize(torch.randn(N, H, K, device="cuda"), dim=-1).to(DT)
-            plan = state.plan_step(m, W, PIN)
-            scale_h = blk.att_log_temp.exp()
-
-            def kernels_only():
-                for ls in state.layers:
-                    _dispatch.layer_step("gdn", q_lin[:, 0], k[:, 0], v[:, 0], g[:, 0], gate[:, 0], ls.rec_BHKV,
-                                         q_att_BHK=qa, k_att_BHK=k[:, 0], k_cache_BSHK=ls.k_cache_BSHK,
-                                         v_cache_BSHV=ls.v_cache_BSHV, write_slot_B=plan.write_slot_B,
-                                         valid_BS=plan.valid_BS, route_B=m, scale_H=scale_h, pin_B=plan.pin_B,
-                                         pin_slot_B=plan.pin_slot_B)
-
-            kms = bench(kernels_only)
-            add("step", f"{case}, {frac:.0%} attention ({n_routed} series)", "fused layer-step kernels alone x4", kms,
-                floor, "state-bytes floor", share_of_floor=round(floor / kms, 3))
-            # the general path of the same model: the block's eager ops, att_rows host sync
-            with mock.patch.object(_dispatch, "use_layer_step", lambda *a: False):
+            state = _step_state(model, N, S, sd)
+            for frac in (0.0, 0.1):
+                m = (torch.rand(N, device="cuda") < frac).float()
+                n_routed = int(m.sum())
+                floor = bytes_floor_ms(rec_bytes + writes + L * n_routed * cache_row)
+                c = f"{case}, {frac:.0%} attention ({n_routed} series)"
                 model.step(patch, state, m)
-                gms = bench(lambda: model.step(patch, state, m), rep=50)
-            add("step", f"{case}, {frac:.0%} attention ({n_routed} series)", "model.step, general path", gms,
-                floor, "state-bytes floor", fused_over_general=round(ms / gms, 3))
-    add("step", case, "model.step 10% / 0%", results[0.1], results[0.0], "model.step 0%")
-    if os.environ.get("ORYX_PROFILE_STEP"):  # where model.step's time goes outside the fused kernels
-        from torch.profiler import ProfilerActivity, profile
+                assert _dispatch.last_backend["mixer_step"] == "triton"
+                ms = bench(lambda: model.step(patch, state, m))
+                results[(sd_name, frac, "eager")] = ms
+                add("step", c, f"model.step, {sd_name}", ms, floor, "state-bytes floor",
+                    share_of_floor=round(floor / ms, 3), floor_ms=round(floor, 3))
+                graphed = GraphedStep(model, state)
+                gms = bench(lambda: graphed(patch, m))
+                results[(sd_name, frac, "graph")] = gms
+                add("step", c, f"model.step, {sd_name}, CUDA graph", gms, floor, "state-bytes floor",
+                    share_of_floor=round(floor / gms, 3), graph_over_eager=round(gms / ms, 3))
+                del graphed
+                if sd is None and frac == 0.0:
+                    # the fused mixer-step kernels alone on the model's tensors (what the projections,
+                    # norms, MLPs, tokenizer and head add), then the general path of the same model
+                    blk = model.blocks[0].mixer
+                    u = torch.randn(N, b.d_model, device="cuda", dtype=DT)
+                    proj = F.linear(u, blk._step_weight())
+                    plan = state.plan_step(m, W, PIN)
+                    pos = state.n_tokens_B
+                    kw = dict(conv_weights=(blk.k_conv.weight, blk.v_conv.weight, blk.lin_q_conv.weight),
+                              conv_biases=(blk.k_conv.bias, blk.v_conv.bias, blk.lin_q_conv.bias),
+                              a_log_H=blk.lin_A_log, dt_bias_H=blk.lin_dt_bias, o_norm_weight_V=blk.o_norm.weight,
+                              o_norm_eps=blk.o_norm.eps, pos_B=pos, rope_base=b.rope_base,
+                              write_slot_B=plan.write_slot_B, valid_BS=plan.valid_BS, route_B=m,
+                              scale_H=blk.att_log_temp.exp(), pin_B=plan.pin_B, pin_slot_B=plan.pin_slot_B)
 
-        m = (torch.rand(N, device="cuda") < 0.1).float()
-        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                model.step(patch, state, m)
-            torch.cuda.synchronize()
-        for key in ("self_cuda_time_total", "cpu_time_total"):
-            table = prof.key_averages().table(sort_by=key, row_limit=25)
-            print(table, flush=True)
-            Path(os.environ.get("OUT", "runs/bench"), f"profile_step_{key}.txt").write_text(table)
-    del state, model
+                    def kernels_only():
+                        for ls in state.layers:
+                            _dispatch.mixer_step("gdn", proj, ls.rec_BHKV, tails=(ls.conv_k_BWX, ls.conv_v_BWX, ls.conv_q_BWX),
+                                                 k_cache_BSHK=ls.k_cache_BSHK, v_cache_BSHV=ls.v_cache_BSHV, **kw)
+
+                    kms = bench(kernels_only)
+                    add("step", c, "fused mixer-step kernels alone x4", kms, floor, "state-bytes floor",
+                        share_of_floor=round(floor / kms, 3))
+                    with mock.patch.object(_dispatch, "use_layer_step", lambda *a: False):
+                        model.step(patch, state, m)
+                        gen_ms = bench(lambda: model.step(patch, state, m), rep=50)
+                    add("step", c, "model.step, general path (eager ops), fp32 state", gen_ms, ms, "fused model.step")
+            if sd is None and os.environ.get("ORYX_PROFILE_STEP"):  # where model.step's time goes
+                from torch.profiler import ProfilerActivity, profile
+
+                m = (torch.rand(N, device="cuda") < 0.1).float()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        model.step(patch, state, m)
+                    torch.cuda.synchronize()
+                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+                print(table, flush=True)
+                Path(os.environ.get("OUT", "runs/bench"), "profile_step.txt").write_text(table)
+            del state
+            torch.cuda.empty_cache()
+    for mode in ("eager", "graph"):
+        add("step", case, f"model.step 10% / 0%, fp32 state, {mode}", results[("fp32 state", 0.1, mode)],
+            results[("fp32 state", 0.0, mode)], "0%")
+        add("step", case, f"model.step bf16 state / fp32 state, 0%, {mode}", results[("bf16 state", 0.0, mode)],
+            results[("fp32 state", 0.0, mode)], "fp32 state")
+    # a small batch, where the host bounds the eager step
+    n_small = 1024
+    with torch.no_grad():
+        state = _step_state(model, n_small, S, None)
+        p_small = patch[:n_small]
+        model.step(p_small, state, None)
+        ms = bench(lambda: model.step(p_small, state, None))
+        graphed = GraphedStep(model, state)
+        gms = bench(lambda: graphed(p_small, None))
+    add("step", f"{n_small} series, {L} layers, bounded cache {S}, 0% attention", "model.step, fp32 state", ms)
+    add("step", f"{n_small} series, {L} layers, bounded cache {S}, 0% attention", "model.step, fp32 state, CUDA graph",
+        gms, ms, "eager")
+    del state, graphed, model
     torch.cuda.empty_cache()
 
 

@@ -34,11 +34,11 @@ rc=0
 for step in "${steps[@]}"; do
   case $step in
     parity)
-      # the GPU tests live in two files (the rest of the suite needs the CPU extras, absent here);
+      # the GPU tests live in three files (the rest of the suite needs the CPU extras, absent here);
       # fla's fp32 chunk_simple_gla takes about 2.5 minutes to compile on an H100, so the tests
       # run on pytest-xdist workers side by side (one process needs about 1,600 s)
       python3 -m pytest -p no:cacheprovider -m gpu -o addopts="" --timeout 400 -q -rs -n "${PARITY_WORKERS:-6}" \
-        --junitxml "$OUT/parity.xml" tests/kernels/test_gpu_parity.py tests/test_train_gpu.py 2>&1 | tee "$OUT/parity.txt"
+        --junitxml "$OUT/parity.xml" tests/kernels/test_gpu_parity.py tests/kernels/test_gpu_step.py tests/test_train_gpu.py 2>&1 | tee "$OUT/parity.txt"
       rc=$((rc | ${PIPESTATUS[0]}))
       ;;
     bench|bench=*)

@@ -231,7 +231,7 @@ class OryxMixer(nn.Module):
                 moved = torch.where(plan.pin_B[:, None, None], cache[rows, plan.write_slot_B], cache[rows, plan.pin_slot_B])
                 cache[rows, plan.pin_slot_B] = moved
             cache[rows, plan.write_slot_B] = new[:, 0].detach().to(cache.dtype)
-        st.rec_BHKV = rec.detach()
+        st.rec_BHKV = rec.detach().to(st.rec_BHKV.dtype)  # fp32 unless the state was allocated in bf16/fp16
         st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX = (t.detach() for t in tails)
 
         o = o_lin
@@ -253,31 +253,36 @@ class OryxMixer(nn.Module):
             o = blended if att_rows is None else o_lin.index_copy(0, att_rows, blended)
         return self._output(u_B1D, o)
 
+    def _step_weight(self) -> torch.Tensor:
+        """The token's projections as one matrix, in the order `dispatch.mixer_step` reads them."""
+        gates = [self.lin_a.weight, self.lin_beta.weight] if self.config.mixer == "gdn" else [self.lin_dt.weight]
+        return torch.cat([self.k_proj.weight, self.v_proj.weight, self.lin_q.weight, self.att_q.weight, self.z_proj.weight, *gates])
+
     def _step_fused(self, u_B1D, m_B, st: LayerState, pos_B, plan: SlotPlan) -> torch.Tensor:
-        """`step` through `dispatch.layer_step`: one launch for the mixers of every series, modes on the device."""
+        """`step` through `dispatch.mixer_step`: one projection, then one launch for the rest of the mixer
+        (convs, gates, RoPE, both mixers, output gate) of every series; modes on the device, tails,
+        state and cache updated in place."""
         c = self.config
-        B = u_B1D.shape[0]
-        H, K = c.n_heads, c.head_dim_k
-        q_lin, k, v, tails = self._qkv(u_B1D, st)
-        g, gate = self._gates(u_B1D)
-        q_att = _l2norm(self.att_q(u_B1D).view(B, 1, H, K))
-        k_att = k
-        if c.rope:  # per-series positions: the series axis stands in for the token axis of `rope`
-            k_att = dispatch.rope(k.transpose(0, 1), pos_B, base=c.rope_base).transpose(0, 1)
-            q_att = dispatch.rope(q_att.transpose(0, 1), pos_B, base=c.rope_base).transpose(0, 1)
-        if not st.rec_BHKV.is_contiguous() or st.rec_BHKV.dtype != torch.float32:
+        if st.rec_BHKV.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not st.rec_BHKV.is_contiguous():
             st.rec_BHKV = st.rec_BHKV.to(torch.float32, memory_format=torch.contiguous_format)
-        o = dispatch.layer_step(
-            c.mixer, q_lin[:, 0], k[:, 0], v[:, 0], g[:, 0], gate[:, 0], st.rec_BHKV,
-            q_att_BHK=q_att[:, 0], k_att_BHK=k_att[:, 0], k_cache_BSHK=st.k_cache_BSHK, v_cache_BSHV=st.v_cache_BSHV,
+        for name in ("conv_k_BWX", "conv_v_BWX", "conv_q_BWX"):  # the kernel moves the tails on in place
+            if getattr(st, name).stride(-1) != 1:
+                setattr(st, name, getattr(st, name).contiguous())
+        o = dispatch.mixer_step(
+            c.mixer, F.linear(u_B1D[:, 0], self._step_weight()), st.rec_BHKV,
+            tails=(st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX),
+            conv_weights=(self.k_conv.weight, self.v_conv.weight, self.lin_q_conv.weight),
+            conv_biases=(self.k_conv.bias, self.v_conv.bias, self.lin_q_conv.bias),
+            a_log_H=self.lin_A_log, dt_bias_H=self.lin_dt_bias, o_norm_weight_V=self.o_norm.weight, o_norm_eps=self.o_norm.eps,
+            pos_B=pos_B if c.rope else None, rope_base=c.rope_base,
+            k_cache_BSHK=st.k_cache_BSHK, v_cache_BSHV=st.v_cache_BSHV,
             write_slot_B=plan.write_slot_B, valid_BS=plan.valid_BS, route_B=m_B, scale_H=self.att_log_temp.exp(),
             pin_B=plan.pin_B, pin_slot_B=plan.pin_slot_B,
             # retention `all`: slot = position, so the slots past the new token are empty and need no scan
             len_B=plan.write_slot_B + 1 if c.retention == "all" else None,
             d_H=self.lin_D if c.mixer == "mamba2" else None,
         )
-        st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX = (t.detach() for t in tails)
-        return self._output(u_B1D, o[:, None])
+        return self.o_proj(o[:, None])
 
 
 class OryxBlock(nn.Module):

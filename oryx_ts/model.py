@@ -87,7 +87,7 @@ class OryxForecaster(nn.Module):
 
     # --- parallel -----------------------------------------------------------------------------
 
-    def _modes(self, modes: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    def _modes(self, modes: torch.Tensor | None, B: int, T: int, device, *, check: bool = True) -> torch.Tensor:
         if modes is None:
             return torch.zeros(B, T, device=device)
         if not isinstance(modes, torch.Tensor):
@@ -97,7 +97,7 @@ class OryxForecaster(nn.Module):
         if modes.shape != (B, T):
             raise ValueError(f"modes must have shape ({B}, {T}) (batch, tokens) or ({T},), got {tuple(modes.shape)}")
         modes = modes.to(device=device, dtype=torch.float32)
-        if not ((modes >= 0) & (modes <= 1)).all():
+        if check and not ((modes >= 0) & (modes <= 1)).all():
             raise ValueError("modes must lie in [0, 1] (1 = attention, 0 = recurrence)")
         return modes
 
@@ -205,12 +205,14 @@ class OryxForecaster(nn.Module):
 
     # --- streaming ----------------------------------------------------------------------------
 
-    def init_state(self, batch_size: int, *, capacity: int = 256, device=None, parts=None) -> State:
-        """An empty state for `batch_size` series on the model's device; see `State.allocate`."""
+    def init_state(self, batch_size: int, *, capacity: int = 256, device=None, parts=None, state_dtype: torch.dtype | None = None) -> State:
+        """An empty state for `batch_size` series on the model's device; see `State.allocate` (and its
+        `state_dtype`: bf16 or fp16 recurrent state and KV cache)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         p = next(self.parameters())
-        return State.allocate(self.config, batch_size, device=device or p.device, dtype=p.dtype, capacity=capacity, parts=parts)
+        return State.allocate(self.config, batch_size, device=device or p.device, dtype=p.dtype, capacity=capacity, parts=parts,
+                              state_dtype=state_dtype)
 
     def check_state(self, state: State, batch_size: int) -> None:
         """Raise `ValueError` when `state` cannot be stepped by this model with `batch_size` series."""
@@ -230,9 +232,10 @@ class OryxForecaster(nn.Module):
     def embed_step(self, patch_BPC: torch.Tensor, state: State) -> "StepInput":
         """The token of one patch per series with the statistics it will be normalized by; `state` is not changed.
 
-        Raises `ValueError` for a patch of the wrong shape or a state that does not fit.
+        Raises `ValueError` for a patch of the wrong shape or a state that does not fit. On CUDA the
+        values are not checked for +-inf (that check would wait for the device): check them first.
         """
-        self.tokenizer.check_input(patch_BPC, step=True)
+        self.tokenizer.check_input(patch_BPC, step=True, finite=patch_BPC.device.type != "cuda")
         self.check_state(state, patch_BPC.shape[0])
         x_B1D, mean, std, stats = self.tokenizer(patch_BPC, state.norm_stats_B3C)
         return StepInput(patch_BPC, x_B1D, mean, std, stats)
@@ -247,11 +250,15 @@ class OryxForecaster(nn.Module):
         place and returned. `modes` (B,) per series or a scalar for all, 1 = attention, default 0.
         `embedded` is `embed_step(patch_BPC, state)` when the caller already has it. Raises
         `ValueError` for a patch of the wrong shape, a state that does not fit, or bad modes.
+        On CUDA the step does not check patch values (+-inf) or mode values (outside [0, 1]), only
+        shapes: under bounded retention it never waits for the device (under `all`, growing the
+        cache reads the longest series' length).
         """
         if embedded is None or embedded.patch_BPC is not patch_BPC:
             embedded = self.embed_step(patch_BPC, state)
         B = patch_BPC.shape[0]
-        m_B = self._modes(None if modes is None else self._series_modes(modes, B)[:, None], B, 1, patch_BPC.device)[:, 0]
+        on_host = patch_BPC.device.type != "cuda"
+        m_B = self._modes(None if modes is None else self._series_modes(modes, B)[:, None], B, 1, patch_BPC.device, check=on_host)[:, 0]
         b = self.config.block
         plan = state.plan_step(m_B, b.window, b.pinned)
         x_B1D, pos_B = embedded.tokens_B1D, state.n_tokens_B

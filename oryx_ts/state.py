@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from oryx_ts.config import OryxConfig
 
 FORMAT = "oryx_ts.state/2"
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)  # `State.allocate`'s state_dtype
 PART_TYPES: dict[str, type] = {}
 
 
@@ -70,7 +71,7 @@ class LayerState:
 
     k_cache_BSHK: torch.Tensor  # keys after RoPE, as attention reads them
     v_cache_BSHV: torch.Tensor
-    rec_BHKV: torch.Tensor  # fp32 recurrent state
+    rec_BHKV: torch.Tensor  # recurrent state: fp32, or the bf16/fp16 `state_dtype` it was allocated with
     conv_k_BWX: torch.Tensor
     conv_v_BWX: torch.Tensor
     conv_q_BWX: torch.Tensor
@@ -152,15 +153,21 @@ class State:
         dtype: torch.dtype = torch.float32,
         capacity: int = 256,
         parts: Mapping[str, Callable[[int, torch.device | str | None], Any]] | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> "State":
         """An empty state for `batch_size` series of a model with `config`.
 
         Under retention `all` the KV cache holds `capacity` tokens before it grows; under `bounded`
         it has `window + pinned` slots and never grows. `parts` maps part names to factories
         `(batch_size, device) -> part` (the wrappers above the model bring their own).
+        `state_dtype` stores the recurrent state and the KV cache in bf16 or fp16 (half the bytes a
+        step moves; steps still compute in fp32 and round on store); None keeps the recurrent state
+        in fp32 and the cache in the model's `dtype`. Raises `ValueError` for another dtype.
         """
         if batch_size < 0:
             raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype}")
         b = config.block
         H, K, V, Wc = b.n_heads, b.head_dim_k, b.head_dim_v, b.conv_size
         bounded = b.retention == "bounded"
@@ -168,9 +175,9 @@ class State:
         z = lambda *s, dt=dtype: torch.zeros(*s, device=device, dtype=dt)  # noqa: E731
         layers = [
             LayerState(
-                k_cache_BSHK=z(batch_size, S, H, K),
-                v_cache_BSHV=z(batch_size, S, H, V),
-                rec_BHKV=z(batch_size, H, K, V, dt=torch.float32),
+                k_cache_BSHK=z(batch_size, S, H, K, dt=state_dtype or dtype),
+                v_cache_BSHV=z(batch_size, S, H, V, dt=state_dtype or dtype),
+                rec_BHKV=z(batch_size, H, K, V, dt=state_dtype or torch.float32),
                 conv_k_BWX=z(batch_size, Wc - 1, H * K),
                 conv_v_BWX=z(batch_size, Wc - 1, H * V),
                 conv_q_BWX=z(batch_size, Wc - 1, H * K),

@@ -11,9 +11,12 @@ Fast paths (all Triton; imported on first use, so the CPU install never imports 
                   (differentiable) or fla `chunk_simple_gla` (`impl="fla"`; forward-only on Hopper
                   with triton < 3.7.1)
     linear_step   our fused single-token kernel (`kernels.step_triton`), any number of series
-    layer_step    the model's streaming step of one layer's mixers in one launch (`kernels.step_triton`:
+    layer_step    one layer's mixers for one token per series in one launch (`kernels.step_triton`:
                   recurrent update, slot plan on the KV cache, attention for the series whose mode
                   is nonzero, mode mix), no host sync; its twin is `kernels.step_naive`
+    mixer_step    the model's streaming step of a mixer: `layer_step` with its prologue (short convs
+                  over the tails, activations, L2 norms, gates, RoPE) and output gate in the same
+                  launch, from one projection of the token; twin `step_naive.naive_mixer_step`
     routed_attention  our routed-query kernel (`kernels.attention.routed_triton`); per-key eviction
                   positions (`k_until_BS`) still take the torch path
     rope          fla's fused rotary kernel (one pass forward, one backward) with our fp32 tables
@@ -203,7 +206,9 @@ def use_layer_step(x: torch.Tensor, k_dim: int, v_dim: int) -> bool:
     """
     if torch.compiler.is_compiling() or not fast_path_available(x.device, "layer_step")[0]:
         return False
-    return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and k_dim <= 128 and v_dim <= 128
+    # the kernel pairs RoPE partners by index, so K is a power of two
+    pow2 = k_dim & (k_dim - 1) == 0
+    return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and pow2 and k_dim <= 128 and v_dim <= 128
 
 
 def layer_step(mixer: Mixer, *args, backend: Backend = "auto", **kwargs) -> torch.Tensor:
@@ -222,6 +227,33 @@ def layer_step(mixer: Mixer, *args, backend: Backend = "auto", **kwargs) -> torc
 
         return fused_layer_step(mixer, *args, **kwargs)
     return naive_layer_step(mixer, *args, **kwargs)
+
+
+def mixer_step(mixer: Mixer, proj_BN: torch.Tensor, state_BHKV: torch.Tensor, *, backend: Backend = "auto", **kwargs) -> torch.Tensor:
+    """One streaming step of a mixer from the token's projections; see `step_naive.naive_mixer_step`.
+
+    The fast path is one Triton launch (`step_triton.fused_mixer_step`); the torch path is the twin.
+    Both update the conv tails, the recurrent state and the KV cache in place and return the gated
+    output `(B, H * V)`.
+    """
+    if mixer not in ("gdn", "mamba2"):
+        raise ValueError(f"unknown mixer {mixer!r}; expected 'gdn' or 'mamba2'")
+    K, V = state_BHKV.shape[-2:]
+    path = select_backend(proj_BN, backend)
+    # the kernel pairs RoPE partners by index (K a power of two) and holds a head's state in registers
+    why = "" if K & (K - 1) == 0 and K <= 128 and V <= 128 else f"needs a power-of-two K <= 128 and V <= 128, got K={K}, V={V}"
+    if path == "triton" and why:
+        if backend == "triton":
+            raise ValueError(f"backend='triton' cannot run: the fused mixer step {why}")
+        path = "torch"
+    last_backend["mixer_step"] = path
+    if path == "triton":
+        from oryx_ts.kernels.step_triton import fused_mixer_step
+
+        return fused_mixer_step(mixer, proj_BN, state_BHKV, **kwargs)
+    from oryx_ts.kernels.step_naive import naive_mixer_step
+
+    return naive_mixer_step(mixer, proj_BN, state_BHKV, **kwargs)
 
 
 def routed_attention(

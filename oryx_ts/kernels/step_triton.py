@@ -19,16 +19,58 @@ import triton
 import triton.language as tl
 
 _GDN, _SSD = 0, 1
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _no_prologue(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Placeholders for the prologue's 15 pointers when the kernel takes projected inputs."""
+    return (t,) * 15
+
+
+@triton.jit
+def _conv_in(p_x, tail_row, s_tw, CW, CB, col, mask, W: tl.constexpr, BLOCK_W: tl.constexpr):
+    """One channel slice of a short causal conv over [tail, x]: `(y fp32, shifted tail, x)`; stores nothing."""
+    x = tl.load(p_x + col, mask=mask, other=0.0)
+    offs_w = tl.arange(0, BLOCK_W)
+    m2 = (offs_w[:, None] < W - 1) & mask[None, :]
+    t = tl.load(tail_row + offs_w[:, None] * s_tw + col[None, :], mask=m2, other=0.0)
+    wt = tl.load(CW + col[None, :] * W + offs_w[:, None], mask=m2, other=0.0).to(tl.float32)
+    y = tl.sum(t.to(tl.float32) * wt, 0) + x.to(tl.float32) * tl.load(CW + col * W + (W - 1), mask=mask, other=0.0).to(tl.float32)
+    y = y + tl.load(CB + col, mask=mask, other=0.0).to(tl.float32)
+    # the tail after this token: row j takes row j + 1, the last row takes x
+    t1 = tl.load(tail_row + (offs_w[:, None] + 1) * s_tw + col[None, :], mask=(offs_w[:, None] < W - 2) & mask[None, :], other=0.0)
+    t1 = tl.where(offs_w[:, None] == W - 2, x[None, :].to(t1.dtype), t1)
+    return y, t1
+
+
+@triton.jit
+def _store_tail(tail_row, s_tw, t1, col, mask, W: tl.constexpr, BLOCK_W: tl.constexpr):
+    offs_w = tl.arange(0, BLOCK_W)
+    m2 = (offs_w[:, None] < W - 1) & mask[None, :]
+    tl.store(tail_row + offs_w[:, None] * s_tw + col[None, :], t1.to(tail_row.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _silu(x):
+    return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
 
 @triton.jit
 def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
                  QA, KA, KC, VC, WSLOT, PIN, PSLOT, VALID, LEN, ROUTE, SCALE_H,
+                 PROJ, TK, TV, TQ, CWK, CWV, CWQ, CBK, CBV, CBQ, ALOG, DTB, COS, SIN, ONW,
                  s_q, s_k, s_v, s_qa, s_ka, s_kcb, s_kcs, s_vcb, s_vcs, s_valid,
-                 H, S, scale,
+                 s_p, s_tkb, s_tkw, s_tvb, s_tvw, s_tqb, s_tqw,
+                 H, S, scale, l2_eps, on_eps,
                  K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_N: tl.constexpr, MIXER: tl.constexpr, HAS_DT: tl.constexpr, HAS_D: tl.constexpr,
-                 HAS_ATT: tl.constexpr, HAS_PIN: tl.constexpr, HAS_LEN: tl.constexpr):
+                 HAS_ATT: tl.constexpr, HAS_PIN: tl.constexpr, HAS_LEN: tl.constexpr,
+                 PRO: tl.constexpr, HAS_ROPE: tl.constexpr, CONV_W: tl.constexpr, BLOCK_W: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
@@ -37,23 +79,72 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
     mk = offs_k < K
     mv = offs_v < V
     row = b * H + h
-    q = tl.load(Q + b * s_q + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
-    k = tl.load(Kn + b * s_k + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
-    v = tl.load(Vn + b * s_v + h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
-    decay = tl.exp(tl.load(G + row).to(tl.float32))
+    if PRO:
+        # the token's projections (one row of PROJ: k | v | q | q_att | z | a or dt | beta) through the
+        # short convs, activations, L2 norms, gates and RoPE, as `OryxMixer._qkv` / `_gates` compute them
+        HK = H * K
+        HV = H * V
+        p_row = PROJ + b * s_p
+        col_k = h * K + offs_k
+        col_v = h * V + offs_v
+        yk, tk1 = _conv_in(p_row, TK + b * s_tkb, s_tkw, CWK, CBK, col_k, mk, CONV_W, BLOCK_W)
+        yv, tv1 = _conv_in(p_row + HK, TV + b * s_tvb, s_tvw, CWV, CBV, col_v, mv, CONV_W, BLOCK_W)
+        yq, tq1 = _conv_in(p_row + HK + HV, TQ + b * s_tqb, s_tqw, CWQ, CBQ, col_k, mk, CONV_W, BLOCK_W)
+        # RoPE pairs element i with i +- K/2 (rotate-half): the partners come from the same conv on
+        # permuted channels (loads that hit the cache), so nothing is shuffled between threads
+        part = (offs_k + K // 2) % K
+        col_r = h * K + part
+        yk_r, _ = _conv_in(p_row, TK + b * s_tkb, s_tkw, CWK, CBK, col_r, mk, CONV_W, BLOCK_W)
+        if MIXER == 0:
+            yk, yv, yq, yk_r = _silu(yk), _silu(yv), _silu(yq), _silu(yk_r)
+        rk = 1.0 / tl.sqrt(tl.sum(yk * yk, 0) + l2_eps)
+        k = yk * rk
+        k_r = yk_r * rk
+        v = yv
+        q = yq / tl.sqrt(tl.sum(yq * yq, 0) + l2_eps)
+        qa = tl.load(p_row + 2 * HK + HV + col_k, mask=mk, other=0.0).to(tl.float32)
+        qa_r = tl.load(p_row + 2 * HK + HV + col_r, mask=mk, other=0.0).to(tl.float32)
+        ra = 1.0 / tl.sqrt(tl.sum(qa * qa, 0) + l2_eps)
+        qa, qa_r = qa * ra, qa_r * ra
+        if HAS_ROPE:
+            c = tl.load(COS + b * (K // 2) + offs_k % (K // 2), mask=mk, other=1.0)
+            s = tl.load(SIN + b * (K // 2) + offs_k % (K // 2), mask=mk, other=0.0)
+            s = tl.where(offs_k < K // 2, -s, s)
+            ka = k * c + k_r * s
+            qa = qa * c + qa_r * s
+        else:
+            ka = k
+        a_raw = tl.load(p_row + 3 * HK + 2 * HV + h).to(tl.float32)
+        sp = _softplus(a_raw + tl.load(DTB + h).to(tl.float32))
+        decay = tl.exp(-tl.exp(tl.load(ALOG + h).to(tl.float32)) * sp)
+        if MIXER == 0:
+            gv = 1.0 / (1.0 + tl.exp(-tl.load(p_row + 3 * HK + 2 * HV + H + h).to(tl.float32)))
+        else:
+            gv = sp
+        # every warp has read the old tails before any writes them back (the vectors are replicated)
+        tl.debug_barrier()
+        _store_tail(TK + b * s_tkb, s_tkw, tk1, col_k, mk, CONV_W, BLOCK_W)
+        _store_tail(TV + b * s_tvb, s_tvw, tv1, col_v, mv, CONV_W, BLOCK_W)
+        _store_tail(TQ + b * s_tqb, s_tqw, tq1, col_k, mk, CONV_W, BLOCK_W)
+    else:
+        q = tl.load(Q + b * s_q + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+        k = tl.load(Kn + b * s_k + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+        v = tl.load(Vn + b * s_v + h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+        decay = tl.exp(tl.load(G + row).to(tl.float32))
+        gv = tl.load(GATE + row).to(tl.float32)
     p_state = STATE + row * (K * V) + offs_k[:, None] * V + offs_v[None, :]
     m_kv = mk[:, None] & mv[None, :]
-    st = tl.load(p_state, mask=m_kv, other=0.0) * decay
+    # the state is stored in its own dtype (fp32, or bf16/fp16 to move fewer bytes) and advanced in fp32
+    st = tl.load(p_state, mask=m_kv, other=0.0).to(tl.float32) * decay
     if MIXER == 0:  # Gated DeltaNet: S <- g S + beta k (v - k^T g S)^T; GATE is beta
-        beta = tl.load(GATE + row).to(tl.float32)
-        delta = beta * (v - tl.sum(k[:, None] * st, 0))
+        delta = gv * (v - tl.sum(k[:, None] * st, 0))
         st = st + k[:, None] * delta[None, :]
     else:  # SSD: S <- g S + k (dt v)^T; GATE is dt when HAS_DT, else v comes scaled
         v_in = v
         if HAS_DT:
-            v_in = v * tl.load(GATE + row).to(tl.float32)
+            v_in = v * gv
         st = st + k[:, None] * v_in[None, :]
-    tl.store(p_state, st, mask=m_kv)
+    tl.store(p_state, st.to(STATE.dtype.element_ty), mask=m_kv)
     o = tl.sum(q[:, None] * st, 0) * scale
     if HAS_D:  # Mamba-2's skip connection on the unscaled value
         o = o + tl.load(DSKIP + h).to(tl.float32) * v
@@ -62,7 +153,8 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
         wslot = tl.load(WSLOT + b).to(tl.int64)
         p_kc = KC + b * s_kcb + h * K
         p_vc = VC + b * s_vcb + h * V
-        ka = tl.load(KA + b * s_ka + h * K + offs_k, mask=mk, other=0.0)
+        if not PRO:
+            ka = tl.load(KA + b * s_ka + h * K + offs_k, mask=mk, other=0.0)
         k_new = ka.to(KC.dtype.element_ty)  # as the cache will hold them
         v_new = v.to(VC.dtype.element_ty)
         if HAS_PIN:
@@ -72,6 +164,7 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
             pslot = tl.load(PSLOT + b).to(tl.int64)
             k_old = tl.load(p_kc + wslot * s_kcs + offs_k, mask=mk, other=0.0)
             v_old = tl.load(p_vc + wslot * s_vcs + offs_v, mask=mv, other=0.0)
+            tl.debug_barrier()  # every warp holds the leaving token before any overwrites its slot
             tl.store(p_kc + pslot * s_kcs + offs_k, k_old, mask=mk & pin)
             tl.store(p_vc + pslot * s_vcs + offs_v, v_old, mask=mv & pin)
             skip_p = tl.where(pin, pslot, -1)  # the moved token is read from registers, not its slot
@@ -79,7 +172,8 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
         tl.store(p_vc + wslot * s_vcs + offs_v, v_new, mask=mv)
         route = tl.load(ROUTE + b).to(tl.float32)
         if route != 0.0:
-            qa = tl.load(QA + b * s_qa + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+            if not PRO:
+                qa = tl.load(QA + b * s_qa + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
             qa = qa * tl.load(SCALE_H + h).to(tl.float32) * 1.4426950408889634
             m_i = tl.sum(qa * k_new.to(tl.float32), 0)
             l_i = m_i * 0.0 + 1.0
@@ -104,9 +198,9 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
                     ok = ok & (offs_n != skip_p)
                 kb = tl.load(p_kc + offs_n[:, None].to(tl.int64) * s_kcs + offs_k[None, :],
                              mask=ok[:, None] & mk[None, :], other=0.0).to(tl.float32)
-                s = tl.where(ok, tl.sum(kb * qa[None, :], 1), float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 0))
-                p = tl.math.exp2(s - m_new)
+                s_n = tl.where(ok, tl.sum(kb * qa[None, :], 1), float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s_n, 0))
+                p = tl.math.exp2(s_n - m_new)
                 alpha = tl.math.exp2(m_i - m_new)
                 vb = tl.load(p_vc + offs_n[:, None].to(tl.int64) * s_vcs + offs_v[None, :],
                              mask=ok[:, None] & mv[None, :], other=0.0).to(tl.float32)
@@ -115,6 +209,12 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
                 m_i = m_new
             att = acc / l_i
             o = tl.where(route == 1.0, att, route * att + (1.0 - route) * o)
+    if PRO:
+        # the mixer's output gate: RMSNorm over the head's V values, times silu(z)
+        o = o / tl.sqrt(tl.sum(tl.where(mv, o * o, 0.0), 0) / V + on_eps)
+        o = o * tl.load(ONW + offs_v, mask=mv, other=0.0).to(tl.float32)
+        z = tl.load(p_row + 3 * HK + HV + col_v, mask=mv, other=0.0).to(tl.float32)
+        o = o * _silu(z)
     tl.store(O + row * V + offs_v, o.to(O.dtype.element_ty), mask=mv)
 
 
@@ -156,11 +256,13 @@ def recurrent_step_triton(
     _step_kernel[(B * H,)](
         q, k, v, g, gate, g, state, o,
         q, k, q, q, g, g, g, g, g, g, g,
+        *_no_prologue(g),
         q.stride(0), k.stride(0), v.stride(0), 0, 0, 0, 0, 0, 0, 0,
-        H, 0, scale,
+        0, 0, 0, 0, 0, 0, 0,
+        H, 0, scale, 0.0, 0.0,
         K=K, V=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, BLOCK_N=64,
         MIXER=_GDN if mixer == "gdn" else _SSD, HAS_DT=False, HAS_D=False,
-        HAS_ATT=False, HAS_PIN=False, HAS_LEN=False,
+        HAS_ATT=False, HAS_PIN=False, HAS_LEN=False, PRO=False, HAS_ROPE=False, CONV_W=2, BLOCK_W=1,
         num_warps=4 if BLOCK_K * BLOCK_V <= 4096 else 8,
     )
     return o, state
@@ -195,7 +297,7 @@ def fused_layer_step(
     Args:
         q_lin_BHK, k_BHK, v_BHV: the token's recurrent query, key (no RoPE) and value (unscaled).
         g_BH: fp32 log decay. gate_BH: fp32 beta (gdn) or dt (mamba2, which steps on `dt * v`).
-        state_BHKV: fp32 contiguous recurrent state, advanced in place.
+        state_BHKV: contiguous recurrent state (fp32, bf16 or fp16), advanced in place in fp32.
         q_att_BHK: attention query (L2 norm and RoPE applied). k_att_BHK: the key as the cache
             stores it (RoPE applied).
         k_cache_BSHK, v_cache_BSHV: the cache (heads contiguous within a slot), updated in place
@@ -214,7 +316,7 @@ def fused_layer_step(
     V = v_BHV.shape[-1]
     S = k_cache_BSHK.shape[1]
     scale = K**-0.5 if scale is None else scale
-    assert state_BHKV.is_contiguous() and state_BHKV.dtype == torch.float32 and state_BHKV.shape == (B, H, K, V)
+    assert state_BHKV.is_contiguous() and state_BHKV.dtype in STATE_DTYPES and state_BHKV.shape == (B, H, K, V)
     kc, vc = k_cache_BSHK, v_cache_BSHV
     assert kc.stride(-1) == 1 and kc.stride(-2) == K and vc.stride(-1) == 1 and vc.stride(-2) == V
     assert valid_BS.dtype == torch.bool and valid_BS.stride(-1) == 1 and valid_BS.shape == (B, S)
@@ -232,13 +334,89 @@ def fused_layer_step(
     _step_kernel[(B * H,)](
         q, k, v, g, gate, g if d_H is None else d_H.contiguous(), state_BHKV, o,
         qa, ka, kc, vc, write_slot_B.contiguous(), pin, pslot, valid, length, route_B.contiguous(),
-        scale_H.contiguous(),
+        scale_H.contiguous(), *_no_prologue(g),
         q.stride(0), k.stride(0), v.stride(0), qa.stride(0), ka.stride(0), kc.stride(0), kc.stride(1),
         vc.stride(0), vc.stride(1), valid.stride(0),
-        H, S, scale,
+        0, 0, 0, 0, 0, 0, 0,
+        H, S, scale, 0.0, 0.0,
         K=K, V=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, BLOCK_N=64,
         MIXER=_GDN if mixer == "gdn" else _SSD, HAS_DT=mixer == "mamba2", HAS_D=d_H is not None,
-        HAS_ATT=True, HAS_PIN=has_pin, HAS_LEN=len_B is not None,
+        HAS_ATT=True, HAS_PIN=has_pin, HAS_LEN=len_B is not None, PRO=False, HAS_ROPE=False, CONV_W=2, BLOCK_W=1,
+        num_warps=4 if BLOCK_K * BLOCK_V <= 4096 else 8,
+    )
+    return o
+
+
+def fused_mixer_step(
+    mixer: str,
+    proj_BN: torch.Tensor,
+    state_BHKV: torch.Tensor,
+    *,
+    tails: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    conv_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    conv_biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    a_log_H: torch.Tensor,
+    dt_bias_H: torch.Tensor,
+    o_norm_weight_V: torch.Tensor,
+    o_norm_eps: float,
+    pos_B: torch.Tensor | None,
+    rope_base: float,
+    k_cache_BSHK: torch.Tensor,
+    v_cache_BSHV: torch.Tensor,
+    write_slot_B: torch.Tensor,
+    valid_BS: torch.Tensor,
+    route_B: torch.Tensor,
+    scale_H: torch.Tensor,
+    pin_B: torch.Tensor | None = None,
+    pin_slot_B: torch.Tensor | None = None,
+    len_B: torch.Tensor | None = None,
+    d_H: torch.Tensor | None = None,
+    l2_eps: float = 1e-6,
+) -> torch.Tensor:
+    """A whole mixer step from the token's projections, in one launch; see `step_naive.naive_mixer_step`.
+
+    Returns the gated mixer output `(B, H * V)` in `proj_BN`'s dtype (before `o_proj`). The conv
+    tails, the recurrent state and the cache are updated in place.
+    """
+    B, H, K, V = state_BHKV.shape
+    S = k_cache_BSHK.shape[1]
+    tk, tv, tq = tails
+    W = tk.shape[1] + 1
+    assert proj_BN.stride(-1) == 1 and all(t.stride(-1) == 1 for t in tails)
+    assert state_BHKV.is_contiguous() and state_BHKV.dtype in STATE_DTYPES
+    kc, vc = k_cache_BSHK, v_cache_BSHV
+    assert kc.stride(-1) == 1 and kc.stride(-2) == K and vc.stride(-1) == 1 and vc.stride(-2) == V
+    assert valid_BS.dtype == torch.bool and valid_BS.stride(-1) == 1 and valid_BS.shape == (B, S)
+    assert (pin_B is None) == (pin_slot_B is None)
+    cw = [w.reshape(w.shape[0], W).contiguous() for w in conv_weights]
+    cb = [t.contiguous() for t in conv_biases]
+    if pos_B is not None:
+        from oryx_ts.kernels.attention.rope import rope_tables
+
+        cos, sin = (t.contiguous() for t in rope_tables(pos_B, K, base=rope_base))
+    else:
+        cos = sin = a_log_H
+    o = torch.empty(B, H * V, device=proj_BN.device, dtype=proj_BN.dtype)
+    valid = valid_BS.view(torch.uint8)
+    has_pin = pin_B is not None
+    pin = pin_B.contiguous().view(torch.uint8) if has_pin else valid
+    pslot = pin_slot_B.contiguous() if has_pin else write_slot_B
+    length = len_B.contiguous() if len_B is not None else write_slot_B
+    d = a_log_H if d_H is None else d_H.contiguous()
+    BLOCK_K, BLOCK_V = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    assert BLOCK_K == K, "the fused prologue pairs RoPE partners by index: K must be a power of two"
+    _step_kernel[(B * H,)](
+        proj_BN, proj_BN, proj_BN, proj_BN, proj_BN, d, state_BHKV, o,
+        proj_BN, proj_BN, kc, vc, write_slot_B.contiguous(), pin, pslot, valid, length, route_B.contiguous(),
+        scale_H.contiguous(),
+        proj_BN, tk, tv, tq, *cw, *cb, a_log_H.contiguous(), dt_bias_H.contiguous(), cos, sin, o_norm_weight_V.contiguous(),
+        0, 0, 0, 0, 0, kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), valid.stride(0),
+        proj_BN.stride(0), tk.stride(0), tk.stride(1), tv.stride(0), tv.stride(1), tq.stride(0), tq.stride(1),
+        H, S, K**-0.5, l2_eps, o_norm_eps,
+        K=K, V=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, BLOCK_N=64,
+        MIXER=_GDN if mixer == "gdn" else _SSD, HAS_DT=mixer == "mamba2", HAS_D=d_H is not None,
+        HAS_ATT=True, HAS_PIN=has_pin, HAS_LEN=len_B is not None, PRO=True, HAS_ROPE=pos_B is not None,
+        CONV_W=W, BLOCK_W=triton.next_power_of_2(W - 1),
         num_warps=4 if BLOCK_K * BLOCK_V <= 4096 else 8,
     )
     return o

@@ -351,7 +351,7 @@ def test_model_step_equals_forward_on_gpu(mixer, retention, dtype, rel):
         assert dispatch.last_backend["linear_chunk"] == "triton"
         stepper = model.to(dtype)
         streamed = _run(stepper, x, modes, stagger=[0, 4, 9, 1, 17])
-        assert dispatch.last_backend["layer_step"] == "triton"
+        assert dispatch.last_backend["mixer_step"] == "triton"
     assert torch.isfinite(parallel).all()
     err = rel(streamed.float(), parallel)
     assert err < STEP_TOL[dtype], f"step vs forward: relative error {err:.2e} > {STEP_TOL[dtype]:.0e}"

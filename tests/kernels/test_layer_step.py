@@ -1,4 +1,4 @@
-"""The fused layer step's torch twin (`naive_layer_step`) is the model's general step in another form:
+"""The fused mixer step's torch twin (`naive_mixer_step`, around `naive_layer_step`) is the model's general step in another form:
 forcing the block onto it on the CPU must give the CPU step's forecasts (fp32, 1e-5 relative),
 for both mixers, both retentions, mixed modes and series at different positions."""
 
@@ -44,7 +44,7 @@ def test_block_step_through_the_naive_layer_step_matches_the_cpu_step(mixer, ret
         general = _run(model, x, modes, stagger)
         monkeypatch.setattr(dispatch, "use_layer_step", lambda *a: True)
         twin = _run(model, x, modes, stagger)
-        assert dispatch.last_backend["layer_step"] == "torch"
+        assert dispatch.last_backend["mixer_step"] == "torch"
         parallel = model(x, modes)
     err = float((twin - general).norm() / general.norm())
     assert err < 1e-5, err
