@@ -146,3 +146,16 @@ def test_early_stopping_on_a_validation_stream_that_training_only_hurts():
     assert validation_loss(result.model, val, batch_size=4) == curve[0][1]  # the best weights: the untrained model's
     last = train(config.replace(train={"keep_best": False}), sines, val_values=noise, progress=False)
     assert validation_loss(last.model, val, batch_size=4) == last.validation["curve"][-1][1]
+
+
+def test_a_resumed_run_keeps_the_schedule_a_time_budget_fitted(tmp_path, values):
+    from oryx_ts.loop_state import new_loop_state
+
+    state, _ = fit(CONFIG.replace(train={"patience": 0}), values, stop_after=3)
+    state.total[0] = 8  # as a time budget would have fitted it
+    state.save(tmp_path)
+    resumed = new_loop_state(state.model.config, None)
+    resumed.load(tmp_path)
+    assert resumed.total == [8] and resumed.scheduler.lr_lambdas[0](7) == lr_factor(7, 0, 8)
+    after, _ = fit(CONFIG.replace(train={"patience": 0}), values, resume=tmp_path)
+    assert after.step == 8 and after.history[-1]["lr"] == CONFIG.train.lr * lr_factor(7, 0, 8)
