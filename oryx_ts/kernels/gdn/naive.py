@@ -62,6 +62,9 @@ def gdn_step(
     return o_BHV.to(v_BHV.dtype), S
 
 
+GROUP = 64  # chunks scanned together (the scan's work grows as chunks x log2(chunks))
+
+
 def naive_chunk_gdn(
     q_BTHK: torch.Tensor,
     k_BTHK: torch.Tensor,
@@ -81,7 +84,7 @@ def naive_chunk_gdn(
     dtype = v_BTHV.dtype
     B, T, H, K = k_BTHK.shape
     V = v_BTHV.shape[-1]
-    C = chunk_size
+    C = min(chunk_size, T)
     scale = K**-0.5 if scale is None else scale
     pad = (-T) % C
     # (B, H, T, .) layout, fp32, padded to whole chunks; padded tokens have g = 0 and beta = 0,
@@ -96,25 +99,52 @@ def naive_chunk_gdn(
     gcum = g.reshape(B, H, N, C).cumsum(-1)
 
     tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    strict = tril.clone().fill_diagonal_(False)
-    # decay from token j to token i inside a chunk (i >= j)
+    # decay from token j to token i inside a chunk (i >= j); 0 above the diagonal
     decay_CC = (gcum[..., :, None] - gcum[..., None, :]).masked_fill(~tril, float("-inf")).exp()
     k_beta = k * beta[..., None]
-    # A = I + strictly-lower(beta_i k_i.k_j decay_ij); the WY form needs A^{-1}
-    A = (k_beta @ k.transpose(-1, -2) * decay_CC).masked_fill(~strict, 0.0)
-    eye = torch.eye(C, device=q.device)
-    A_inv = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
-    u = A_inv @ (v * beta[..., None])  # pseudo-values
-    w = A_inv @ (k_beta * gcum.exp()[..., None])  # how the incoming state perturbs them
+    # A = I + strictly-lower(beta_i k_i.k_j decay_ij); the solve reads only A's strict lower
+    # triangle (unit diagonal), so the product needs no mask. One solve gives the pseudo-values
+    # u = A^{-1} (beta v) and w = A^{-1} (beta k exp(gcum)), how the incoming state perturbs them.
+    A = k_beta @ k.transpose(-1, -2) * decay_CC
+    rhs = torch.cat([v * beta[..., None], k_beta * gcum.exp()[..., None]], dim=-1)
+    u, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
 
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float().clone()
-    o = torch.empty(B, H, N, C, V, device=q.device)
-    attn_intra = (q @ k.transpose(-1, -2) * decay_CC).masked_fill(~tril, 0.0)
-    for n in range(N):
-        v_new = u[:, :, n] - w[:, :, n] @ S
-        o[:, :, n] = (q[:, :, n] * gcum[:, :, n, :, None].exp()) @ S + attn_intra[:, :, n] @ v_new
-        g_last = gcum[:, :, n, -1]
-        k_decayed = k[:, :, n] * (g_last[..., None] - gcum[:, :, n]).exp()[..., None]
-        S = S * g_last.exp()[..., None, None] + k_decayed.transpose(-1, -2) @ v_new
+    # Across chunks the state follows an affine recurrence S <- M_n S + c_n with
+    # M_n = exp(g_last) I - k_decayed^T w and c_n = k_decayed^T u: its prefix compositions come
+    # from a scan of log2(chunks) batched matmuls instead of a loop over chunks, GROUP at a time
+    g_last = gcum[..., -1]
+    k_decayed = k * (g_last[..., None] - gcum).exp()[..., None]
+    kd_T = k_decayed.transpose(-1, -2)
+    eye_K = torch.eye(K, device=q.device)
+    M = g_last.exp()[..., None, None] * eye_K - kd_T @ w  # (B, H, N, K, K)
+    c = kd_T @ u  # (B, H, N, K, V)
+    S = None if initial_state is None else initial_state.float()
+    starts = []
+    for n0 in range(0, N, GROUP):
+        M_pre, c_pre = _affine_prefix(M[:, :, n0 : n0 + GROUP], c[:, :, n0 : n0 + GROUP], need_maps=S is not None)
+        S_after = c_pre if S is None else M_pre @ S[:, :, None] + c_pre
+        starts += [q.new_zeros(B, H, 1, K, V) if S is None else S[:, :, None], S_after[:, :, :-1]]
+        S = S_after[:, :, -1]
+    S_start = torch.cat(starts, dim=2)  # the state before each chunk
+
+    attn_intra = q @ k.transpose(-1, -2) * decay_CC
+    v_new = u - w @ S_start
+    o = (q * gcum.exp()[..., None]) @ S_start + attn_intra @ v_new
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
     return o.to(dtype), S
+
+
+def _affine_prefix(M_BHNKK: torch.Tensor, c_BHNKV: torch.Tensor, *, need_maps: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Inclusive prefix compositions of the maps S -> M_n S + c_n (Hillis-Steele scan over n).
+
+    Returns `(M_pre, c_pre)` with `S_after_n = M_pre[n] @ S_0 + c_pre[n]`; `M_pre` is None when not
+    `need_maps` (a zero initial state), which saves the last round's matrix product.
+    """
+    M, c = M_BHNKK, c_BHNKV
+    n, d = M.shape[2], 1
+    while d < n:
+        c = torch.cat([c[:, :, :d], M[:, :, d:] @ c[:, :, :-d] + c[:, :, d:]], dim=2)
+        if need_maps or 2 * d < n:
+            M = torch.cat([M[:, :, :d], M[:, :, d:] @ M[:, :, :-d]], dim=2)
+        d *= 2
+    return (M if need_maps else None), c
