@@ -182,6 +182,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                                                    f"{budget['steps']}" if budget["stopped_early"] else ""))
     v = result.validation
     where = f"{args.val_data} ({v['rows']} rows)" if args.val_data else f"the last {v['rows']} rows"
+    if v["window_tokens"] < config.train.window_tokens:
+        where += f", in windows of {v['window_tokens']} patches (training's have {config.train.window_tokens})"
     print(f"validation on {where}: loss {result.val_losses[0]:.4f} -> {result.val_losses[-1]:.4f}, best {v['best_val_loss']:.4f} "
           f"at step {v['best_step']}" + (f"; stopped early at step {result.steps}: {config.train.patience} evaluations "
                                           "without a new best" if v["stopped"] == "patience" else ""))

@@ -2,7 +2,10 @@
 
 Validation is either the tail of the training stream (the last `train.val_fraction` of its rows,
 cut on the patch grid) or a separate `(L_val, C)` array given by the user, in which case the whole
-training stream trains. Either part must hold one window of `train.window_tokens` patches.
+training stream trains. The training part must hold one window of `train.window_tokens` patches.
+Validation windows are as long as training windows when the validation part holds one, else the
+longest whole number of patches it holds (they then see less context than training does, the same
+windows at every evaluation); the least is `min_val_tokens`: one token and its whole horizon.
 `check_trainable` refuses, before any step runs, a stream (or validation array) that could not
 train, saying what to change.
 """
@@ -15,7 +18,7 @@ import torch
 from oryx_ts.config import OryxConfig
 from oryx_ts.datasets.windows import WindowSampler
 
-__all__ = ["Split", "check_trainable", "rows_needed", "split_stream"]
+__all__ = ["Split", "check_trainable", "min_val_tokens", "rows_needed", "split_stream", "val_tokens"]
 
 
 @dataclass
@@ -32,16 +35,27 @@ class Split:
     info: dict
 
 
-def _as_stream(values: np.ndarray | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(values, dtype=np.float32))
+def min_val_tokens(config: OryxConfig) -> int:
+    """The fewest patches a validation window may have: the first token's whole horizon must lie inside it."""
+    return -(-config.head.horizon // config.tokenizer.patch_len) + 1
+
+
+def val_tokens(rows: int, config: OryxConfig) -> int:
+    """Patches per validation window over a validation part of `rows` steps that starts on the patch grid."""
+    return min(config.train.window_tokens, rows // config.tokenizer.patch_len)
+
+
+def _tail(rows: int, config: OryxConfig) -> tuple[int, int]:
+    """(rows that train, first validation row on the patch grid) of a stream of `rows` steps."""
+    P = config.tokenizer.patch_len
+    split = int(rows * (1 - config.train.val_fraction))
+    return split, -(-split // P) * P
 
 
 def _fits(rows: int, window_tokens: int, config: OryxConfig) -> tuple[bool, bool]:
-    """(training split holds a window, validation split holds a window) for a stream of `rows` steps."""
-    P = config.tokenizer.patch_len
-    window = window_tokens * P
-    split = int(rows * (1 - config.train.val_fraction))
-    return split >= window, -(-split // P) * P + window <= rows
+    """(training split holds a window, validation split holds a validation window) for a stream of `rows` steps."""
+    split, first = _tail(rows, config)
+    return split >= window_tokens * config.tokenizer.patch_len, val_tokens(rows - first, config) >= min_val_tokens(config)
 
 
 def rows_needed(config: OryxConfig) -> int:
@@ -76,10 +90,11 @@ def check_trainable(
 
     Raises `ValueError` for an all-missing stream, a channel with no finite value, a constant
     channel, a horizon that a training window cannot hold (`head.horizon <= window - patch_len`,
-    else its far steps never meet a target), or a stream too short for one training and
-    one validation window (naming the rows needed, which split is short and the settings that
-    lower the need). With `val_values` (a separate validation array of the same channels) the
-    whole stream trains and `val_values` must hold one window and some finite value per channel.
+    else its far steps never meet a target), or a stream too short for one training window and
+    one validation window of at least `min_val_tokens` patches (naming the rows needed, which
+    split is short and the settings that lower the need). With `val_values` (a separate
+    validation array of the same channels) the whole stream trains and `val_values` must hold
+    `min_val_tokens` patches and some finite value per channel.
     """
     names = channels or tuple(f"channel {c}" for c in range(values.shape[1]))
     _check_values(values, names, "the stream", constant=True)
@@ -90,49 +105,59 @@ def check_trainable(
                          f"tokenizer.patch_len={P} = {window} steps: a token's forecast must end inside the window "
                          f"(horizon <= window - patch_len = {window - P}), else its last steps never meet a target; "
                          f"raise train.window_tokens to at least {-(-Hz // P) + 1} (--set train.window_tokens=N) or lower the horizon")
-    rows = values.shape[0]
+    rows, least = values.shape[0], min_val_tokens(config)
     if val_values is not None:
         if val_values.dim() != 2 or val_values.shape[1] != values.shape[1]:
             raise ValueError(f"the validation array has shape {tuple(val_values.shape)}; expected (length, {values.shape[1]}), "
                              "the channels of the training stream")
         _check_values(val_values, names, "the validation array", constant=False)
-        for what, n in (("training stream", rows), ("validation array", val_values.shape[0])):
-            if n < window:
-                raise ValueError(f"the {what} has {n} rows, shorter than one window of train.window_tokens={t.window_tokens} x "
-                                 f"tokenizer.patch_len={P} = {window} steps; lower train.window_tokens "
-                                 f"(--set train.window_tokens=N; {max(1, n // P)} fits) or give more rows")
+        if rows < window:
+            raise ValueError(f"the training stream has {rows} rows, shorter than one window of train.window_tokens={t.window_tokens} "
+                             f"x tokenizer.patch_len={P} = {window} steps; lower train.window_tokens "
+                             f"(--set train.window_tokens=N; {max(1, rows // P)} fits) or give more rows")
+        if val_tokens(val_values.shape[0], config) < least:
+            raise ValueError(f"the validation array has {val_values.shape[0]} rows, fewer than one validation window of {least} "
+                             f"patches x tokenizer.patch_len={P} = {least * P} steps (a token and its horizon of "
+                             f"head.horizon={Hz} steps); give more rows")
         return
     has_train, has_val = _fits(rows, t.window_tokens, config)
     if has_train and has_val:
         return
     split = int(rows * (1 - t.val_fraction))
     val_span, train_span = f"the validation split is rows [{split}, {rows})", f"the training split is rows [0, {split})"
-    short = f"{val_span}, shorter than a window" if has_train else (
-        f"{train_span}, shorter than a window" if has_val else f"{train_span} and {val_span}: both are shorter than a window")
-    fitting = [w for w in range(t.window_tokens - 1, 0, -1) if all(_fits(rows, w, config))]
-    lower = f"train.window_tokens={fitting[0]} fits these {rows} rows" if fitting else "no window_tokens fits these rows"
-    val_hint = "raise train.val_fraction (--val-fraction F)" if has_train else "lower train.val_fraction (--val-fraction F)"
+    short = (f"{val_span}, shorter than {least * P} steps" if has_train else
+             f"{train_span}, shorter than {window} steps" if has_val else f"{train_span} and {val_span}: both are too short")
+    if has_train:
+        fix = "Raise train.val_fraction (--val-fraction F) or give a separate validation file (--val-data)"
+    else:
+        fitting = [w for w in range(t.window_tokens - 1, least - 1, -1) if all(_fits(rows, w, config))]
+        lower = f"train.window_tokens={fitting[0]} fits these {rows} rows" if fitting else "no window_tokens fits these rows"
+        fix = (f"Lower train.window_tokens (--set train.window_tokens=N; {lower})"
+               + (", lower train.val_fraction (--val-fraction F)" if has_val else "") + " or give more rows")
     raise ValueError(
         f"the stream has {rows} rows, too few: one window of train.window_tokens={t.window_tokens} x tokenizer.patch_len={P} "
-        f"= {window} steps must fit in the training split and another in the validation split "
-        f"(the last train.val_fraction={t.val_fraction:g}); {short}. "
-        f"This config needs at least {rows_needed(config)} rows. Lower train.window_tokens (--set train.window_tokens=N; "
-        f"{lower}), {val_hint} or give a separate validation file (--val-data)"
+        f"= {window} steps must fit in the training split, and the validation split (the last "
+        f"train.val_fraction={t.val_fraction:g}) must hold {least} patches = {least * P} steps, a token and its horizon of "
+        f"head.horizon={Hz}; {short}. This config needs at least {rows_needed(config)} rows. {fix}"
     )
 
 
 def split_stream(values: torch.Tensor, config: OryxConfig, val_values: torch.Tensor | None = None) -> Split:
     """The run's windows: from the head and the tail of `values`, or all of `values` and all of `val_values`.
 
-    Windows start on the patch grid of the array they come from. Assumes `check_trainable` passed.
+    Windows start on the patch grid of the array they come from; validation windows have
+    `val_tokens` patches (`info["window_tokens"]`). Assumes `check_trainable` passed.
     """
     P = config.tokenizer.patch_len
     window = config.train.window_tokens * P
     if val_values is not None:
-        val = WindowSampler(val_values, window, align=P)
+        T = val_tokens(val_values.shape[0], config)
+        val = WindowSampler(val_values, T * P, align=P)
         return Split(WindowSampler(values, window, align=P), val, int(values.shape[0]),
-                     {"source": "array", "rows": int(val_values.shape[0]), "windows": len(val)})
-    split = int(values.shape[0] * (1 - config.train.val_fraction))
-    val = WindowSampler(values, window, start=split, align=P)
+                     {"source": "array", "rows": int(val_values.shape[0]), "windows": len(val), "window_tokens": T})
+    rows = int(values.shape[0])
+    split, first = _tail(rows, config)
+    T = val_tokens(rows - first, config)
+    val = WindowSampler(values, T * P, start=split, align=P)
     return Split(WindowSampler(values, window, stop=split, align=P), val, split,
-                 {"source": "tail", "start": split, "rows": int(values.shape[0]) - split, "windows": len(val)})
+                 {"source": "tail", "start": split, "rows": rows - split, "windows": len(val), "window_tokens": T})

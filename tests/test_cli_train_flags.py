@@ -28,7 +28,7 @@ def files(tmp_path_factory):
         "root": root,
         "data": _write(root / "data.csv", demo_stream(3_000, 3, seed=2).values),
         "val": _write(root / "val.csv", demo_stream(1_000, 3, seed=5).values),
-        "val_short": _write(root / "val_short.csv", demo_stream(1_000, 3, seed=5).values[:100]),
+        "val_short": _write(root / "val_short.csv", demo_stream(1_000, 3, seed=5).values[:20]),
         "val_columns": _write(root / "val_columns.csv", demo_stream(1_000, 3, seed=5).values, names=("a", "b", "x")),
         "val_step": _write(root / "val_step.csv", demo_stream(1_000, 3, seed=5).values, step_minutes=30),
     }
@@ -72,7 +72,7 @@ BAD = [
     ("val file and fraction", ["--val-data", "{val}", "--val-fraction", "0.2"], "give --val-data (a separate validation file) or --val-fraction"),
     ("val file columns", ["--val-data", "{val_columns}"], "no column(s) ['c']"),
     ("val file step", ["--val-data", "{val_step}"], "--val-data {val_step} has step 1800s, the model was trained on step 3600s"),
-    ("val file too short", ["--val-data", "{val_short}"], "the validation array has 100 rows, shorter than one window"),
+    ("val file too short", ["--val-data", "{val_short}"], "the validation array has 20 rows, fewer than one validation window of 3 patches"),
     ("val file missing", ["--val-data", "{root}/nope.csv"], "no such file"),
     ("init with another horizon", ["--init", "{ckpt}", "--horizon", "24"], "--horizon 24: the checkpoint"),
     ("init with another patch", ["--init", "{ckpt}", "--set", "tokenizer.patch_len=4"], "--set tokenizer.patch_len 4: the checkpoint"),

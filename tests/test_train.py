@@ -106,7 +106,7 @@ def test_a_generous_time_budget_keeps_the_configured_steps():
     (lambda v: np.full_like(v, np.nan), "no finite value: every value is missing"),
     (lambda v: np.where(np.arange(4) == 1, np.nan, v), "'channel 1' has no finite value"),
     (lambda v: np.where(np.arange(4) == 2, 7.0, v), "'channel 2' is constant"),
-    (lambda v: v[:1_500], "needs at least 6824 rows"),
+    (lambda v: v[:1_100], "needs at least 1205 rows"),
 ])
 def test_a_stream_that_cannot_train_is_refused(make, message):
     values = make(demo_stream(8_000, 4, seed=1).values).astype(np.float32)
@@ -118,7 +118,7 @@ def test_a_stream_that_cannot_train_is_refused(make, message):
 def test_rows_needed_is_the_fewest_rows_that_train():
     config = preset("debug", train={"window_tokens": 16, "steps": 1, "val_every": 1, "batch_size": 2})
     need = rows_needed(config)
-    values = demo_stream(need, 4, seed=1).values
+    values = demo_stream(2_000, 4, seed=1).values[:need]
     assert train(config, values, progress=False).steps == 1
     with pytest.raises(ValueError, match=f"needs at least {need} rows"):
         train(config, values[:-1], progress=False)

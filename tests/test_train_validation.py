@@ -109,7 +109,7 @@ def test_a_separate_validation_array_is_validated_and_the_whole_stream_trains(tm
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda v: v[:100], "the validation array has 100 rows, shorter than one window"),
+    (lambda v: v[:20], "the validation array has 20 rows, fewer than one validation window of 3 patches x tokenizer.patch_len=8"),
     (lambda v: v[:, :3], "expected (length, 4)"),
     (lambda v: np.full_like(v, np.nan), "the validation array (500 rows x 4 channels) has no finite value"),
 ])
@@ -159,3 +159,14 @@ def test_a_resumed_run_keeps_the_schedule_a_time_budget_fitted(tmp_path, values)
     assert resumed.total == [8] and resumed.scheduler.lr_lambdas[0](7) == lr_factor(7, 0, 8)
     after, _ = fit(CONFIG.replace(train={"patience": 0}), values, resume=tmp_path)
     assert after.step == 8 and after.history[-1]["lr"] == CONFIG.train.lr * lr_factor(7, 0, 8)
+
+
+def test_a_validation_part_shorter_than_a_training_window_validates_on_shorter_windows(values):
+    short = demo_stream(1_000, 4, seed=2).values[:60]  # 7 whole patches; a training window has 16
+    result = train(CONFIG.replace(train={"steps": 2, "patience": 0}), values, val_values=short, progress=False)
+    assert result.validation["window_tokens"] == 7 and result.validation["windows"] == 1
+    torch.manual_seed(CONFIG.train.seed)
+    fresh = OryxForecaster(CONFIG)
+    assert result.val_losses[0] == validation_loss(fresh, WindowSampler(short, 56, align=8), batch_size=4)
+    tail = train(CONFIG.replace(train={"steps": 2, "patience": 0, "val_fraction": 0.02}), values, progress=False)
+    assert tail.validation["window_tokens"] == 7 and tail.validation["start"] == 2_940  # rows [2944, 3000): 7 patches
