@@ -226,8 +226,8 @@ def _model(spec: BacktestSpec, stream: TelemetryStream, a: int, b: int, out: Pat
     config = preset(spec.preset).replace(tokenizer={"channels": C}, head={"horizon": spec.horizon},
                                          train={"val_fraction": val_fraction} | ({"steps": spec.train_steps} if spec.train_steps else {}))
     P = config.tokenizer.patch_len
-    fits = max(1, min(config.train.window_tokens, (b - a) // P - 1, a // P))
-    if fits < config.train.window_tokens:  # a short validation part: shorter training windows, said in the report
+    fits = max(1, min(config.train.window_tokens, (a - 1) // P))  # (a - 1): the split is int(b * (1 - val_fraction)), rounded
+    if fits < config.train.window_tokens:  # a short training part: shorter training windows, said in the report
         config = config.replace(train={"window_tokens": fits})
     config = parse_overrides(config, list(spec.overrides))
     step = None if stream.step is None else int(stream.step / np.timedelta64(1, "s"))
