@@ -65,7 +65,7 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
                  QA, KA, KC, VC, WSLOT, PIN, PSLOT, VALID, LEN, ROUTE, SCALE_H,
                  PROJ, TK, TV, TQ, CWK, CWV, CWQ, CBK, CBV, CBQ, ALOG, DTB, COS, SIN, ONW,
                  s_q, s_k, s_v, s_qa, s_ka, s_kcb, s_kcs, s_vcb, s_vcs, s_valid,
-                 s_p, s_tkb, s_tkw, s_tvb, s_tvw, s_tqb, s_tqw,
+                 s_proj, s_tkb, s_tkw, s_tvb, s_tvw, s_tqb, s_tqw,
                  H, S, scale, l2_eps, on_eps,
                  K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_N: tl.constexpr, MIXER: tl.constexpr, HAS_DT: tl.constexpr, HAS_D: tl.constexpr,
@@ -84,7 +84,7 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
         # short convs, activations, L2 norms, gates and RoPE, as `OryxMixer._qkv` / `_gates` compute them
         HK = H * K
         HV = H * V
-        p_row = PROJ + b * s_p
+        p_row = PROJ + b * s_proj
         col_k = h * K + offs_k
         col_v = h * V + offs_v
         yk, tk1 = _conv_in(p_row, TK + b * s_tkb, s_tkw, CWK, CBK, col_k, mk, CONV_W, BLOCK_W)

@@ -46,6 +46,9 @@ def _mixer_inputs(mixer, dtype, state_dtype, B=64, H=4, K=64, V=64, S=300, W=4, 
         scale_H=2 + 8 * torch.rand(H, generator=gen), pin_B=pin, pin_slot_B=S - P + torch.randint(0, P, (B,), generator=gen),
         d_H=torch.rand(H, generator=gen) if mixer == "mamba2" else None,
     )
+    rows = torch.arange(B)
+    kw["valid_BS"][rows, slot] = True  # the slot mask holds the new token, and the moved one where it pins
+    kw["valid_BS"][rows[pin], kw["pin_slot_B"][pin]] = True
     cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
     kw = {k: cuda(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     kw["k_cache_BSHK"], kw["v_cache_BSHV"] = kw["k_cache_BSHK"].to(state_dtype), kw["v_cache_BSHV"].to(state_dtype)
