@@ -45,7 +45,7 @@ def test_switched_retention_forecasts_as_the_model_built_from_the_changed_config
             ys, s_state = switched.step(patch, s_state, modes[n : n + 1])
             yb, b_state = built.step(patch, b_state, modes[n : n + 1])
             assert torch.equal(ys, yb), n
-    torch.testing.assert_close(ys, got[:, -1], rtol=1e-4, atol=1e-4)  # step equals forward under the switched policy
+    torch.testing.assert_close(ys, got[:, -1], rtol=1e-3, atol=1e-3)  # step equals forward under the switched policy (fp32, 40 tokens)
 
 
 def test_load_switches_retention_and_refuses_window_without_it(tmp_path):
