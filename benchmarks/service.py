@@ -54,6 +54,47 @@ def serve(model_dir: Path, data_dir: Path, group: bool, threads: int) -> tuple[s
     raise RuntimeError("the server did not start within 90 s")
 
 
+def serve_stub() -> tuple[subprocess.Popen, str, str]:
+    """The floor of this harness: the same routes and request models on uvicorn, doing no work."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--stub-port", str(port)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url, "stub"
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    stop(proc)
+    raise RuntimeError("the stub server did not start within 90 s")
+
+
+def run_stub(port: int) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from oryx_ts.service.schemas import Observations, SeriesSpec
+
+    app = FastAPI()
+    app.get("/healthz")(lambda: {"status": "ok"})
+
+    @app.post("/v1/series", status_code=201)
+    def create(spec: SeriesSpec):
+        return {"id": spec.id}
+
+    @app.post("/v1/series/{series}/observations")
+    def ingest(series: str, obs: Observations):
+        return {"accepted": len(obs.timestamps), "rejected": [], "patches_queued": 0, "seq": 1}
+
+    @app.get("/v1/series/{series}/forecast")
+    async def forecast(series: str):
+        return {"series": series, "values": [[[0.0] * 3] * 8] * 16}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -72,9 +113,14 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--rows", type=int, default=8, help="rows per ingest request")
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads")
-    p.add_argument("--modes", default="group,naive", help="comma-separated: group, naive")
+    p.add_argument("--modes", default="group,naive",
+                   help="comma-separated: group, naive, stub (the same routes doing no work: the harness's floor)")
     p.add_argument("--loads", default="closed", help="comma-separated load levels: closed, or requests/s per client")
+    p.add_argument("--stub-port", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.stub_port is not None:
+        run_stub(args.stub_port)
+        return 0
     with tempfile.TemporaryDirectory(prefix="oryx-bench-") as tmp:
         model_dir = Path(args.model) if args.model else Path(tmp) / "model"
         if args.model is None:
@@ -85,14 +131,15 @@ def main() -> int:
         print("| mode | load (requests/s offered) | rows/s acked | ingest p50 / p99 ms | forecast p50 / p99 ms | requests | errors |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for mode in args.modes.split(","):
-            proc, url, key = serve(model_dir, Path(tmp) / mode, mode == "group", args.threads)
+            proc, url, key = serve_stub() if mode == "stub" else serve(model_dir, Path(tmp) / mode, mode == "group", args.threads)
             try:
                 for j, load in enumerate(args.loads.split(",")):
                     rate = None if load == "closed" else float(load)
                     ids = create_series(url, key, args.series, [f"c{i}" for i in range(channels)], prefix=f"load{j}")
                     r = run_load(url, key, ids, channels, clients=args.clients, seconds=args.seconds, rows=args.rows, rate=rate)
                     level = "closed loop" if rate is None else f"{args.clients} x {rate:g}/s = {r.offered_per_s:,.0f}"
-                    print(f"| {mode} commit | {level} | {r.rows_per_s:,.0f} | {r.ingest_p50_ms:.1f} / {r.ingest_p99_ms:.1f} | "
+                    name = "no-op stub" if mode == "stub" else f"{mode} commit"
+                    print(f"| {name} | {level} | {r.rows_per_s:,.0f} | {r.ingest_p50_ms:.1f} / {r.ingest_p99_ms:.1f} | "
                           f"{r.forecast_p50_ms:.1f} / {r.forecast_p99_ms:.1f} | {r.requests} | {r.errors} |", flush=True)
             finally:
                 stop(proc)
