@@ -1,0 +1,205 @@
+"""Routers scored on labelled streams (`datasets.scenarios`): recall of event windows, error inside
+them, realized FLOPs against the budget.
+
+Legend: B segments, T tokens, L raw steps, P patch length, Hz horizon, C channels, Q quantiles.
+
+A labelled stream is cut into B consecutive segments of the same number of tokens; each segment is
+replayed as its own series (`run_router`: the engine, the service's code path) or run through the
+parallel forward with fixed modes (`forced_forecast`). Per-token results are laid out segment after
+segment (`flatten`). The first `WARMUP` tokens of every segment are left out of the error metrics
+while normalization settles (`scored_tokens`).
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from oryx_ts.config import BudgetConfig, OryxConfig
+from oryx_ts.datasets.labels import LabelWindow
+from oryx_ts.datasets.scenarios import VALIDATION_SEED, Scenario
+from oryx_ts.datasets.synthetic import ANOMALY_KINDS
+from oryx_ts.evaluation.audit import rare_regime_audit, token_mask
+from oryx_ts.evaluation.backtest import backtest_streams
+from oryx_ts.evaluation.metrics import crps_quantiles, horizon_targets, mae
+from oryx_ts.flops import mode_costs
+from oryx_ts.model import OryxForecaster
+from oryx_ts.routers import RoutedForecaster, Router
+
+__all__ = [
+    "CONTROLLER_GRID",
+    "WARMUP",
+    "attention_ceiling",
+    "choose_controller",
+    "event_mae",
+    "flatten",
+    "forced_forecast",
+    "fresh_streams",
+    "routing_scores",
+    "run_router",
+    "scored_tokens",
+    "segments",
+    "window_recall",
+]
+
+WARMUP = 16  # tokens of each segment left out of the error metrics while normalization settles
+# controller settings tried on a validation stream with the learned router at 10%: (reserve, spike_z)
+CONTROLLER_GRID = ((0.3, 2.0), (0.3, 3.0), (0.5, 2.0), (0.5, 3.0))
+
+
+def segments(values_LC: np.ndarray, seg_tokens: int, n_seg: int, patch_len: int) -> torch.Tensor:
+    """The first `n_seg` consecutive segments of `seg_tokens` patches as a batch of series `(n_seg, seg_tokens * P, C)`.
+
+    Raises `ValueError` when the stream is shorter than the segments.
+    """
+    L = seg_tokens * n_seg * patch_len
+    if values_LC.shape[0] < L:
+        raise ValueError(f"{n_seg} segments of {seg_tokens} tokens of {patch_len} steps need {L} steps, got {values_LC.shape[0]}")
+    return torch.as_tensor(values_LC[:L]).reshape(n_seg, seg_tokens * patch_len, values_LC.shape[1])
+
+
+def flatten(t: torch.Tensor) -> np.ndarray:
+    """Segments (B, T, ...) back into one stream (B*T, ...)."""
+    return t.reshape(-1, *t.shape[2:]).cpu().numpy()
+
+
+def scored_tokens(seg_tokens: int, n_seg: int, warmup: int = WARMUP) -> np.ndarray:
+    """Booleans `(n_seg * seg_tokens,)`: the tokens scored, every segment's first `warmup` left out."""
+    return np.tile(np.arange(seg_tokens) >= warmup, n_seg)
+
+
+def window_recall(modes_T: np.ndarray, windows: Iterable[LabelWindow], patch_len: int, kinds: Iterable[str],
+                  first_tokens: int = 3) -> tuple[int, int]:
+    """`(recalled, total)` windows of these kinds that start within the tokens: a window is recalled
+    when an attention token is among the `first_tokens` tokens from the one its start falls in.
+
+    Unlike `rare_regime_audit`'s `window_recall`, those tokens may lie past the end of a short window.
+    """
+    kinds = set(kinds)
+    spans = [w for w in windows if w.kind in kinds and w.start // patch_len < len(modes_T)]
+    return sum(bool(modes_T[w.start // patch_len : w.start // patch_len + first_tokens].any()) for w in spans), len(spans)
+
+
+def forced_forecast(model: OryxForecaster, x_BLC: torch.Tensor, modes: float | np.ndarray) -> np.ndarray:
+    """Forecasts `(B*T, Hz, C, Q)` of the parallel forward with fixed modes: one mode for every token
+    (0 all-recurrent, 1 all-attention) or one per token laid out as `flatten` lays them out."""
+    B, T = x_BLC.shape[0], x_BLC.shape[1] // model.config.tokenizer.patch_len
+    if np.ndim(modes) == 0:
+        modes_BT = torch.full((B, T), float(modes))
+    else:
+        modes_BT = torch.as_tensor(np.asarray(modes, dtype=np.float32)).reshape(B, T)
+    with torch.no_grad():
+        return flatten(model(x_BLC, modes_BT))
+
+
+def run_router(model: OryxForecaster, x_BLC: torch.Tensor, router: Router, budget: BudgetConfig) -> tuple[np.ndarray, ...]:
+    """Stream every segment of `x_BLC` as its own series through the engine (`backtest_streams`),
+    routed by `router` under `budget`; returns per token, segments one after another as `flatten`
+    lays them out, `(forecast (T, Hz, C, Q), modes, flops, allowance)`.
+
+    The segments step together in every micro-batch, in the order given, so a `(segments, tokens)`
+    oracle mask reads its row of each segment.
+    """
+    streams = {f"seg{i}": values_LC.cpu().numpy() for i, values_LC in enumerate(x_BLC)}
+    result = backtest_streams(RoutedForecaster(model, router, budget), streams)
+    fields = ("forecasts_THzCQ", "modes_T", "flops_T", "allowance_T")
+    return tuple(np.concatenate([getattr(result[sid], f) for sid in streams]) for f in fields)
+
+
+def event_mae(forecasts_THzCQ: np.ndarray, values_LC: np.ndarray, windows: Sequence[LabelWindow], *, config: OryxConfig,
+              seg_tokens: int, kinds: Iterable[str]) -> float:
+    """MAE of the scored forecasts (`scored_tokens`) made inside windows of `kinds` (NaN when there are none)."""
+    T = forecasts_THzCQ.shape[0]
+    return rare_regime_audit(np.zeros(T), forecasts_THzCQ, values_LC, windows, patch_len=config.tokenizer.patch_len,
+                             quantiles=np.asarray(config.head.quantiles), median_index=config.head.median_index,
+                             scored=scored_tokens(seg_tokens, T // seg_tokens), kinds=kinds).mae_in
+
+
+def routing_scores(modes_T: np.ndarray, forecasts_THzCQ: np.ndarray, values_LC: np.ndarray, windows: Sequence[LabelWindow], *,
+                   config: OryxConfig, seg_tokens: int, events: Iterable[str], flops_T: np.ndarray | None = None,
+                   allowance_T: np.ndarray | None = None) -> dict:
+    """One router's scores on a segmented stream: `rare_regime_audit` over the windows of `events`
+    (recall, precision, FLOPs over the allowance and over the attention surcharge when `flops_T`
+    and `allowance_T` are given, MAE/CRPS inside and outside), plus recall and MAE over anomaly
+    windows (`anomaly_recall`, `mae_anomaly`), MAE inside repeats of recurring events
+    (`mae_repeat`) and MAE/CRPS over every scored token (`mae_all`, `crps_all`)."""
+    T, P = len(modes_T), config.tokenizer.patch_len
+    n_seg = T // seg_tokens
+    quantiles, mid = np.asarray(config.head.quantiles), config.head.median_index
+    scored = scored_tokens(seg_tokens, n_seg)
+    rec_T = np.tile(mode_costs(config, 0, seg_tokens).recurrent_T, n_seg)
+    target = horizon_targets(values_LC, np.arange(T) * P + P - 1, config.head.horizon)
+    common = dict(patch_len=P, quantiles=quantiles, median_index=mid, scored=scored)
+    in_events = rare_regime_audit(modes_T, forecasts_THzCQ, values_LC, windows, flops_T=flops_T, allowance_T=allowance_T,
+                                  recurrent_T=rec_T, kinds=events, **common)
+    anomalies = rare_regime_audit(modes_T, forecasts_THzCQ, values_LC, windows, kinds=ANOMALY_KINDS, **common)
+    repeats = rare_regime_audit(modes_T, forecasts_THzCQ, values_LC, windows, kinds=("recurring_repeat",), **common)
+    return {**in_events.to_dict(), "anomaly_recall": anomalies.window_recall, "mae_anomaly": anomalies.mae_in,
+            "mae_repeat": repeats.mae_in, "mae_all": mae(forecasts_THzCQ[scored][..., mid], target[scored]),
+            "crps_all": crps_quantiles(forecasts_THzCQ[scored], target[scored], quantiles)}
+
+
+def choose_controller(model: OryxForecaster, router: Router, scenario: Scenario, seg_tokens: int, n_seg: int, *,
+                      fraction: float = 0.10, seed: int = VALIDATION_SEED,
+                      grid: Sequence[tuple[float, float]] = CONTROLLER_GRID) -> tuple[tuple[float, float], list[dict]]:
+    """Pick `(reserve, spike_z)` from `grid` on a validation stream of `scenario` (`seed`), not the evaluation stream.
+
+    Runs `router` at `fraction` under each setting; the best recalls most event windows
+    (`window_recall`), the first listed among equals. Returns the best and, per setting,
+    `{"reserve", "spike_z", "recalled", "windows"}`.
+    """
+    P, C = model.config.tokenizer.patch_len, model.config.tokenizer.channels
+    values, windows = scenario.stream(seg_tokens * n_seg * P + 64, C, seed=seed)
+    x = segments(values, seg_tokens, n_seg, P)
+    best, best_hits, trials = grid[0], -1, []
+    for reserve, spike_z in grid:
+        modes = run_router(model, x, router, BudgetConfig(fraction=fraction, reserve=reserve, spike_z=spike_z))[1]
+        hits, total = window_recall(modes, windows, P, scenario.events)
+        trials.append({"reserve": reserve, "spike_z": spike_z, "recalled": hits, "windows": total})
+        if hits > best_hits:
+            best, best_hits = (reserve, spike_z), hits
+    return best, trials
+
+
+def fresh_streams(model: OryxForecaster, routers: Mapping[str, Router], budget: BudgetConfig, scenario: Scenario,
+                  seg_tokens: int, n_seg: int, seeds: Iterable[int]) -> list[dict]:
+    """Per stream of `scenario` (one per seed): event-window recall and MAE inside event windows of each
+    router at `budget`, with all-recurrent and all-attention for reference.
+
+    Returns per seed `{"seed", "all-recurrent": {"mae_in"}, "all-attention": {"mae_in"},
+    <router>: {"recalled", "windows", "mae_in"}}`.
+    """
+    config = model.config
+    P, C = config.tokenizer.patch_len, config.tokenizer.channels
+    score = dict(config=config, seg_tokens=seg_tokens, kinds=scenario.events)
+    rows = []
+    for seed in tqdm(list(seeds), desc="further streams"):
+        values, windows = scenario.stream(seg_tokens * n_seg * P + 64, C, seed=seed)
+        x = segments(values, seg_tokens, n_seg, P)
+        row = {"seed": seed}
+        for name, mode in (("all-recurrent", 0.0), ("all-attention", 1.0)):
+            row[name] = {"mae_in": event_mae(forced_forecast(model, x, mode), values, windows, **score)}
+        for name, router in routers.items():
+            forecast, modes = run_router(model, x, router, budget)[:2]
+            hits, total = window_recall(modes, windows, P, scenario.events)
+            row[name] = {"recalled": hits, "windows": total, "mae_in": event_mae(forecast, values, windows, **score)}
+        rows.append(row)
+    return rows
+
+
+def attention_ceiling(model: OryxForecaster, scenario: Scenario, seed: int, seg_tokens: int, n_seg: int) -> dict[str, float]:
+    """How far attention itself lowers the error inside event windows on one stream of `scenario`:
+    MAE inside event windows with every token recurrent (`rec`), every token in attention (`att`)
+    and attention on exactly the event tokens with no budget (`oracle`)."""
+    config = model.config
+    P, C = config.tokenizer.patch_len, config.tokenizer.channels
+    values, windows = scenario.stream(seg_tokens * n_seg * P + 64, C, seed=seed)
+    x = segments(values, seg_tokens, n_seg, P)
+    events = token_mask(windows, seg_tokens * n_seg, P, kinds=scenario.events).astype(np.float32)
+    T = seg_tokens * n_seg
+    maes = {}
+    for mode, modes in (("rec", np.zeros(T, np.float32)), ("att", np.ones(T, np.float32)), ("oracle", events)):
+        maes[mode] = event_mae(forced_forecast(model, x, modes), values, windows, config=config, seg_tokens=seg_tokens,
+                               kinds=scenario.events)
+    return maes
