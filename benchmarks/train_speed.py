@@ -11,7 +11,9 @@ tokens. tokens/s = tokens per step x timed steps / their wall time. The first `-
 (allocator warm-up, `torch.compile`'s first traces) are not timed, and neither is a step that ran
 a validation pass (every `train.val_every` steps) nor the validation before the first step.
 Step times are wall-clock intervals between `fit`'s per-step callbacks; the median step time is
-printed too, since other processes on a shared machine make the mean noisy.
+printed too, since other processes on a shared machine make the mean noisy, and so are tokens
+per CPU-second (the process's CPU time over the same steps, all threads): on a machine shared
+with other work it moves far less with the load than wall time does.
 
 `--compile` hands `fit` `torch.compile` as its loss wrapper (`wrap`), the hook DDP uses; `on`
 compiles the model's loss, `off` runs eagerly. Several values of an option (comma-separated) give
@@ -58,31 +60,34 @@ def measure(name: str, mixer: str, steps: int, warmup: int, threads: int, compil
     if warmup + steps >= t.steps:
         raise ValueError(f"--warmup + --steps must stay below the preset's train.steps={t.steps}")
     stream = generate(max(4 * rows_needed(config), 20_000), config.tokenizer.channels, seed=0, progress=False)
-    stamps: list[tuple[float, bool]] = []
+    stamps: list[tuple[float, float, bool]] = []
 
     def on_step(state, record) -> None:
-        stamps.append((time.perf_counter(), "val_loss" in record))
+        stamps.append((time.perf_counter(), time.process_time(), "val_loss" in record))
 
     began = time.perf_counter()
     fit(config, stream.values, on_step=on_step, stop_after=warmup + steps, wrap=torch.compile if compiled else None)
     total = time.perf_counter() - began
-    times = [b - a for (a, _), (b, validated) in zip(stamps[warmup - 1 :], stamps[warmup:]) if not validated]
+    pairs = [(a, b) for a, b in zip(stamps[warmup - 1 :], stamps[warmup:]) if not b[2]]
+    times = [b[0] - a[0] for a, b in pairs]
+    cpu = sum(b[1] - a[1] for a, b in pairs)
     tokens = t.batch_size * t.window_tokens
     return {
         "preset": name, "mixer": mixer, "threads": threads, "compile": "on" if compiled else "off",
         "batch": f"{t.batch_size} x {t.window_tokens}", "tokens_per_step": tokens, "timed_steps": len(times),
         "median_step_s": statistics.median(times), "tokens_per_s": tokens * len(times) / sum(times),
+        "tokens_per_cpu_s": tokens * len(times) / cpu,
         "first_steps_s": stamps[warmup - 1][0] - began, "total_s": total, "code": code_version(),
     }
 
 
-HEADER = ("| preset | mixer | threads | compile | batch x tokens | timed steps | median step (s) | tokens/s "
-          "| warm-up incl. first validation (s) | code |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+HEADER = ("| preset | mixer | threads | compile | batch x tokens | timed steps | median step (s) | tokens/s | tokens/CPU-s "
+          "| warm-up incl. first validation (s) | code |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def row(r: dict) -> str:
     return (f"| {r['preset']} | {r['mixer']} | {r['threads']} | {r['compile']} | {r['batch']} | {r['timed_steps']} "
-            f"| {r['median_step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['first_steps_s']:.1f} | {r['code']} |")
+            f"| {r['median_step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_cpu_s']:,.0f} | {r['first_steps_s']:.1f} | {r['code']} |")
 
 
 def main() -> None:
