@@ -45,16 +45,27 @@ class ShortConv(nn.Module):
 
     def forward(self, x_BTX: torch.Tensor, tail_BWX: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns `(y_BTX, new_tail_BWX)`; a missing tail means zeros (start of stream)."""
-        B, T, X = x_BTX.shape
-        if tail_BWX is None:
-            tail_BWX = x_BTX.new_zeros(B, self.width - 1, X)
+        return causal_conv(x_BTX, self.weight, self.bias, tail_BWX)
+
+
+def causal_conv(x_BTX: torch.Tensor, weight_X1W: torch.Tensor, bias_X: torch.Tensor, tail_BWX: torch.Tensor | None):
+    """Depthwise causal convolution of `x_BTX` after the W-1 inputs `tail_BWX` (None: zeros).
+
+    Returns `(y_BTX, new_tail_BWX)`. The parallel forward runs several `ShortConv`s as one call
+    on their concatenated channels and weights.
+    """
+    B, T, X = x_BTX.shape
+    width = weight_X1W.shape[-1]
+    if tail_BWX is None:
+        full = F.pad(x_BTX, (0, 0, width - 1, 0))
+    else:
         full = torch.cat([tail_BWX.to(x_BTX.dtype), x_BTX], dim=1)
-        if T == 1:
-            # a streaming step: a weighted sum over the window is far cheaper than conv1d's setup on CPU
-            y = ((full * self.weight[:, 0].t()).sum(1) + self.bias)[:, None]
-        else:
-            y = F.conv1d(full.transpose(1, 2), self.weight, self.bias, groups=X).transpose(1, 2)
-        return y, full[:, full.shape[1] - (self.width - 1) :]
+    if T == 1:
+        # a streaming step: a weighted sum over the window is far cheaper than conv1d's setup on CPU
+        y = ((full * weight_X1W[:, 0].t()).sum(1) + bias_X)[:, None]
+    else:
+        y = F.conv1d(full.transpose(1, 2), weight_X1W, bias_X, groups=X).transpose(1, 2)
+    return y, full[:, full.shape[1] - (width - 1) :]
 
 
 class SwiGLU(nn.Module):
@@ -65,7 +76,9 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        # one matmul for both input projections: on CPU the call overhead of a small matmul counts
+        gate, up = F.linear(x, torch.cat([self.gate.weight, self.up.weight])).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -120,17 +133,41 @@ class OryxMixer(nn.Module):
         q_lin_BTHK = _l2norm(act(q).view(B, T, H, K))
         return q_lin_BTHK, k_BTHK, v_BTHV, (tail_k, tail_v, tail_q)
 
-    def _gates(self, u_BTD):
-        """fp32 log decay `g_BTH` and the second gate: beta (gdn) or dt (mamba2, which steps on dt * v)."""
+    def _projections(self, u_BTD: torch.Tensor):
+        """`_qkv` for T tokens from the stream's start, plus z and the raw gates, as one matmul and one convolution.
+
+        The same arithmetic as the separate projections and convolutions (`_qkv`, `_gates`,
+        `_output`), in a few large ops: at training sizes on CPU, the count of small ops is what
+        costs. Returns `(q_lin, k, v, tails, att_q_BTX, z_BTX, gates_raw_BTG)`; `att_q` before its norm.
+        """
+        c = self.config
+        B, T, _ = u_BTD.shape
+        H, K, V = c.n_heads, c.head_dim_k, c.head_dim_v
+        x = F.linear(u_BTD, self._step_weight())
+        kvq, att_q, z, gates = x.split([2 * H * K + H * V, H * K, H * V, x.shape[-1] - 3 * H * K - 2 * H * V], dim=-1)
+        convs = (self.k_conv, self.v_conv, self.lin_q_conv)
+        y, tail = causal_conv(kvq, torch.cat([cv.weight for cv in convs]), torch.cat([cv.bias for cv in convs]), None)
+        if c.mixer == "gdn":
+            y = F.silu(y)
+        k, v, q = y.split([H * K, H * V, H * K], dim=-1)
+        tails = tail.split([H * K, H * V, H * K], dim=-1)
+        return _l2norm(q.reshape(B, T, H, K)), _l2norm(k.reshape(B, T, H, K)), v.reshape(B, T, H, V), tails, att_q, z, gates
+
+    def _gates(self, u_BTD, raw_BTG: torch.Tensor | None = None):
+        """fp32 log decay `g_BTH` and the second gate: beta (gdn) or dt (mamba2, which steps on dt * v).
+
+        `raw_BTG`: the gate projections of `u_BTD` when the caller has them (`_projections`).
+        """
         A = -torch.exp(self.lin_A_log.float())
         if self.config.mixer == "gdn":
-            return A * F.softplus(self.lin_a(u_BTD).float() + self.lin_dt_bias), torch.sigmoid(self.lin_beta(u_BTD).float())
-        dt = F.softplus(self.lin_dt(u_BTD).float() + self.lin_dt_bias)
+            a, b = (self.lin_a(u_BTD), self.lin_beta(u_BTD)) if raw_BTG is None else raw_BTG.chunk(2, dim=-1)
+            return A * F.softplus(a.float() + self.lin_dt_bias), torch.sigmoid(b.float())
+        dt = F.softplus((self.lin_dt(u_BTD) if raw_BTG is None else raw_BTG).float() + self.lin_dt_bias)
         return A * dt, dt
 
-    def _linear(self, u_BTD, q_BTHK, k_BTHK, v_BTHV, st: LayerState | None):
+    def _linear(self, u_BTD, q_BTHK, k_BTHK, v_BTHV, st: LayerState | None, gates_raw: torch.Tensor | None = None):
         c = self.config
-        g, gate = self._gates(u_BTD)
+        g, gate = self._gates(u_BTD, gates_raw)
         if c.mixer == "gdn":
             beta, v_in = gate, v_BTHV
         else:
@@ -164,8 +201,8 @@ class OryxMixer(nn.Module):
         c = self.config
         B, T, _ = u_BTD.shape
         H, V = c.n_heads, c.head_dim_v
-        q_lin, k, v, tails = self._qkv(u_BTD, None)
-        o_lin, rec = self._linear(u_BTD, q_lin, k, v, None)
+        q_lin, k, v, tails, att_q_all, z, gates_raw = self._projections(u_BTD)
+        o_lin, rec = self._linear(u_BTD, q_lin, k, v, None, gates_raw)
         if keep is not None:
             st, slot_BT = keep
             keys = dispatch.rope(k, torch.arange(T, device=u_BTD.device), base=c.rope_base) if c.rope else k
@@ -174,7 +211,7 @@ class OryxMixer(nn.Module):
             st.k_cache_BSHK[b_idx, s_idx] = keys[b_idx, n_idx].detach().to(st.k_cache_BSHK.dtype)
             st.v_cache_BSHV[b_idx, s_idx] = v[b_idx, n_idx].detach().to(st.v_cache_BSHV.dtype)
             st.rec_BHKV = rec.detach().float()
-            st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX = (t.detach() for t in tails)
+            st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX = (t.detach().contiguous() for t in tails)
 
         pos_T = torch.arange(T, device=u_BTD.device)
         # one host sync per layer: which tokens any series routes to attention, and whether the modes
@@ -185,7 +222,7 @@ class OryxMixer(nn.Module):
         idx = flags[:-1].nonzero().squeeze(1).to(u_BTD.device)
         if idx.numel():
             keys = dispatch.rope(k, pos_T, base=c.rope_base) if c.rope else k
-            q_att = _l2norm(self.att_q(u_BTD[:, idx]).view(B, idx.numel(), H, c.head_dim_k))
+            q_att = _l2norm(att_q_all[:, idx].view(B, idx.numel(), H, c.head_dim_k))
             if c.rope:
                 q_att = dispatch.rope(q_att, pos_T[idx], base=c.rope_base)
             o_sel = dispatch.routed_attention(
@@ -198,12 +235,12 @@ class OryxMixer(nn.Module):
                 o = m * o_lin.new_zeros(B, T, H, V).index_copy(1, idx, o_sel) + (1 - m) * o_lin
         else:
             o = o_lin
-        return self._output(u_BTD, o)
+        return self._output(u_BTD, o, z)
 
-    def _output(self, u_BTD: torch.Tensor, o_BTHV: torch.Tensor) -> torch.Tensor:
+    def _output(self, u_BTD: torch.Tensor, o_BTHV: torch.Tensor, z_BTX: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         B, T, _ = u_BTD.shape
-        z = self.z_proj(u_BTD).view(B, T, c.n_heads, c.head_dim_v)
+        z = (self.z_proj(u_BTD) if z_BTX is None else z_BTX).view(B, T, c.n_heads, c.head_dim_v)
         o = self.o_norm(o_BTHV.to(u_BTD.dtype)) * F.silu(z)
         return self.o_proj(o.reshape(B, T, c.n_heads * c.head_dim_v))
 
@@ -254,7 +291,7 @@ class OryxMixer(nn.Module):
         return self._output(u_B1D, o)
 
     def _step_weight(self) -> torch.Tensor:
-        """The token's projections as one matrix, in the order `dispatch.mixer_step` reads them."""
+        """The token's projections as one matrix, in the order `dispatch.mixer_step` reads them (and `_projections`)."""
         gates = [self.lin_a.weight, self.lin_beta.weight] if self.config.mixer == "gdn" else [self.lin_dt.weight]
         return torch.cat([self.k_proj.weight, self.v_proj.weight, self.lin_q.weight, self.att_q.weight, self.z_proj.weight, *gates])
 
