@@ -271,7 +271,7 @@ class OryxForecaster(nn.Module):
             x_B1D = block.step(x_B1D, m_B, layer_state, pos_B, plan, att_rows)
         state.norm_stats_B3C = embedded.stats_B3C
         state.n_tokens_B = state.n_tokens_B + 1
-        pred = self.head(self.norm(x_B1D))
+        pred = self.head(dispatch.rms_norm(x_B1D, self.norm.weight, self.norm.eps))
         return self.tokenizer.denormalize(pred, embedded.mean_BTC, embedded.std_BTC)[:, 0], state
 
     def normalization(self, state: State) -> tuple[torch.Tensor, torch.Tensor]:

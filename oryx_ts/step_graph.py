@@ -46,9 +46,8 @@ class GraphedStep:
         B = state.batch_size
         model.check_state(state, B)
         t = model.config.tokenizer
-        p = next(model.parameters())
         self.model, self.state = model, state
-        self.patch_BPC = torch.zeros(B, t.patch_len, t.channels, device=state.device, dtype=p.dtype)
+        self.patch_BPC = torch.zeros(B, t.patch_len, t.channels, device=state.device)  # raw values stay fp32
         self.modes_B = torch.zeros(B, device=state.device)
         # warm-up on a copy of a few series (kernel compiles, cuBLAS workspaces) on a side stream, as
         # capture requires; a few, since a whole state can be most of the device's memory

@@ -19,6 +19,7 @@ Fast paths (all Triton; imported on first use, so the CPU install never imports 
                   launch, from one projection of the token; twin `step_naive.naive_mixer_step`
     routed_attention  our routed-query kernel (`kernels.attention.routed_triton`); per-key eviction
                   positions (`k_until_BS`) still take the torch path
+    rms_norm      one launch per RMSNorm (`kernels.norm_triton`), twin `kernels.norm_naive`
     rope          fla's fused rotary kernel (one pass forward, one backward) with our fp32 tables
                   rounded to the input dtype
 
@@ -254,6 +255,26 @@ def mixer_step(mixer: Mixer, proj_BN: torch.Tensor, state_BHKV: torch.Tensor, *,
     from oryx_ts.kernels.step_naive import naive_mixer_step
 
     return naive_mixer_step(mixer, proj_BN, state_BHKV, **kwargs)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: Backend = "auto") -> torch.Tensor:
+    """RMSNorm over the last axis (`norm_naive.rms_norm`); the fast path is one Triton launch.
+
+    `auto` takes it on CUDA outside `torch.compile` when the weight does not widen x's dtype.
+    """
+    path = "torch" if backend == "auto" and torch.compiler.is_compiling() else select_backend(x, backend)
+    if path == "triton" and torch.promote_types(x.dtype, weight.dtype) != x.dtype:
+        if backend == "triton":
+            raise ValueError(f"backend='triton' cannot run: weight {weight.dtype} widens x {x.dtype}")
+        path = "torch"
+    last_backend["rms_norm"] = path
+    if path == "triton":
+        from oryx_ts.kernels.norm_triton import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
+    from oryx_ts.kernels.norm_naive import rms_norm as _rms_norm_torch
+
+    return _rms_norm_torch(x, weight, eps)
 
 
 def routed_attention(

@@ -9,7 +9,16 @@ the new key. The output is the attention output where the mode is 1, else
 step never waits on the host and can be captured in a CUDA graph. The state and the cache are
 updated in place: they are the preallocated buffers of the streaming state.
 
-`naive_layer_step` (`kernels/step_naive.py`) is the pure-torch twin with the same signature.
+`fused_mixer_step` runs the whole mixer step from the token's projections in two launches: a
+prologue kernel of one warp per (series, head) (short convs over the tails, moved on in place;
+activations, L2 norms, gates, RoPE) and the layer step above with the mixer's output gate (RMSNorm
+over each head, times silu(z)) applied before the store. They stay two launches because they want
+different shapes: the layer step holds a 64x64 state per program in registers and so runs few
+programs at a time, where the prologue's cross-warp reductions would each cost a barrier on the
+path between reading and writing the state (measured: one launch took 2.3x the layer step alone).
+
+`naive_layer_step` and `naive_mixer_step` (`kernels/step_naive.py`) are the pure-torch twins with
+the same signatures.
 
 Legend: B series, H heads, K key dim, V value dim, S cache slots.
 """
@@ -20,11 +29,6 @@ import triton.language as tl
 
 _GDN, _SSD = 0, 1
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _no_prologue(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Placeholders for the prologue's 15 pointers when the kernel takes projected inputs."""
-    return (t,) * 15
 
 
 @triton.jit
@@ -61,16 +65,88 @@ def _softplus(x):
 
 
 @triton.jit
+def _prologue_kernel(PROJ, TK, TV, TQ, CWK, CWV, CWQ, CBK, CBV, CBQ, ALOG, DTB, COS, SIN,
+                     Q, Kn, Vn, QA, KA, G, GATE,
+                     s_proj, s_tkb, s_tkw, s_tvb, s_tvw, s_tqb, s_tqw, H, l2_eps,
+                     K: tl.constexpr, V: tl.constexpr, BLOCK_V: tl.constexpr, MIXER: tl.constexpr,
+                     HAS_ROPE: tl.constexpr, CONV_W: tl.constexpr, BLOCK_W: tl.constexpr):
+    """One (series, head): the token's projections to the layer step's inputs; conv tails moved on in place.
+
+    A program of one warp: its few reductions stay inside the warp, and the many small programs keep
+    the memory system busy (the fused layer step holds a 64x64 state per program and runs few at once).
+    """
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    offs_k = tl.arange(0, K)
+    offs_v = tl.arange(0, BLOCK_V)
+    mk = offs_k < K
+    mv = offs_v < V
+    row = b * H + h
+    # the token's projections (one row of PROJ: k | v | q | q_att | z | a or dt | beta) through the
+    # short convs, activations, L2 norms, gates and RoPE, as `OryxMixer._qkv` / `_gates` compute them
+    HK = H * K
+    HV = H * V
+    p_row = PROJ + b * s_proj
+    col_k = h * K + offs_k
+    col_v = h * V + offs_v
+    yk, tk1 = _conv_in(p_row, TK + b * s_tkb, s_tkw, CWK, CBK, col_k, mk, CONV_W, BLOCK_W)
+    yv, tv1 = _conv_in(p_row + HK, TV + b * s_tvb, s_tvw, CWV, CBV, col_v, mv, CONV_W, BLOCK_W)
+    yq, tq1 = _conv_in(p_row + HK + HV, TQ + b * s_tqb, s_tqw, CWQ, CBQ, col_k, mk, CONV_W, BLOCK_W)
+    # RoPE pairs element i with i +- K/2 (rotate-half): the partners come from the same conv on
+    # permuted channels (loads that hit the cache), so nothing is shuffled between threads
+    part = (offs_k + K // 2) % K
+    col_r = h * K + part
+    yk_r, _ = _conv_in(p_row, TK + b * s_tkb, s_tkw, CWK, CBK, col_r, mk, CONV_W, BLOCK_W)
+    if MIXER == 0:
+        yk, yv, yq, yk_r = _silu(yk), _silu(yv), _silu(yq), _silu(yk_r)
+    rk = 1.0 / tl.sqrt(tl.sum(yk * yk, 0) + l2_eps)
+    k = yk * rk
+    k_r = yk_r * rk
+    v = yv
+    q = yq / tl.sqrt(tl.sum(yq * yq, 0) + l2_eps)
+    qa = tl.load(p_row + 2 * HK + HV + col_k, mask=mk, other=0.0).to(tl.float32)
+    qa_r = tl.load(p_row + 2 * HK + HV + col_r, mask=mk, other=0.0).to(tl.float32)
+    ra = 1.0 / tl.sqrt(tl.sum(qa * qa, 0) + l2_eps)
+    qa, qa_r = qa * ra, qa_r * ra
+    if HAS_ROPE:
+        c = tl.load(COS + b * (K // 2) + offs_k % (K // 2), mask=mk, other=1.0)
+        s = tl.load(SIN + b * (K // 2) + offs_k % (K // 2), mask=mk, other=0.0)
+        s = tl.where(offs_k < K // 2, -s, s)
+        ka = k * c + k_r * s
+        qa = qa * c + qa_r * s
+    else:
+        ka = k
+    a_raw = tl.load(p_row + 3 * HK + 2 * HV + h).to(tl.float32)
+    sp = _softplus(a_raw + tl.load(DTB + h).to(tl.float32))
+    if MIXER == 0:
+        gv = 1.0 / (1.0 + tl.exp(-tl.load(p_row + 3 * HK + 2 * HV + H + h).to(tl.float32)))
+    else:
+        gv = sp
+    # every thread has read the old tails before any writes them back
+    tl.debug_barrier()
+    _store_tail(TK + b * s_tkb, s_tkw, tk1, col_k, mk, CONV_W, BLOCK_W)
+    _store_tail(TV + b * s_tvb, s_tvw, tv1, col_v, mv, CONV_W, BLOCK_W)
+    _store_tail(TQ + b * s_tqb, s_tqw, tq1, col_k, mk, CONV_W, BLOCK_W)
+    out_k = row * K + offs_k
+    tl.store(Q + out_k, q.to(Q.dtype.element_ty))
+    tl.store(Kn + out_k, k.to(Kn.dtype.element_ty))
+    tl.store(QA + out_k, qa.to(QA.dtype.element_ty))
+    tl.store(KA + out_k, ka.to(KA.dtype.element_ty))
+    tl.store(Vn + row * V + offs_v, v.to(Vn.dtype.element_ty), mask=mv)
+    tl.store(G + row, -tl.exp(tl.load(ALOG + h).to(tl.float32)) * sp)
+    tl.store(GATE + row, gv)
+
+
+@triton.jit
 def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
                  QA, KA, KC, VC, WSLOT, PIN, PSLOT, VALID, LEN, ROUTE, SCALE_H,
-                 PROJ, TK, TV, TQ, CWK, CWV, CWQ, CBK, CBV, CBQ, ALOG, DTB, COS, SIN, ONW,
-                 s_q, s_k, s_v, s_qa, s_ka, s_kcb, s_kcs, s_vcb, s_vcs, s_valid,
-                 s_proj, s_tkb, s_tkw, s_tvb, s_tvw, s_tqb, s_tqw,
-                 H, S, scale, l2_eps, on_eps,
+                 PROJ, ONW,
+                 s_q, s_k, s_v, s_qa, s_ka, s_kcb, s_kcs, s_vcb, s_vcs, s_valid, s_proj, z_off,
+                 H, S, scale, on_eps,
                  K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_N: tl.constexpr, MIXER: tl.constexpr, HAS_DT: tl.constexpr, HAS_D: tl.constexpr,
-                 HAS_ATT: tl.constexpr, HAS_PIN: tl.constexpr, HAS_LEN: tl.constexpr,
-                 PRO: tl.constexpr, HAS_ROPE: tl.constexpr, CONV_W: tl.constexpr, BLOCK_W: tl.constexpr):
+                 HAS_ATT: tl.constexpr, HAS_PIN: tl.constexpr, HAS_LEN: tl.constexpr, EPI: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
@@ -79,59 +155,11 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
     mk = offs_k < K
     mv = offs_v < V
     row = b * H + h
-    if PRO:
-        # the token's projections (one row of PROJ: k | v | q | q_att | z | a or dt | beta) through the
-        # short convs, activations, L2 norms, gates and RoPE, as `OryxMixer._qkv` / `_gates` compute them
-        HK = H * K
-        HV = H * V
-        p_row = PROJ + b * s_proj
-        col_k = h * K + offs_k
-        col_v = h * V + offs_v
-        yk, tk1 = _conv_in(p_row, TK + b * s_tkb, s_tkw, CWK, CBK, col_k, mk, CONV_W, BLOCK_W)
-        yv, tv1 = _conv_in(p_row + HK, TV + b * s_tvb, s_tvw, CWV, CBV, col_v, mv, CONV_W, BLOCK_W)
-        yq, tq1 = _conv_in(p_row + HK + HV, TQ + b * s_tqb, s_tqw, CWQ, CBQ, col_k, mk, CONV_W, BLOCK_W)
-        # RoPE pairs element i with i +- K/2 (rotate-half): the partners come from the same conv on
-        # permuted channels (loads that hit the cache), so nothing is shuffled between threads
-        part = (offs_k + K // 2) % K
-        col_r = h * K + part
-        yk_r, _ = _conv_in(p_row, TK + b * s_tkb, s_tkw, CWK, CBK, col_r, mk, CONV_W, BLOCK_W)
-        if MIXER == 0:
-            yk, yv, yq, yk_r = _silu(yk), _silu(yv), _silu(yq), _silu(yk_r)
-        rk = 1.0 / tl.sqrt(tl.sum(yk * yk, 0) + l2_eps)
-        k = yk * rk
-        k_r = yk_r * rk
-        v = yv
-        q = yq / tl.sqrt(tl.sum(yq * yq, 0) + l2_eps)
-        qa = tl.load(p_row + 2 * HK + HV + col_k, mask=mk, other=0.0).to(tl.float32)
-        qa_r = tl.load(p_row + 2 * HK + HV + col_r, mask=mk, other=0.0).to(tl.float32)
-        ra = 1.0 / tl.sqrt(tl.sum(qa * qa, 0) + l2_eps)
-        qa, qa_r = qa * ra, qa_r * ra
-        if HAS_ROPE:
-            c = tl.load(COS + b * (K // 2) + offs_k % (K // 2), mask=mk, other=1.0)
-            s = tl.load(SIN + b * (K // 2) + offs_k % (K // 2), mask=mk, other=0.0)
-            s = tl.where(offs_k < K // 2, -s, s)
-            ka = k * c + k_r * s
-            qa = qa * c + qa_r * s
-        else:
-            ka = k
-        a_raw = tl.load(p_row + 3 * HK + 2 * HV + h).to(tl.float32)
-        sp = _softplus(a_raw + tl.load(DTB + h).to(tl.float32))
-        decay = tl.exp(-tl.exp(tl.load(ALOG + h).to(tl.float32)) * sp)
-        if MIXER == 0:
-            gv = 1.0 / (1.0 + tl.exp(-tl.load(p_row + 3 * HK + 2 * HV + H + h).to(tl.float32)))
-        else:
-            gv = sp
-        # every warp has read the old tails before any writes them back (the vectors are replicated)
-        tl.debug_barrier()
-        _store_tail(TK + b * s_tkb, s_tkw, tk1, col_k, mk, CONV_W, BLOCK_W)
-        _store_tail(TV + b * s_tvb, s_tvw, tv1, col_v, mv, CONV_W, BLOCK_W)
-        _store_tail(TQ + b * s_tqb, s_tqw, tq1, col_k, mk, CONV_W, BLOCK_W)
-    else:
-        q = tl.load(Q + b * s_q + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
-        k = tl.load(Kn + b * s_k + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
-        v = tl.load(Vn + b * s_v + h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
-        decay = tl.exp(tl.load(G + row).to(tl.float32))
-        gv = tl.load(GATE + row).to(tl.float32)
+    q = tl.load(Q + b * s_q + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+    k = tl.load(Kn + b * s_k + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+    v = tl.load(Vn + b * s_v + h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+    decay = tl.exp(tl.load(G + row).to(tl.float32))
+    gv = tl.load(GATE + row).to(tl.float32)
     p_state = STATE + row * (K * V) + offs_k[:, None] * V + offs_v[None, :]
     m_kv = mk[:, None] & mv[None, :]
     # the state is stored in its own dtype (fp32, or bf16/fp16 to move fewer bytes) and advanced in fp32
@@ -153,8 +181,7 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
         wslot = tl.load(WSLOT + b).to(tl.int64)
         p_kc = KC + b * s_kcb + h * K
         p_vc = VC + b * s_vcb + h * V
-        if not PRO:
-            ka = tl.load(KA + b * s_ka + h * K + offs_k, mask=mk, other=0.0)
+        ka = tl.load(KA + b * s_ka + h * K + offs_k, mask=mk, other=0.0)
         k_new = ka.to(KC.dtype.element_ty)  # as the cache will hold them
         v_new = v.to(VC.dtype.element_ty)
         if HAS_PIN:
@@ -172,8 +199,7 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
         tl.store(p_vc + wslot * s_vcs + offs_v, v_new, mask=mv)
         route = tl.load(ROUTE + b).to(tl.float32)
         if route != 0.0:
-            if not PRO:
-                qa = tl.load(QA + b * s_qa + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+            qa = tl.load(QA + b * s_qa + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
             qa = qa * tl.load(SCALE_H + h).to(tl.float32) * 1.4426950408889634
             m_i = tl.sum(qa * k_new.to(tl.float32), 0)
             l_i = m_i * 0.0 + 1.0
@@ -209,11 +235,11 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
                 m_i = m_new
             att = acc / l_i
             o = tl.where(route == 1.0, att, route * att + (1.0 - route) * o)
-    if PRO:
-        # the mixer's output gate: RMSNorm over the head's V values, times silu(z)
+    if EPI:
+        # the mixer's output gate: RMSNorm over the head's V values, times silu(z) (z in PROJ's row)
         o = o / tl.sqrt(tl.sum(tl.where(mv, o * o, 0.0), 0) / V + on_eps)
         o = o * tl.load(ONW + offs_v, mask=mv, other=0.0).to(tl.float32)
-        z = tl.load(p_row + 3 * HK + HV + col_v, mask=mv, other=0.0).to(tl.float32)
+        z = tl.load(PROJ + b * s_proj + z_off + h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
         o = o * _silu(z)
     tl.store(O + row * V + offs_v, o.to(O.dtype.element_ty), mask=mv)
 
@@ -255,14 +281,12 @@ def recurrent_step_triton(
     BLOCK_K, BLOCK_V = triton.next_power_of_2(K), triton.next_power_of_2(V)
     _step_kernel[(B * H,)](
         q, k, v, g, gate, g, state, o,
-        q, k, q, q, g, g, g, g, g, g, g,
-        *_no_prologue(g),
-        q.stride(0), k.stride(0), v.stride(0), 0, 0, 0, 0, 0, 0, 0,
-        0, 0, 0, 0, 0, 0, 0,
-        H, 0, scale, 0.0, 0.0,
+        q, k, q, q, g, g, g, g, g, g, g, q, g,
+        q.stride(0), k.stride(0), v.stride(0), 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        H, 0, scale, 0.0,
         K=K, V=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, BLOCK_N=64,
         MIXER=_GDN if mixer == "gdn" else _SSD, HAS_DT=False, HAS_D=False,
-        HAS_ATT=False, HAS_PIN=False, HAS_LEN=False, PRO=False, HAS_ROPE=False, CONV_W=2, BLOCK_W=1,
+        HAS_ATT=False, HAS_PIN=False, HAS_LEN=False, EPI=False,
         num_warps=4 if BLOCK_K * BLOCK_V <= 4096 else 8,
     )
     return o, state
@@ -291,6 +315,7 @@ def fused_layer_step(
     d_H: torch.Tensor | None = None,
     scale: float | None = None,
     out_BHV: torch.Tensor | None = None,
+    gate_out: tuple[torch.Tensor, torch.Tensor, int, float] | None = None,
 ) -> torch.Tensor:
     """One streaming step of a layer's mixers for B series, in one launch; state and cache in place.
 
@@ -308,6 +333,8 @@ def fused_layer_step(
         scale_H: per-head attention logit scale.
         len_B: optional int64 bound on the slots to scan (slots at or past it are not valid).
         d_H: Mamba-2's skip weight (`o += d * v`), None for none.
+        gate_out: `(proj_BN, o_norm_weight_V, z offset in a row of proj_BN, eps)`: the output then
+            takes the mixer's output gate, RMSNorm over each head times silu(z) (`fused_mixer_step`).
 
     Returns:
         o_BHV in v's dtype (written into `out_BHV` when given).
@@ -334,14 +361,14 @@ def fused_layer_step(
     _step_kernel[(B * H,)](
         q, k, v, g, gate, g if d_H is None else d_H.contiguous(), state_BHKV, o,
         qa, ka, kc, vc, write_slot_B.contiguous(), pin, pslot, valid, length, route_B.contiguous(),
-        scale_H.contiguous(), *_no_prologue(g),
+        scale_H.contiguous(), q if gate_out is None else gate_out[0], g if gate_out is None else gate_out[1],
         q.stride(0), k.stride(0), v.stride(0), qa.stride(0), ka.stride(0), kc.stride(0), kc.stride(1),
-        vc.stride(0), vc.stride(1), valid.stride(0),
-        0, 0, 0, 0, 0, 0, 0,
-        H, S, scale, 0.0, 0.0,
+        vc.stride(0), vc.stride(1), valid.stride(0), 0 if gate_out is None else gate_out[0].stride(0),
+        0 if gate_out is None else gate_out[2],
+        H, S, scale, 0.0 if gate_out is None else gate_out[3],
         K=K, V=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, BLOCK_N=64,
         MIXER=_GDN if mixer == "gdn" else _SSD, HAS_DT=mixer == "mamba2", HAS_D=d_H is not None,
-        HAS_ATT=True, HAS_PIN=has_pin, HAS_LEN=len_B is not None, PRO=False, HAS_ROPE=False, CONV_W=2, BLOCK_W=1,
+        HAS_ATT=True, HAS_PIN=has_pin, HAS_LEN=len_B is not None, EPI=gate_out is not None,
         num_warps=4 if BLOCK_K * BLOCK_V <= 4096 else 8,
     )
     return o
@@ -379,15 +406,10 @@ def fused_mixer_step(
     tails, the recurrent state and the cache are updated in place.
     """
     B, H, K, V = state_BHKV.shape
-    S = k_cache_BSHK.shape[1]
     tk, tv, tq = tails
     W = tk.shape[1] + 1
     assert proj_BN.stride(-1) == 1 and all(t.stride(-1) == 1 for t in tails)
-    assert state_BHKV.is_contiguous() and state_BHKV.dtype in STATE_DTYPES
-    kc, vc = k_cache_BSHK, v_cache_BSHV
-    assert kc.stride(-1) == 1 and kc.stride(-2) == K and vc.stride(-1) == 1 and vc.stride(-2) == V
-    assert valid_BS.dtype == torch.bool and valid_BS.stride(-1) == 1 and valid_BS.shape == (B, S)
-    assert (pin_B is None) == (pin_slot_B is None)
+    assert K == triton.next_power_of_2(K), "the prologue pairs RoPE partners by index: K must be a power of two"
     cw = [w.reshape(w.shape[0], W).contiguous() for w in conv_weights]
     cb = [t.contiguous() for t in conv_biases]
     if pos_B is not None:
@@ -396,27 +418,21 @@ def fused_mixer_step(
         cos, sin = (t.contiguous() for t in rope_tables(pos_B, K, base=rope_base))
     else:
         cos = sin = a_log_H
-    o = torch.empty(B, H * V, device=proj_BN.device, dtype=proj_BN.dtype)
-    valid = valid_BS.view(torch.uint8)
-    has_pin = pin_B is not None
-    pin = pin_B.contiguous().view(torch.uint8) if has_pin else valid
-    pslot = pin_slot_B.contiguous() if has_pin else write_slot_B
-    length = len_B.contiguous() if len_B is not None else write_slot_B
-    d = a_log_H if d_H is None else d_H.contiguous()
-    BLOCK_K, BLOCK_V = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    assert BLOCK_K == K, "the fused prologue pairs RoPE partners by index: K must be a power of two"
-    _step_kernel[(B * H,)](
-        proj_BN, proj_BN, proj_BN, proj_BN, proj_BN, d, state_BHKV, o,
-        proj_BN, proj_BN, kc, vc, write_slot_B.contiguous(), pin, pslot, valid, length, route_B.contiguous(),
-        scale_H.contiguous(),
-        proj_BN, tk, tv, tq, *cw, *cb, a_log_H.contiguous(), dt_bias_H.contiguous(), cos, sin, o_norm_weight_V.contiguous(),
-        0, 0, 0, 0, 0, kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), valid.stride(0),
-        proj_BN.stride(0), tk.stride(0), tk.stride(1), tv.stride(0), tv.stride(1), tq.stride(0), tq.stride(1),
-        H, S, K**-0.5, l2_eps, o_norm_eps,
-        K=K, V=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, BLOCK_N=64,
-        MIXER=_GDN if mixer == "gdn" else _SSD, HAS_DT=mixer == "mamba2", HAS_D=d_H is not None,
-        HAS_ATT=True, HAS_PIN=has_pin, HAS_LEN=len_B is not None, PRO=True, HAS_ROPE=pos_B is not None,
-        CONV_W=W, BLOCK_W=triton.next_power_of_2(W - 1),
-        num_warps=4 if BLOCK_K * BLOCK_V <= 4096 else 8,
+    dt = proj_BN.dtype
+    q, k, qa, ka = (torch.empty(B, H, K, device=proj_BN.device, dtype=dt) for _ in range(4))
+    v = torch.empty(B, H, V, device=proj_BN.device, dtype=dt)
+    g, gate = (torch.empty(B, H, device=proj_BN.device, dtype=torch.float32) for _ in range(2))
+    _prologue_kernel[(B * H,)](
+        proj_BN, tk, tv, tq, *cw, *cb, a_log_H.contiguous(), dt_bias_H.contiguous(), cos, sin,
+        q, k, v, qa, ka, g, gate,
+        proj_BN.stride(0), tk.stride(0), tk.stride(1), tv.stride(0), tv.stride(1), tq.stride(0), tq.stride(1), H, l2_eps,
+        K=K, V=V, BLOCK_V=triton.next_power_of_2(V), MIXER=_GDN if mixer == "gdn" else _SSD, HAS_ROPE=pos_B is not None,
+        CONV_W=W, BLOCK_W=triton.next_power_of_2(max(W - 1, 1)), num_warps=1,
     )
-    return o
+    o = fused_layer_step(
+        mixer, q, k, v, g, gate, state_BHKV, q_att_BHK=qa, k_att_BHK=ka, k_cache_BSHK=k_cache_BSHK,
+        v_cache_BSHV=v_cache_BSHV, write_slot_B=write_slot_B, valid_BS=valid_BS, route_B=route_B, scale_H=scale_H,
+        pin_B=pin_B, pin_slot_B=pin_slot_B, len_B=len_B, d_H=d_H,
+        gate_out=(proj_BN, o_norm_weight_V.contiguous(), 3 * H * K + H * V, o_norm_eps),
+    )
+    return o.view(B, H * V)
