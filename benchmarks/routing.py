@@ -28,7 +28,8 @@ windows, inside anomaly windows, inside repeats and overall; all-recurrent and a
 as references. Last, at 10%, the learned, surprise and random routers on three further fresh
 streams (seeds 3-5), on which nothing was chosen: windows recalled and MAE inside event windows.
 Writes `results.json`, `routing.png`, `stream.png` and the
-trained model with its label-free router (`model/`).
+trained model with its label-free router (`model/`). The streams are `oryx_ts.datasets.scenarios`,
+the training recipes `oryx_ts.routers.training`, the scoring `oryx_ts.evaluation.routing`.
 
     python benchmarks/routing.py [--stream anomalies|programs|daily] [--out runs/routing] [--quick]
 """
@@ -36,7 +37,6 @@ trained model with its label-free router (`model/`).
 import argparse
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,147 +44,20 @@ import torch
 from tqdm.auto import tqdm
 
 import oryx_ts
-from oryx_ts.config import BudgetConfig, preset
-from oryx_ts.datasets.labels import mask_from_windows
-from oryx_ts.datasets.synthetic import ANOMALY_KINDS, KINDS, SyntheticConfig, generate, recall_stream
-from oryx_ts.evaluation.audit import rare_regime_audit, token_mask
-from oryx_ts.evaluation.backtest import backtest_streams
-from oryx_ts.evaluation.metrics import crps_quantiles, horizon_targets, mae
-from oryx_ts.flops import mode_costs
-from oryx_ts.routers import FixedRouter, LearnedRouter, OracleRouter, RandomRouter, RoutedForecaster, SurpriseRouter
-from oryx_ts.train import train, train_router
+from oryx_ts.config import BudgetConfig
+from oryx_ts.datasets.scenarios import EVALUATION_SEED, FRESH_SEEDS, SCENARIOS, VALIDATION_SEED
+from oryx_ts.datasets.synthetic import ANOMALY_KINDS
+from oryx_ts.evaluation.audit import token_mask
+from oryx_ts.evaluation.routing import choose_controller, forced_forecast, fresh_streams, routing_scores, run_router, segments
+from oryx_ts.routers import FixedRouter, OracleRouter, RandomRouter, SurpriseRouter
+from oryx_ts.routers.training import RECIPES, train_forecaster, train_routers
 
 BUDGETS = (0.05, 0.10, 0.25)
-# controller settings tried on a validation stream (seed 2) with the learned router at 10%; the
-# best one (most windows recalled, then the first listed) serves every router on the evaluation stream
-CONTROLLER_GRID = ((0.3, 2.0), (0.3, 3.0), (0.5, 2.0), (0.5, 3.0))  # (reserve, spike_z)
-WARMUP = 16  # tokens of each segment left out of the error metrics while normalization settles
-# fresh streams on which nothing (features, router training, controller) was chosen: at 10% they
-# show how far the evaluation stream's recall and in-window error carry to other streams
-FURTHER_SEEDS = (3, 4, 5)
-
-
-@dataclass(frozen=True)
-class StreamSetup:
-    """One benchmark stream and the forecaster training that goes with it."""
-
-    events: tuple[str, ...]  # the labelled kinds that count as event windows
-    recurring: dict  # recurring events of the evaluation streams (`SyntheticConfig` fields; empty: none)
-    train_recurring: dict  # the same for the forecaster's training stream (dense repeats teach recall)
-    train_length: int
-    recall_steps: int  # all-attention steps on `recall_stream` before the telemetry (0: none)
-    block: dict  # changes to the `debug` preset's block
-    train: dict  # changes to the `debug` preset's training
-
-
-_PROGRAM_RUNS = dict(recurring_replace=True, recurring_min_gap=64, recurring_max_gap=512)
-# a job that runs at the same time every day (period 288 steps = 36 tokens), 96 steps long, 7 days in a row
-_DAILY_JOBS = dict(recurring_repeats=6, recurring_length=(96, 96), recurring_min_gap=192, recurring_max_gap=192)
-STREAMS = {
-    "anomalies": StreamSetup(ANOMALY_KINDS, {}, {}, 32768, 0, block={}, train={"steps": 300}),
-    "programs": StreamSetup(KINDS, dict(_PROGRAM_RUNS, recurring_rate=0.06, recurring_repeats=2),
-                            dict(_PROGRAM_RUNS, recurring_rate=0.45, recurring_repeats=4), 1 << 20, 2000,
-                            block={"rope": False}, train={"steps": 2000}),
-    # looking a fixed distance back wants keys whose rotary angles resolve single tokens at 36 tokens:
-    # 16 key dims at rope base 100 (at base 10,000 the same model learns much less of it; docs/RESULTS.md)
-    "daily": StreamSetup(KINDS, dict(_DAILY_JOBS, recurring_rate=0.06), dict(_DAILY_JOBS, recurring_rate=0.3), 1 << 19, 0,
-                         block={"head_dim_k": 16, "rope_base": 100.0}, train={"steps": 3000, "attention_fraction": 0.5}),
-}
-
-
-def labelled_stream(length: int, channels: int, seed: int, recurring: dict | None = None):
-    """`(values (L, C) float32, windows)`: the project's synthetic telemetry with short, frequent
-    anomalies (3% of the steps), regime switches and the given recurring events (none by default)."""
-    recurring = recurring or {"recurring_rate": 0.0}
-    cfg = SyntheticConfig(
-        level_shift_length=(16, 96), variance_burst_length=(16, 96), fault_length=(16, 96), drift_length=(96, 288), **recurring,
-    ).with_coverage(anomaly=0.03)
-    s = generate(length, channels, seed=seed, config=cfg)
-    return s.values, list(s.labels)
-
-
-def train_forecaster(config, train_values: np.ndarray, *, recall_steps: int, progress: bool = True):
-    """With `recall_steps`, the recall curriculum first: all-attention training on `recall_stream`; then mixed-mode training on telemetry."""
-    model = None
-    if recall_steps:
-        recall = config.replace(train={"steps": recall_steps, "attention_fraction": 1.0, "full_mode_fraction": 0.0})
-        values = recall_stream(len(train_values), config.tokenizer.channels, period=128, repeats=8, seed=5)
-        model = train(recall, values, progress=progress).model
-    return train(config, train_values, model=model, progress=progress).model
-
-
-def segments(values: np.ndarray, seg_tokens: int, n_seg: int, P: int) -> torch.Tensor:
-    """The first `n_seg` consecutive segments of `seg_tokens` patches as a batch of series `(n_seg, seg_tokens * P, C)`."""
-    return torch.as_tensor(values[: seg_tokens * n_seg * P]).reshape(n_seg, seg_tokens * P, values.shape[1])
-
-
-def window_recall(modes_T: np.ndarray, windows, P: int, kinds: tuple[str, ...], first_tokens: int = 3) -> tuple[int, int]:
-    """(recalled, total) windows of these kinds: an attention token among a window's first tokens."""
-    spans = [w for w in windows if w.kind in kinds and w.start // P < len(modes_T)]
-    return sum(bool(modes_T[w.start // P : w.start // P + first_tokens].any()) for w in spans), len(spans)
-
-
-def choose_controller(model, router, seg_tokens: int, n_seg: int, setup: StreamSetup) -> tuple[float, float]:
-    """Pick (reserve, spike_z) from CONTROLLER_GRID on a validation stream (seed 2), not the evaluation stream."""
-    P, C = model.config.tokenizer.patch_len, model.config.tokenizer.channels
-    values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=2, recurring=setup.recurring)
-    x = segments(values, seg_tokens, n_seg, P)
-    best, best_hits = CONTROLLER_GRID[0], -1
-    for reserve, spike_z in CONTROLLER_GRID:
-        modes = run_router(model, x, router, BudgetConfig(fraction=0.10, reserve=reserve, spike_z=spike_z))[1]
-        hits, total = window_recall(modes, windows, P, setup.events)
-        print(f"validation (seed 2), learned router at 10%: reserve {reserve}, spike_z {spike_z}: {hits}/{total} windows")
-        if hits > best_hits:
-            best, best_hits = (reserve, spike_z), hits
-    return best
-
-
-def further_streams(model, routers: dict, budget: BudgetConfig, setup: StreamSetup, seg_tokens: int, n_seg: int, seeds) -> list[dict]:
-    """Per fresh stream: event-window recall and MAE inside event windows of each router at `budget`,
-    with all-recurrent and all-attention for reference."""
-    config = model.config
-    P, C = config.tokenizer.patch_len, config.tokenizer.channels
-    common = dict(patch_len=P, quantiles=np.asarray(config.head.quantiles), median_index=config.head.median_index,
-                  scored=np.tile(np.arange(seg_tokens) >= WARMUP, n_seg), kinds=setup.events)
-    rows = []
-    for seed in tqdm(seeds, desc="further streams"):
-        values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=seed, recurring=setup.recurring)
-        x = segments(values, seg_tokens, n_seg, P)
-        row = {"seed": seed}
-        with torch.no_grad():
-            for name, mode in (("all-recurrent", 0.0), ("all-attention", 1.0)):
-                forecast = flatten(model(x, torch.full((n_seg, seg_tokens), mode)))
-                row[name] = {"mae_in": rare_regime_audit(np.full(seg_tokens * n_seg, mode), forecast, values, windows, **common).mae_in}
-        for name, router in routers.items():
-            forecast, modes = run_router(model, x, router, budget)[:2]
-            hits, total = window_recall(modes, windows, P, setup.events)
-            row[name] = {"recalled": hits, "windows": total, "mae_in": rare_regime_audit(modes, forecast, values, windows, **common).mae_in}
-        rows.append(row)
-    return rows
-
-
-def run_router(model, x_BLC: torch.Tensor, router, budget: BudgetConfig) -> tuple[np.ndarray, ...]:
-    """Stream every segment of `x_BLC` as its own series through the engine (`backtest_streams`),
-    routed by `router` under `budget`; returns per token, segments one after another as `flatten`
-    lays them out, `(forecast (T, Hz, C, Q), modes, flops, allowance)`.
-
-    The segments step together in every micro-batch, in the order given, so a `(segments, tokens)`
-    oracle mask reads its row of each segment.
-    """
-    streams = {f"seg{i}": values_LC.cpu().numpy() for i, values_LC in enumerate(x_BLC)}
-    result = backtest_streams(RoutedForecaster(model, router, budget), streams)
-    fields = ("forecasts_THzCQ", "modes_T", "flops_T", "allowance_T")
-    return tuple(np.concatenate([getattr(result[sid], f) for sid in streams]) for f in fields)
-
-
-def flatten(t: torch.Tensor) -> np.ndarray:
-    """Segments (B, T, ...) back into one stream (B*T, ...)."""
-    return t.reshape(-1, *t.shape[2:]).cpu().numpy()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stream", choices=sorted(STREAMS), default="anomalies")
+    ap.add_argument("--stream", choices=sorted(SCENARIOS), default="anomalies")
     ap.add_argument("--out", default="runs/routing")
     ap.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
     ap.add_argument("--checkpoint", help="reuse this trained forecaster instead of training one")
@@ -194,17 +67,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    setup = STREAMS[args.stream]
-    events = setup.events
-    config = preset("debug", block=setup.block, train=setup.train)
-    recall_steps = setup.recall_steps
+    scenario, recipe = SCENARIOS[args.stream], RECIPES[args.stream]
+    events = scenario.events
+    config = recipe.config()
+    recall_steps = recipe.recall_steps
     if args.quick:
         config = config.replace(train={"steps": 20, "window_tokens": 32}, router={"steps": 10})
         recall_steps = min(recall_steps, 10)
     P, C = config.tokenizer.patch_len, config.tokenizer.channels
     seg_tokens, n_seg = (160, 2) if args.quick else (1280, 4)
-    train_values, train_windows = labelled_stream(6000 if args.quick else setup.train_length, C, seed=0, recurring=setup.train_recurring)
-    values, windows = labelled_stream(seg_tokens * n_seg * P + 64, C, seed=1, recurring=setup.recurring)
+    train_values, train_windows = scenario.train_stream(C, length=6000 if args.quick else None)
+    values, windows = scenario.stream(seg_tokens * n_seg * P + 64, C, seed=EVALUATION_SEED)
     L = seg_tokens * n_seg * P
     x = segments(values, seg_tokens, n_seg, P)
     T = seg_tokens * n_seg
@@ -217,39 +90,21 @@ def main() -> None:
         model = oryx_ts.load(args.checkpoint)
     else:
         model = train_forecaster(config, train_values, recall_steps=recall_steps)
-    router = train_router(model, train_values, progress=True).router
-    labelled = model.config.replace(router={"label_weight": 1.0})
-    supervised = train_router(model, train_values, router=LearnedRouter(labelled.block.d_model, labelled.router),
-                              label_mask=mask_from_windows(train_windows, len(train_values), kind=events), progress=True).router
+    router, supervised = train_routers(model, train_values, train_windows, events)
     oryx_ts.save(model, out / "model", router=router)
     print(f"trained forecaster and routers ({time.time() - started:.0f}s); checkpoint {out / 'model'}")
 
-    reserve, spike_z = choose_controller(model, router, seg_tokens, n_seg, setup)
+    (reserve, spike_z), trials = choose_controller(model, router, scenario, seg_tokens, n_seg)
+    for t in trials:
+        print(f"validation (seed {VALIDATION_SEED}), learned router at 10%: reserve {t['reserve']}, spike_z {t['spike_z']}: "
+              f"{t['recalled']}/{t['windows']} windows")
     print(f"controller for every router: reserve {reserve}, spike_z {spike_z}")
 
-    quantiles, mid = np.asarray(config.head.quantiles), config.head.median_index
-    scored = np.tile(np.arange(seg_tokens) >= WARMUP, n_seg)
-    rec_T = np.tile(mode_costs(config, 0, seg_tokens).recurrent_T, n_seg)
-    ends = np.arange(T) * P + P - 1
-    target = horizon_targets(values, ends, config.head.horizon)
-
-    def overall(forecast):
-        return mae(forecast[scored][..., mid], target[scored]), crps_quantiles(forecast[scored], target[scored], quantiles)
-
-    def row(budget, name, modes, forecast, flops=None, allow=None):
-        common = dict(patch_len=P, quantiles=quantiles, median_index=mid, scored=scored)
-        in_events = rare_regime_audit(modes, forecast, values, windows, flops_T=flops, allowance_T=allow, recurrent_T=rec_T,
-                                   kinds=events, **common)
-        anomalies = rare_regime_audit(modes, forecast, values, windows, kinds=ANOMALY_KINDS, **common)
-        repeats = rare_regime_audit(modes, forecast, values, windows, kinds=("recurring_repeat",), **common)
-        return {"budget": budget, "router": name, **in_events.to_dict(), "anomaly_recall": anomalies.window_recall,
-                "mae_anomaly": anomalies.mae_in, "mae_repeat": repeats.mae_in, **dict(zip(("mae_all", "crps_all"), overall(forecast)))}
-
+    score = dict(config=config, seg_tokens=seg_tokens, events=events)
     rows, decisions = [], {}
-    with torch.no_grad():
-        for name, modes in (("all-recurrent", 0.0), ("all-attention", 1.0)):
-            forecast = flatten(model(x, torch.full((n_seg, seg_tokens), modes)))
-            rows.append(row(None, name, np.full(T, modes), forecast))
+    for name, mode in (("all-recurrent", 0.0), ("all-attention", 1.0)):
+        forecast = forced_forecast(model, x, mode)
+        rows.append({"budget": None, "router": name, **routing_scores(np.full(T, mode), forecast, values, windows, **score)})
     oracle = OracleRouter(token_mask(windows, T, P, kinds=events).reshape(n_seg, seg_tokens))
     runs = [(f, name) for f in BUDGETS for name in ("fixed 1-in-k", "random", "surprise", "learned", "learned+labels", "oracle")]
     for f, name in tqdm(runs, desc="routing runs"):
@@ -257,7 +112,8 @@ def main() -> None:
         r = {"fixed 1-in-k": FixedRouter(round(1 / f)), "random": RandomRouter(f, seed=1), "surprise": SurpriseRouter(),
              "learned": router, "learned+labels": supervised, "oracle": oracle}[name]
         forecast, modes, flops, allow = run_router(model, x, r, budget)
-        rows.append(row(f, name, modes, forecast, flops, allow))
+        scores = routing_scores(modes, forecast, values, windows, flops_T=flops, allowance_T=allow, **score)
+        rows.append({"budget": f, "router": name, **scores})
         decisions[(f, name)] = modes
 
     header = ("| budget | router | event recall | anomaly recall | token precision | FLOPs / budget | surcharge / budget | "
@@ -272,9 +128,9 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
 
-    seeds = FURTHER_SEEDS[:1] if args.quick else FURTHER_SEEDS
-    further = further_streams(model, {"learned": router, "surprise": SurpriseRouter(), "random": RandomRouter(0.10, seed=1)},
-                              BudgetConfig(fraction=0.10, reserve=reserve, spike_z=spike_z), setup, seg_tokens, n_seg, seeds)
+    seeds = FRESH_SEEDS[:1] if args.quick else FRESH_SEEDS
+    further = fresh_streams(model, {"learned": router, "surprise": SurpriseRouter(), "random": RandomRouter(0.10, seed=1)},
+                            BudgetConfig(fraction=0.10, reserve=reserve, spike_z=spike_z), scenario, seg_tokens, n_seg, seeds)
     print("\nAt 10% on further fresh streams (nothing was chosen on them): event windows recalled, MAE inside event windows")
     print("| seed | all-recurrent MAE | all-attention MAE | learned recall | learned MAE | surprise recall | random recall |\n|" + "---|" * 7)
     for r in further:
