@@ -17,10 +17,11 @@ with other work it moves far less with the load than wall time does.
 
 `--compile` hands `fit` `torch.compile` as its loss wrapper (`wrap`), the hook DDP uses; `on`
 compiles the model's loss, `off` runs eagerly. Several values of an option (comma-separated) give
-one markdown table row per combination.
+one markdown table row per combination. `--set section.key=value` changes the preset (e.g. a
+larger `train.batch_size`); such a row is another configuration, not the preset's speed.
 
     python benchmarks/train_speed.py [--preset debug,small] [--steps 20] [--warmup 3]
-                                     [--threads 2] [--compile off,on] [--mixer gdn]
+                                     [--threads 2] [--compile off,on] [--mixer gdn] [--set train.batch_size=32]
 """
 
 import argparse
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 import oryx_ts
-from oryx_ts.config import preset
+from oryx_ts.config import parse_overrides, preset
 from oryx_ts.datasets.synthetic import generate
 from oryx_ts.train import fit, rows_needed
 
@@ -50,12 +51,12 @@ def code_version() -> str:
     return sha + ("+" if dirty else "")
 
 
-def measure(name: str, mixer: str, steps: int, warmup: int, threads: int, compiled: bool) -> dict:
+def measure(name: str, mixer: str, steps: int, warmup: int, threads: int, compiled: bool, overrides: list[str]) -> dict:
     """Train `warmup + steps` steps of preset `name`; returns the timing of the last `steps`."""
     if warmup < 1:
         raise ValueError("warmup must be >= 1: a step's interval starts at the callback of the step before it")
     torch.set_num_threads(threads)
-    config = preset(name, block={"mixer": mixer})
+    config = parse_overrides(preset(name, block={"mixer": mixer}), overrides)
     t = config.train
     if warmup + steps >= t.steps:
         raise ValueError(f"--warmup + --steps must stay below the preset's train.steps={t.steps}")
@@ -73,7 +74,7 @@ def measure(name: str, mixer: str, steps: int, warmup: int, threads: int, compil
     cpu = sum(b[1] - a[1] for a, b in pairs)
     tokens = t.batch_size * t.window_tokens
     return {
-        "preset": name, "mixer": mixer, "threads": threads, "compile": "on" if compiled else "off",
+        "preset": " ".join([name, *overrides]), "mixer": mixer, "threads": threads, "compile": "on" if compiled else "off",
         "batch": f"{t.batch_size} x {t.window_tokens}", "tokens_per_step": tokens, "timed_steps": len(times),
         "median_step_s": statistics.median(times), "tokens_per_s": tokens * len(times) / sum(times),
         "tokens_per_cpu_s": tokens * len(times) / cpu,
@@ -98,6 +99,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--threads", default="2", help="comma-separated torch thread counts")
     p.add_argument("--compile", default="off", help="comma-separated: off, on")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="a change to the preset (repeatable)")
     args = p.parse_args()
     if args.steps < 1:
         p.error("--steps must be >= 1")
@@ -107,7 +109,7 @@ def main() -> None:
     print(HEADER, flush=True)
     combos = itertools.product(args.preset.split(","), args.mixer.split(","), [int(n) for n in args.threads.split(",")], compiles)
     for name, mixer, threads, comp in combos:
-        print(row(measure(name.strip(), mixer.strip(), args.steps, args.warmup, threads, comp == "on")), flush=True)
+        print(row(measure(name.strip(), mixer.strip(), args.steps, args.warmup, threads, comp == "on", args.set)), flush=True)
 
 
 if __name__ == "__main__":
