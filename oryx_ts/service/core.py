@@ -108,7 +108,7 @@ class Service:
         self.metrics = Metrics()
         self.db = Database(s.database)
         fingerprint = json.dumps({"config": cfg.to_dict(), "router": s.router, "adaptation": s.adaptation,
-                                  "tolerance": s.tolerance, "duplicates": s.duplicates}, sort_keys=True)
+                                  "tolerance": s.tolerance, "duplicates": s.duplicates, "max_gap": s.max_gap}, sort_keys=True)
         stored = self.db.get_meta("engine")
         if stored is None:
             self.db.set_meta("engine", fingerprint)
@@ -140,7 +140,7 @@ class Service:
         budget = self.model.config.budget if s.router == "surprise" else None
         return Engine(RoutedForecaster(self.model, router, budget), self.store,
                       adapter=AdapterConfig(enabled=s.adaptation),
-                      policy=RegularizerPolicy(tolerance=s.tolerance, duplicates=s.duplicates),
+                      policy=RegularizerPolicy(tolerance=s.tolerance, duplicates=s.duplicates, max_gap=s.max_gap),
                       max_batch=s.max_batch, on_step=self._on_step)
 
     def _recover(self) -> tuple[Engine, int]:

@@ -11,7 +11,7 @@ from oryx_ts.streams import StepRecord
 
 __all__ = ["Metrics"]
 
-REASONS = ("late", "duplicate", "off_grid", "wrong_width", "not_finite", "empty_row", "bad_timestamp")
+REASONS = ("late", "duplicate", "off_grid", "wrong_width", "not_finite", "empty_row", "bad_timestamp", "too_far")
 
 
 class Metrics:

@@ -24,6 +24,8 @@ class Settings:
     max_id_len: longest series id (ids match `[A-Za-z0-9_.:-]+`).
     max_series_per_tenant: series one tenant may hold.
     tolerance / duplicates: the regularizer's late and repeated-row policy for every series.
+    max_gap: a row more than this many grid steps after a series' newest accepted step is rejected
+        ("too_far"): the gap would be stepped as that many missing rows, in the commit path.
     adaptation: per-series online adaptation of the forecasts.
     max_batch: series per engine micro-batch.
     rate_limit: requests per second per API key (a token bucket holding `rate_burst` requests; an
@@ -42,6 +44,7 @@ class Settings:
     max_series_per_tenant: int = 100_000
     tolerance: int = 0
     duplicates: Literal["reject", "first", "last"] = "reject"
+    max_gap: int = 1024
     adaptation: bool = True
     max_batch: int = 1024
     rate_limit: float = 0.0
@@ -52,7 +55,7 @@ class Settings:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.router not in ("surprise", "none", "all"):
             raise ValueError(f"router must be surprise, none or all, got {self.router!r}")
-        for name in ("max_rows", "max_body_bytes", "max_id_len", "max_series_per_tenant", "max_batch"):
+        for name in ("max_rows", "max_body_bytes", "max_id_len", "max_series_per_tenant", "max_batch", "max_gap"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.rate_limit >= 0 or self.rate_burst < 0:

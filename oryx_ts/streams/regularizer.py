@@ -51,7 +51,7 @@ from typing import Any, get_args
 import numpy as np
 
 from oryx_ts.streams.rows import (
-    _BAD_TS, _DUP, _EMPTY, _LATE, _NOT_FINITE, _OFF_GRID, _OK, _REASONS, _STATE_VERSION, _WIDTH,
+    _BAD_TS, _DUP, _EMPTY, _FAR, _LATE, _NOT_FINITE, _OFF_GRID, _OK, _REASONS, _STATE_VERSION, _WIDTH,
     Duplicates, Reason, _as_int, _as_slice, _finite_detail, _parse_timestamps, _parse_values,
 )
 
@@ -78,16 +78,24 @@ class RegularizerPolicy:
     duplicates: a second value for a grid step still open is rejected ("reject"; "first" does the
         same: the first value stays and the new row is rejected as "duplicate") or replaces the
         first ("last"). A second value for a step already released is always "late".
+    max_gap: a row more than this many grid steps after the newest accepted one is rejected as
+        "too_far" (and so is every later row of its push), because the gap would be released as that
+        many missing rows; None accepts any gap. A service sets it so that one far-future
+        timestamp cannot make the engine step millions of empty patches.
     """
 
     tolerance: int = 0
     duplicates: Duplicates = "reject"
+    max_gap: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, numbers.Integral) or self.tolerance < 0:
             raise ValueError(f"tolerance must be an integer >= 0, got {self.tolerance!r}")
         if self.duplicates not in get_args(Duplicates):
             raise ValueError(f"duplicates must be one of {get_args(Duplicates)}, got {self.duplicates!r}")
+        if self.max_gap is not None and (isinstance(self.max_gap, bool) or not isinstance(self.max_gap, numbers.Integral)
+                                         or self.max_gap < 1):
+            raise ValueError(f"max_gap must be an integer >= 1 or None, got {self.max_gap!r}")
 
 
 @dataclass
@@ -226,7 +234,7 @@ class Regularizer:
             return None
         k, off = divmod(int(t) - self._origin, self._step)
         next_, newest, tol = self._next, self._newest, self.policy.tolerance
-        if off or k < next_:
+        if off or k < next_ or (self.policy.max_gap is not None and k - newest > self.policy.max_gap):
             return None
         if k <= newest:
             if self._observed_L[k - next_] and self.policy.duplicates != "last":
@@ -290,6 +298,16 @@ class Regularizer:
         if len(idx_c) > 1 and not np.all(idx_c[1:] >= idx_c[:-1]):
             order = np.argsort(idx_c, kind="stable")
             cand, idx_c = cand[order], idx_c[order]
+        max_gap = self.policy.max_gap
+        if max_gap is not None and len(idx_c):
+            over = np.flatnonzero(np.diff(idx_c, prepend=newest) > max_gap)
+            if len(over):  # the first row past the gap, and every row after it (measured from it, they follow it)
+                j = int(over[0])
+                code_n[cand[j:]] = _FAR
+                after = int(idx_c[j - 1]) if j else newest
+                why.update(dict.fromkeys(cand[j:].tolist(), f"more than max_gap={max_gap} grid steps after grid index "
+                                                            f"{after}, the newest accepted before it"))
+                cand, idx_c = cand[:j], idx_c[:j]
 
         n_old = newest - next_ + 1
         if tol == 0 and len(cand) > 1:
@@ -379,6 +397,8 @@ class Regularizer:
                 detail = f"every one of the {self.channels} values is NaN"
             elif code == _OFF_GRID:
                 detail = f"timestamp {t} is off the grid {origin} + k * {step} (remainder {(t - origin) % step})"
+            elif code == _FAR:
+                detail = f"timestamp {t} is {why[i]}"
             elif code == _LATE:
                 detail = why.get(i) or (f"timestamp {t} is grid index {(t - origin) // step if step else 0}, "
                                         f"already released (next index {next_})")

@@ -11,13 +11,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-Reason = Literal["late", "duplicate", "off_grid", "wrong_width", "not_finite", "empty_row", "bad_timestamp"]
+Reason = Literal["late", "duplicate", "off_grid", "wrong_width", "not_finite", "empty_row", "bad_timestamp", "too_far"]
 Duplicates = Literal["reject", "first", "last"]
 
 # Row codes while a push is classified; 0 = still acceptable. The order is the precedence order.
-_OK, _BAD_TS, _WIDTH, _NOT_FINITE, _EMPTY, _OFF_GRID, _LATE, _DUP = range(8)
+_OK, _BAD_TS, _WIDTH, _NOT_FINITE, _EMPTY, _OFF_GRID, _LATE, _DUP, _FAR = range(9)
 _REASONS: tuple[Reason | None, ...] = (None, "bad_timestamp", "wrong_width", "not_finite", "empty_row",
-                                       "off_grid", "late", "duplicate")
+                                       "off_grid", "late", "duplicate", "too_far")
 _NS = np.dtype("datetime64[ns]")
 _INT64_MAX = np.iinfo(np.int64).max
 _STATE_VERSION = 1

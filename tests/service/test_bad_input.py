@@ -55,6 +55,9 @@ ROWS = [
     ("infinite value", {"timestamps": [40, 41], "values": [[1e39, 1, 2, 3], [0, 1, 2, 3]]}, ["not_finite", None]),
     ("every channel missing", {"timestamps": [40, 41], "values": [[None] * 4, [0, 1, 2, 3]]}, ["empty_row", None]),
     ("before the stream", {"timestamps": [-5, 40], "values": [[0, 1, 2, 3]] * 2}, ["late", None]),
+    # a far-future stamp would be stepped as 10**15 missing rows: refused (rows are placed in grid order)
+    ("far future", {"timestamps": [40, 10**15, 41], "values": [[0, 1, 2, 3]] * 3}, [None, "too_far", None]),
+    ("past max_gap", {"timestamps": [40 + 1025], "values": [[0, 1, 2, 3]]}, ["too_far"]),
 ]
 
 

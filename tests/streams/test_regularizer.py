@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from oryx_ts.streams.regularizer import PushResult, Regularizer, RegularizerPolicy, Rejection
 
 NAN = float("nan")
-REASONS = {"late", "duplicate", "off_grid", "wrong_width", "not_finite", "empty_row", "bad_timestamp"}
+REASONS = {"late", "duplicate", "off_grid", "wrong_width", "not_finite", "empty_row", "bad_timestamp", "too_far"}
 
 
 def _reasons(result: PushResult) -> dict[int, str]:
@@ -44,6 +44,25 @@ def test_gaps_become_nan_rows_released_at_once_with_tolerance_0():
     assert reg.timestamp_of(4) == 140
     res = reg.push([150], [[7, 8]])
     assert res.first_index == 5 and res.released_LC.tolist() == [[7, 8]]
+
+
+@pytest.mark.parametrize("tolerance", [0, 3])
+def test_a_row_past_max_gap_is_too_far_with_every_later_row_of_its_push_and_changes_nothing(tolerance):
+    reg = Regularizer(1, step=1, policy=RegularizerPolicy(tolerance=tolerance, max_gap=5))
+    assert reg.push([0, 1, 2], [[0], [1], [2]]).accepted == 3
+    before = copy.deepcopy(reg)
+    for one in ([8], [10**15]):  # the one-row fast path and a far-future stamp
+        res = reg.push(one, [[9]])
+        assert res.accepted == 0 and _reasons(res) == {0: "too_far"} and len(res.released_LC) == 0
+        assert "max_gap=5" in res.rejected[0].detail and "grid index 2" in res.rejected[0].detail
+        assert _same_state(reg, before)
+    # a backfill may span more than max_gap steps as long as no single gap is over it
+    res = reg.push([3, 7, 12, 13, 30, 31], [[3], [7], [12], [13], [30], [31]])
+    assert res.accepted == 4 and _reasons(res) == {4: "too_far", 5: "too_far"}
+    assert reg.newest_index == 13
+    assert reg.push([18], [[18]]).accepted == 1  # exactly max_gap steps after the newest is accepted
+    with pytest.raises(ValueError, match="max_gap"):
+        RegularizerPolicy(max_gap=0)
 
 
 def test_explicit_origin_sets_the_phase_without_releasing_gaps_back_to_it():
