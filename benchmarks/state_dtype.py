@@ -47,7 +47,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(8)
     modes = (torch.rand(args.series, args.steps + 1, generator=gen) < args.attention).float().to(dev)
     t0 = time.time()
-    res = compare_state_dtypes(model, x_BLC, window=args.window, modes_BT=modes)
+    res = compare_state_dtypes(model, x_BLC, window=args.window, modes_BT=modes, progress=True)
     res.update(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", seconds=round(time.time() - t0, 1),
                checkpoint=args.checkpoint, attention=args.attention)
     print(f"{args.series} series x {res['steps']} steps on {res['device']} in {res['seconds']} s, "

@@ -12,6 +12,7 @@ window; that it does not shows as a flat one.
 """
 
 import torch
+from tqdm import tqdm
 
 from oryx_ts.model import OryxForecaster, pinball_loss
 
@@ -25,11 +26,12 @@ def compare_state_dtypes(
     window: int = 1000,
     modes_BT: torch.Tensor | None = None,
     graphed: bool | None = None,
+    progress: bool = False,
 ) -> dict:
     """Step every series of `x_BLC` through all its patches with an fp32 state and one state per dtype.
 
     `modes_BT` (default all 0) are the per-token modes; `graphed` (default: on CUDA with bounded
-    retention) replays each step from a CUDA graph. Returns per window of `window` steps: `step`
+    retention) replays each step from a CUDA graph; `progress` shows a tqdm bar. Returns per window of `window` steps: `step`
     (the window's last step), and for "fp32" and each dtype `mae`, `quantile_loss`, plus
     `drift` for each dtype; targets past the stream's end are left out.
     """
@@ -57,7 +59,7 @@ def compare_state_dtypes(
     acc = torch.zeros(len(names), 3, n_win, device=dev, dtype=torch.float64)  # mae sum, quantile loss sum, count
     drift = torch.zeros(len(names), 2, n_win, device=dev, dtype=torch.float64)  # ||f - f32||^2, ||f32||^2
     zero = torch.zeros(B, device=dev)
-    for t in range(T - 1):
+    for t in tqdm(range(T - 1), desc="steps", unit="step", disable=not progress, mininterval=10):
         patch = x_BLC[:, t * P : (t + 1) * P]
         m = zero if modes_BT is None else modes_BT[:, t]
         target_BHzC = padded[:, (t + 1) * P : (t + 1) * P + Hz]
