@@ -1,6 +1,6 @@
 """Accuracy effect of a bf16 / fp16 streaming state against fp32: error change and drift over a long stream.
 
-    python benchmarks/state_dtype.py [--checkpoint DIR] [--steps 100000] [--series 16] [--out FILE]
+    python benchmarks/state_dtype.py [--checkpoint DIR] [--steps 100000] [--series 16] [--threads N] [--out FILE]
 
 Streams `--series` windows of one synthetic stream (`datasets.synthetic.generate`, offset from each
 other) through the model for `--steps` patches, with the state in fp32, bf16 and fp16 side by side
@@ -30,8 +30,11 @@ def main() -> None:
     ap.add_argument("--series", type=int, default=16)
     ap.add_argument("--window", type=int, default=10_000)
     ap.add_argument("--attention", type=float, default=0.1, help="share of tokens stepped in attention mode (random)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest for small CPU steps)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if args.checkpoint:
         model = checkpoint.load(args.checkpoint, retention="bounded", window=128, pinned=16)
