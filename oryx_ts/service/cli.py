@@ -29,6 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--max-rows", type=int, default=10_000, help="rows per ingest request")
     parser.add_argument("--max-gap", type=int, default=1024, metavar="STEPS",
                         help="reject a row more than STEPS grid steps after its series' newest (default 1024)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (a CUDA GPU when present, else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--rate-limit", type=float, default=0.0, metavar="R",
                         help="requests per second per API key (429 beyond a burst of 2R); 0 = no limit (default)")
     parser.add_argument("--no-adaptation", action="store_true", help="serve the frozen model's forecasts")
@@ -58,7 +60,7 @@ def _settings(args: argparse.Namespace):
     return Settings(model_dir=args.model, data_dir=args.data_dir, router=args.router, group_commit=not args.no_group_commit,
                     snapshot_every_rows=args.snapshot_every_rows, snapshot_every_s=args.snapshot_every_s,
                     max_rows=args.max_rows, adaptation=not args.no_adaptation,
-                    rate_limit=args.rate_limit, max_gap=args.max_gap)
+                    rate_limit=args.rate_limit, max_gap=args.max_gap, device=args.device)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

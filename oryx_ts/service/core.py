@@ -100,7 +100,8 @@ class Service:
     def __init__(self, settings: Settings, model: oryx_ts.OryxForecaster | None = None):
         self.settings = s = settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        self.model = model if model is not None else oryx_ts.load(s.model_dir)
+        self.device = s.resolved_device()
+        self.model = (model if model is not None else oryx_ts.load(s.model_dir)).to(self.device)
         self.model.eval()
         cfg = self.model.config
         self.P, self.C, self.Hz = cfg.tokenizer.patch_len, cfg.tokenizer.channels, cfg.head.horizon

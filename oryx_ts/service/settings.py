@@ -28,6 +28,9 @@ class Settings:
         ("too_far"): the gap would be stepped as that many missing rows, in the commit path.
     adaptation: per-series online adaptation of the forecasts.
     max_batch: series per engine micro-batch.
+    device: where the engine steps: "auto" (the first CUDA GPU when one is present, else the CPU),
+        "cpu", "cuda" or "cuda:N". Recovery replays the log on whatever device the restarted service
+        has; bit-for-bit equality with a server that never stopped holds on the same device.
     rate_limit: requests per second per API key (a token bucket holding `rate_burst` requests; an
         empty bucket answers 429 with Retry-After); 0 turns it off. rate_burst 0: twice rate_limit.
     """
@@ -47,6 +50,7 @@ class Settings:
     max_gap: int = 1024
     adaptation: bool = True
     max_batch: int = 1024
+    device: str = "auto"
     rate_limit: float = 0.0
     rate_burst: int = 0
 
@@ -62,6 +66,21 @@ class Settings:
             raise ValueError(f"rate_limit and rate_burst must be >= 0, got {self.rate_limit} and {self.rate_burst}")
         if self.snapshot_every_rows < 0 or self.snapshot_every_s < 0:
             raise ValueError("snapshot_every_rows and snapshot_every_s must be >= 0 (0 = off)")
+
+    def resolved_device(self) -> str:
+        """The torch device the engine uses; raises `ValueError` for an unknown or absent device."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            return "cpu"
+        if self.device == "cuda" or (self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            index = int(self.device[5:] or 0) if ":" in self.device else 0
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                raise ValueError(f"device {self.device!r}: no such CUDA device here ({torch.cuda.device_count()} present)")
+            return self.device
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     @property
     def database(self) -> Path:
