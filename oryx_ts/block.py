@@ -8,8 +8,9 @@ recurrent state takes the update. The per-token mode m only selects the output,
 one mixer; everything else is shared.
 
 `OryxMixer.forward` runs T tokens of a stream from its start; `OryxMixer.step` runs one token of
-each series against its state, every series at its own position. Both share the projections,
-convolutions and linear mixer (`_qkv`, `_linear`, `_output`).
+each series against its state, every series at its own position; `OryxMixer.prefill` runs T
+tokens of each series against its state, as T steps would. They share the projections,
+convolutions and linear mixer (`_qkv`, `_projections`, `_linear`, `_output`).
 """
 
 import math
@@ -20,7 +21,7 @@ from torch import nn
 
 from oryx_ts.config import BlockConfig
 from oryx_ts.kernels import dispatch
-from oryx_ts.state import LayerState, SlotPlan
+from oryx_ts.state import ChunkPlan, LayerState, SlotPlan
 
 
 class RMSNorm(nn.Module):
@@ -133,8 +134,9 @@ class OryxMixer(nn.Module):
         q_lin_BTHK = _l2norm(act(q).view(B, T, H, K))
         return q_lin_BTHK, k_BTHK, v_BTHV, (tail_k, tail_v, tail_q)
 
-    def _projections(self, u_BTD: torch.Tensor):
-        """`_qkv` for T tokens from the stream's start, plus z and the raw gates, as one matmul and one convolution.
+    def _projections(self, u_BTD: torch.Tensor, st: LayerState | None = None):
+        """`_qkv` for T tokens (from the stream's start, or after `st`'s conv tails), plus z and the raw gates,
+        as one matmul and one convolution.
 
         The same arithmetic as the separate projections and convolutions (`_qkv`, `_gates`,
         `_output`), in a few large ops: at training sizes on CPU, the count of small ops is what
@@ -146,7 +148,8 @@ class OryxMixer(nn.Module):
         x = F.linear(u_BTD, self._step_weight())
         kvq, att_q, z, gates = x.split([2 * H * K + H * V, H * K, H * V, x.shape[-1] - 3 * H * K - 2 * H * V], dim=-1)
         convs = (self.k_conv, self.v_conv, self.lin_q_conv)
-        y, tail = causal_conv(kvq, torch.cat([cv.weight for cv in convs]), torch.cat([cv.bias for cv in convs]), None)
+        tail = None if st is None else torch.cat([st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX], dim=-1)
+        y, tail = causal_conv(kvq, torch.cat([cv.weight for cv in convs]), torch.cat([cv.bias for cv in convs]), tail)
         if c.mixer == "gdn":
             y = F.silu(y)
         k, v, q = y.split([H * K, H * V, H * K], dim=-1)
@@ -190,28 +193,13 @@ class OryxMixer(nn.Module):
         m_BT: torch.Tensor,
         *,
         k_until_BT: torch.Tensor | None = None,
-        keep: tuple[LayerState, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Mix T tokens of a stream from its start; bounded retention comes as `k_until_BT`.
-
-        `keep = (layer_state, slot_BT)` also leaves the state a streaming step would have after these
-        tokens in `layer_state` (empty, preallocated): token n's key and value go to slot `slot_BT[:, n]`
-        (-1: not retained), and the recurrent state and conv tails are the final ones.
-        """
+        """Mix T tokens of a stream from its start; bounded retention comes as `k_until_BT`."""
         c = self.config
         B, T, _ = u_BTD.shape
         H, V = c.n_heads, c.head_dim_v
         q_lin, k, v, tails, att_q_all, z, gates_raw = self._projections(u_BTD)
         o_lin, rec = self._linear(u_BTD, q_lin, k, v, None, gates_raw)
-        if keep is not None:
-            st, slot_BT = keep
-            keys = dispatch.rope(k, torch.arange(T, device=u_BTD.device), base=c.rope_base) if c.rope else k
-            b_idx, n_idx = (slot_BT >= 0).nonzero(as_tuple=True)
-            s_idx = slot_BT[b_idx, n_idx]
-            st.k_cache_BSHK[b_idx, s_idx] = keys[b_idx, n_idx].detach().to(st.k_cache_BSHK.dtype)
-            st.v_cache_BSHV[b_idx, s_idx] = v[b_idx, n_idx].detach().to(st.v_cache_BSHV.dtype)
-            st.rec_BHKV = rec.detach().float()
-            st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX = (t.detach().contiguous() for t in tails)
 
         pos_T = torch.arange(T, device=u_BTD.device)
         # one host sync per layer: which tokens any series routes to attention, and whether the modes
@@ -235,6 +223,63 @@ class OryxMixer(nn.Module):
                 o = m * o_lin.new_zeros(B, T, H, V).index_copy(1, idx, o_sel) + (1 - m) * o_lin
         else:
             o = o_lin
+        return self._output(u_BTD, o, z)
+
+    def prefill(self, u_BTD: torch.Tensor, m_BT: torch.Tensor, st: LayerState, plan: ChunkPlan) -> torch.Tensor:
+        """Mix T tokens of every series continuing from the layer state, as T `step`s would; `st` is updated in place.
+
+        The linear mixer runs in its chunked form from `st`'s recurrent state and conv tails;
+        routed queries attend over the cached slots still visible to them plus the chunk's own
+        keys up to their position (`plan`, from `State.plan_chunk`). Positions inside the chunk
+        are relative to each series' first token, so series may start at different positions.
+        """
+        c = self.config
+        B, T, _ = u_BTD.shape
+        H, K, V = c.n_heads, c.head_dim_k, c.head_dim_v
+        q_lin, k, v, tails, att_q_all, z, gates_raw = self._projections(u_BTD, st)
+        o_lin, rec = self._linear(u_BTD, q_lin, k, v, st, gates_raw)
+        # RoPE at each series' own positions: the (series, token) pairs stand in for the token axis of `rope`
+        at = lambda x, pos: dispatch.rope(x.reshape(1, -1, *x.shape[2:]), pos.reshape(-1), base=c.rope_base).view(x.shape)  # noqa: E731
+        keys = at(k, plan.pos_BT) if c.rope else k
+
+        routed_T = (m_BT != 0).any(0)
+        hard = ((m_BT == 0) | (m_BT == 1)).all() & (m_BT == m_BT[:1]).all()
+        flags = torch.cat([routed_T, hard[None]]).cpu()
+        idx = flags[:-1].nonzero().squeeze(1).to(u_BTD.device)
+        if idx.numel():
+            S = plan.old_valid_BS.shape[1]
+            t_T = torch.arange(T, device=u_BTD.device)
+            q_att = _l2norm(att_q_all[:, idx].view(B, idx.numel(), H, K))
+            if c.rope:
+                q_att = at(q_att, plan.pos_BT[:, idx])
+            k_all = torch.cat([st.k_cache_BSHK[:, :S].to(keys.dtype), keys], 1)
+            v_all = torch.cat([st.v_cache_BSHV[:, :S].to(v.dtype), v], 1)
+            # every cached slot precedes every chunk query (relative position -1)
+            k_pos = torch.cat([t_T.new_full((S,), -1), t_T])
+            valid = torch.cat([plan.old_valid_BS, plan.old_valid_BS.new_ones(B, T)], 1)
+            until = None
+            if plan.until_BT is not None:
+                until = torch.cat([plan.old_until_BS, plan.until_BT], 1) - plan.pos_BT[:, :1]
+            o_sel = dispatch.routed_attention(
+                q_att, k_all, v_all, q_pos_Tq=t_T[idx], k_pos_S=k_pos, scale_H=self.att_log_temp.exp(),
+                k_valid_BS=valid, k_until_BS=until,
+            ).to(o_lin.dtype)
+            if flags[-1]:
+                o = o_lin.index_copy(1, idx, o_sel)
+            else:
+                m = m_BT.to(o_lin.dtype)[..., None, None]
+                o = m * o_lin.new_zeros(B, T, H, V).index_copy(1, idx, o_sel) + (1 - m) * o_lin
+        else:
+            o = o_lin
+
+        for cache, new in ((st.k_cache_BSHK, keys), (st.v_cache_BSHV, v)):
+            if plan.move_BS is not None:
+                b_idx, s_idx = (plan.move_BS >= 0).nonzero(as_tuple=True)
+                cache[b_idx, s_idx] = cache[b_idx, plan.move_BS[b_idx, s_idx]]  # gathered before the writes below
+            b_idx, t_idx = (plan.slot_BT >= 0).nonzero(as_tuple=True)
+            cache[b_idx, plan.slot_BT[b_idx, t_idx]] = new[b_idx, t_idx].detach().to(cache.dtype)
+        st.rec_BHKV = rec.detach().to(st.rec_BHKV.dtype)
+        st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX = (t.detach().contiguous() for t in tails)
         return self._output(u_BTD, o, z)
 
     def _output(self, u_BTD: torch.Tensor, o_BTHV: torch.Tensor, z_BTX: torch.Tensor | None = None) -> torch.Tensor:
@@ -332,8 +377,13 @@ class OryxBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
 
-    def forward(self, x_BTD: torch.Tensor, m_BT: torch.Tensor, *, k_until_BT: torch.Tensor | None = None, keep=None) -> torch.Tensor:
-        x_BTD = x_BTD + self.mixer(self.mixer_norm(x_BTD), m_BT, k_until_BT=k_until_BT, keep=keep)
+    def forward(self, x_BTD: torch.Tensor, m_BT: torch.Tensor, *, k_until_BT: torch.Tensor | None = None) -> torch.Tensor:
+        x_BTD = x_BTD + self.mixer(self.mixer_norm(x_BTD), m_BT, k_until_BT=k_until_BT)
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+    def prefill(self, x_BTD, m_BT, st: LayerState, plan: ChunkPlan) -> torch.Tensor:
+        """T tokens per series continuing from the layer state; see `OryxMixer.prefill`."""
+        x_BTD = x_BTD + self.mixer.prefill(self.mixer_norm(x_BTD), m_BT, st, plan)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
     def step(self, x_B1D, m_B, st: LayerState, pos_B, plan: SlotPlan, att_rows) -> torch.Tensor:

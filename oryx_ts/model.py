@@ -130,63 +130,50 @@ class OryxForecaster(nn.Module):
         pred, mean, std = self.forward_normalized(x_BLC, modes)
         return self.tokenizer.denormalize(pred, mean, std)
 
-    def embed(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        """The token embeddings `(B, T, D)` of whole streams from their start (what a router reads)."""
+    def embed(self, x_BLC: torch.Tensor, state: State | None = None) -> torch.Tensor:
+        """The token embeddings `(B, T, D)` of whole streams from their start, or of streams continuing
+        `state` (not changed): what a router reads."""
         self.tokenizer.check_input(x_BLC)
-        return self.tokenizer(x_BLC)[0]
+        return self.tokenizer(x_BLC, None if state is None else state.norm_stats_B3C)[0]
 
     @torch.no_grad()
     def prefill(
-        self, x_BLC: torch.Tensor, modes: torch.Tensor | None = None, *, capacity: int = 256, parts=None
+        self, x_BLC: torch.Tensor, modes: torch.Tensor | None = None, *, state: State | None = None, capacity: int = 256,
+        parts=None,
     ) -> tuple[torch.Tensor, State]:
-        """The parallel forward over whole streams from their start, plus the state that stepping them would leave.
+        """Consume T patches per series in one parallel pass; returns `(forecasts_BTHzCQ, state)` in data units.
 
-        Returns `(forecasts_BTHzCQ, state)`: the forecasts are `forward(x_BLC, modes)`'s, and
-        `step` continued from `state` gives what stepping every patch from the start would (tested),
-        so a long history is replayed in one parallel pass. `parts` as in `init_state`.
+        Equal to stepping every patch (`step`) from `state` (default: a new empty state, with
+        `capacity` and `parts` as in `init_state`), within fp32 rounding (tested): the same
+        forecasts, and the same state after it (token counts, normalization statistics, recurrent
+        states, conv tails, KV cache and slots). Each series continues from its own position, so a
+        long history can be replayed in chunks. A given `state` is updated in place and returned.
+        `modes` (B, T) or (T,), default all-recurrent. Raises `ValueError` for an input, modes or
+        state that do not fit, or `parts` given with a `state`.
         """
         self.tokenizer.check_input(x_BLC)
-        x_BTD, mean, std, stats = self.tokenizer(x_BLC)
-        B, T = x_BTD.shape[:2]
-        m_BT = self._modes(modes, B, T, x_BTD.device)
+        B = x_BLC.shape[0]
+        if state is None:
+            state = self.init_state(B, capacity=capacity, device=x_BLC.device, parts=parts)
+        elif parts is not None:
+            raise ValueError("parts apply to a new state only: a given state keeps its own")
+        else:
+            self.check_state(state, B)
+        x_BTD, mean, std, stats = self.tokenizer(x_BLC, state.norm_stats_B3C)
+        m_BT = self._modes(modes, B, x_BTD.shape[1], x_BTD.device)
         b = self.config.block
-        state = self.init_state(B, capacity=max(capacity, T), device=x_BTD.device, parts=parts)
-        slot_BT = self._prefill_slots(state, m_BT)
-        k_until_BT = bounded_until(m_BT, b.window, b.pinned) if b.retention == "bounded" else None
+        plan = state.plan_chunk(m_BT, b.window, b.pinned)
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
-            x_BTD = block(x_BTD, m_BT, k_until_BT=k_until_BT, keep=(layer_state, slot_BT))
+            x_BTD = block.prefill(x_BTD, m_BT, layer_state, plan)
         state.norm_stats_B3C = stats
-        state.n_tokens_B = torch.full_like(state.n_tokens_B, T)
+        state.n_tokens_B = state.n_tokens_B + x_BTD.shape[1]
         pred = self.head(self.norm(x_BTD))
         return self.tokenizer.denormalize(pred, mean, std), state
 
-    def _prefill_slots(self, state: State, m_BT: torch.Tensor) -> torch.Tensor:
-        """Where each of T tokens sits after T steps (`State.plan_step`'s policy in closed form); fills `state.slots`."""
-        B, T = m_BT.shape
-        pos_T = torch.arange(T, device=m_BT.device)
-        if not state.bounded:
-            return pos_T.expand(B, T).clone()
-        window, pinned = self.config.block.window, self.config.block.pinned
-        slot_BT = torch.where(pos_T >= T - window, pos_T % window, -1).expand(B, T).clone()
-        sl = state.slots
-        for b in range(B):
-            recent = pos_T[pos_T >= T - window]
-            sl.pos_BS[b, recent % window] = recent
-            sl.mode_BS[b, recent % window] = m_BT[b, recent] > 0.5
-            if pinned == 0:
-                continue
-            left = ((m_BT[b] > 0.5) & (pos_T < T - window)).nonzero().squeeze(1)  # pinned as they left the window, in order
-            k = torch.arange(len(left), device=m_BT.device)
-            alive = k >= len(left) - pinned
-            slot_BT[b, left[alive]] = window + k[alive] % pinned
-            sl.pos_BS[b, window + k[alive] % pinned] = left[alive]
-            sl.mode_BS[b, window + k[alive] % pinned] = True
-            sl.pins_B[b] = len(left)
-        return slot_BT
-
-    def statistics(self, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(mean_BTC, std_BTC)` fp64: the causal normalization of every token of whole streams."""
-        mean, std, _ = self.tokenizer.statistics(x_BLC)
+    def statistics(self, x_BLC: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mean_BTC, std_BTC)` fp64: the causal normalization of every token of whole streams, or of
+        streams continuing `state` (not changed)."""
+        mean, std, _ = self.tokenizer.statistics(x_BLC, None if state is None else state.norm_stats_B3C)
         return mean, std
 
     def targets_normalized(self, x_BLC: torch.Tensor, mean_BTC: torch.Tensor, std_BTC: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,22 @@ class SlotPlan:
 
 
 @dataclass
+class ChunkPlan:
+    """What T tokens of every series do to the caches, in parallel form (`State.plan_chunk`).
+
+    Positions and "until"s are absolute token positions; a key is visible to the query at
+    position q while `q < until` (bounded retention only; None under `all`).
+    """
+
+    pos_BT: torch.Tensor  # int64 position of each token of the chunk
+    old_valid_BS: torch.Tensor  # bool, cache slots holding a token before the chunk (S: the slots attention reads)
+    old_until_BS: torch.Tensor | None  # int64, when each of those slots' token stops being visible
+    until_BT: torch.Tensor | None  # int64, when each chunk token stops being visible
+    slot_BT: torch.Tensor  # int64 slot each chunk token holds after the chunk, -1 = not retained
+    move_BS: torch.Tensor | None  # int64 per destination slot, the pre-chunk slot whose token moves there (a pin), -1 = none
+
+
+@dataclass
 class State:
     """Streaming state for a batch of series; see the module docstring. Build it with `State.allocate`."""
 
@@ -340,6 +356,77 @@ class State:
         sl.pos_BS[rows, write] = n_B
         sl.mode_BS[rows, write] = m_B > 0.5
         return SlotPlan(write, pin, pin_slot, sl.pos_BS >= 0)
+
+    def plan_chunk(self, m_BT: torch.Tensor, window: int, pinned: int) -> ChunkPlan:
+        """Advance the slot bookkeeping by T tokens of every series with modes `m_BT`, as T `plan_step`s would.
+
+        Returns the `ChunkPlan` the layers apply (`OryxMixer.prefill`): which cached keys each
+        chunk query still sees, where each chunk token ends up and which cached tokens move to a
+        pinned slot. Under retention `all` the caches grow (doubling, as stepping grows them) to
+        hold every token. `n_tokens_B` is left to the caller, as with `plan_step`.
+        """
+        B, T = m_BT.shape
+        n_B = self.n_tokens_B
+        dev = n_B.device
+        t_T = torch.arange(T, device=dev)
+        pos_BT = n_B[:, None] + t_T
+        if self.slots is None:
+            end = int(n_B.max()) + T if B else T
+            for ls in self.layers:
+                while ls.slots < end:  # the capacity T steps leave: doubling past each full cache
+                    ls.ensure_capacity(ls.slots + 1)
+            S_old = int(n_B.max()) if B else 0
+            old_valid = torch.arange(S_old, device=dev)[None, :] < n_B[:, None]
+            return ChunkPlan(pos_BT, old_valid, None, None, pos_BT.clone(), None)
+        sl = self.slots
+        S = sl.pos_BS.shape[1]
+        old_valid = sl.pos_BS >= 0
+        old_until = torch.full((B, S), NEVER, dtype=torch.long, device=dev)
+        until_BT = pos_BT + window
+        slot_BT = torch.full((B, T), -1, dtype=torch.long, device=dev)
+        move_BS = torch.full((B, S), -1, dtype=torch.long, device=dev)
+        att_BT = m_BT > 0.5
+        for b in range(B):
+            n, end = int(n_B[b]), int(n_B[b]) + T
+            # the tokens of the recent window in position order, then the chunk's: they leave the window in that order
+            w_slot = (sl.pos_BS[b, :window] >= 0).nonzero().squeeze(1)
+            w_slot = w_slot[sl.pos_BS[b, w_slot].argsort()]
+            nw = len(w_slot)
+            seq_p = torch.cat([sl.pos_BS[b, w_slot], pos_BT[b]])
+            seq_att = torch.cat([sl.mode_BS[b, w_slot], att_BT[b]])
+            seq_until = seq_p + window
+            stays = seq_p >= end - window
+            if pinned > 0:
+                att = seq_att.nonzero().squeeze(1)
+                att_p = seq_p[att]
+                # the k-th attention token to leave the window is pinned until the (k + pinned)-th leaves
+                seq_until[att] = NEVER
+                seq_until[att[:-pinned] if len(att) > pinned else att[:0]] = att_p[pinned:] + window
+                K = int((att_p + window < end).sum())  # pins during the chunk
+                pins = int(sl.pins_B[b])
+                # a pinned slot that held a token before the chunk is taken by the k-th new pin, k its place in the ring
+                k_old = (torch.arange(pinned, device=dev) - pins) % pinned
+                if len(att):
+                    old_until[b, window:] = torch.where(k_old < len(att), att_p[k_old.clamp(max=len(att) - 1)] + window, NEVER)
+                survive = torch.arange(max(K - pinned, 0), K, device=dev)
+                dest = window + (pins + survive) % pinned
+                src = att[survive]
+                from_old = src < nw
+                move_BS[b, dest[from_old]] = w_slot[src[from_old]]
+                slot_BT[b, src[~from_old] - nw] = dest[~from_old]
+                sl.pos_BS[b, dest] = seq_p[src]
+                sl.mode_BS[b, dest] = True
+                sl.pins_B[b] += K
+            old_until[b, w_slot] = seq_until[:nw]
+            until_BT[b] = seq_until[nw:]
+            recent = stays.nonzero().squeeze(1)
+            sl.pos_BS[b, seq_p[recent] % window] = seq_p[recent]
+            sl.mode_BS[b, seq_p[recent] % window] = seq_att[recent]
+            chunk_recent = recent[recent >= nw]
+            slot_BT[b, chunk_recent - nw] = seq_p[chunk_recent] % window
+        if not bool(old_valid.any()):  # every series starts empty: attention reads no cached slot
+            old_valid, old_until = old_valid[:, :0], old_until[:, :0]
+        return ChunkPlan(pos_BT, old_valid, old_until, until_BT, slot_BT, move_BS)
 
     # --- size and serialization ---------------------------------------------------------------
 
