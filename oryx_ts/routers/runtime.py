@@ -87,12 +87,8 @@ class RoutedForecaster:
         The token's score, mode, FLOPs and allowance are recorded in `state.parts["routing"]`.
         Raises `ValueError` for a state without routing parts (make it with `init_state`).
         """
-        rs, ctrl = state.parts.get("routing"), state.parts.get("controller")
-        if not isinstance(rs, RoutingState) or not isinstance(ctrl, ControllerState):
-            raise ValueError("a routed step needs a state with routing parts: create it with RoutedForecaster.init_state")
-        window = self.budget.window if self.budget else 1
-        if ctrl.excess_BW.shape[1] != window - 1:
-            raise ValueError(f"state was made for a budget window of {ctrl.excess_BW.shape[1] + 1} tokens, this budget has {window}")
+        self._check_state(state)
+        rs, ctrl = state.parts["routing"], state.parts["controller"]
         embedded = self.model.embed_step(patch_BPC, state)
         n_B = state.n_tokens_B
         B = patch_BPC.shape[0]
@@ -140,41 +136,62 @@ class RoutedForecaster:
 
     __call__ = forward
 
-    def _decide_all(self, x_BLC: torch.Tensor):
-        """Every token's decision for a router that reads no surprise: scores first, then the controller in order."""
+    def _decide_all(self, x_BLC: torch.Tensor, state: State | None = None):
+        """Every token's decision for a router that reads no surprise: scores first, then the controller in order.
+
+        From the stream's start, or continuing `state` (its controller part advances in place).
+        """
         B, T = x_BLC.shape[0], x_BLC.shape[1] // self.config.tokenizer.patch_len
-        tokens_BTD = self.model.embed(x_BLC)
-        positions_BT = torch.arange(T).expand(B, T)
+        tokens_BTD = self.model.embed(x_BLC, state)
+        n_B = torch.zeros(B, dtype=torch.long) if state is None else state.n_tokens_B.cpu()
+        positions_BT = n_B[:, None] + torch.arange(T)
         scores_BT = self.router.scores(RouterInputs(tokens_BTD, torch.zeros(B, T, N_FEATURES), positions_BT)).detach().float().cpu()
-        ctrl = ControllerState.init(B, self.budget.window if self.budget else 1)
+        ctrl = ControllerState.init(B, self.budget.window if self.budget else 1) if state is None else state.parts["controller"]
         if self.budget is not None:
-            modes, flops, allow = (torch.from_numpy(a) for a in controller_run(scores_BT.double().numpy(), ctrl, self.budget, self.config, 0))
+            modes, flops, allow = (torch.from_numpy(a) for a in controller_run(scores_BT.double().numpy(), ctrl, self.budget, self.config, n_B))
             return scores_BT, modes.float(), flops, allow, ctrl
         modes, flops, allow = self._decide(scores_BT, ctrl, positions_BT)
         return scores_BT, modes, flops, allow, ctrl
 
-    @torch.no_grad()
-    def prefill(self, x_BLC: torch.Tensor, *, capacity: int = 256, parts=None) -> tuple[RoutedForecast, State]:
-        """`forward` over whole streams plus the state (routing and controller parts included) that stepping would leave.
+    def _check_state(self, state: State) -> None:
+        rs, ctrl = state.parts.get("routing"), state.parts.get("controller")
+        if not isinstance(rs, RoutingState) or not isinstance(ctrl, ControllerState):
+            raise ValueError("a routed step needs a state with routing parts: create it with RoutedForecaster.init_state")
+        window = self.budget.window if self.budget else 1
+        if ctrl.excess_BW.shape[1] != window - 1:
+            raise ValueError(f"state was made for a budget window of {ctrl.excess_BW.shape[1] + 1} tokens, this budget has {window}")
 
-        Only for routers that read no surprise (their decisions do not depend on earlier forecasts);
-        raises `ValueError` for one that does: stream those through `step`.
+    @torch.no_grad()
+    def prefill(
+        self, x_BLC: torch.Tensor, *, state: State | None = None, capacity: int = 256, parts=None
+    ) -> tuple[RoutedForecast, State]:
+        """Route and consume T patches per series in one parallel pass, as T calls of `step` would.
+
+        From `state` (updated in place and returned; its routing and controller parts continue) or
+        from a new state (`capacity` and `parts` as in `init_state`). Returns the routed forecast
+        of the T tokens and the state. Only for routers that read no surprise (their decisions do
+        not depend on earlier forecasts); raises `ValueError` for one that does (stream those
+        through `step`), for a state without routing parts, or `parts` given with a `state`.
         """
         if self.router.needs_surprise:
             raise ValueError(f"{type(self.router).__name__} reads the surprise of earlier forecasts: its decisions are sequential, stream it")
         self.model.tokenizer.check_input(x_BLC)
-        scores_BT, modes, flops, allow, ctrl = self._decide_all(x_BLC)
-        state = self.init_state(x_BLC.shape[0], capacity=capacity, device=x_BLC.device, parts=parts)
-        forecast, filled = self.model.prefill(x_BLC, modes.to(x_BLC.device), capacity=capacity, parts=None)
-        filled.parts = state.parts
-        dev = filled.device
-        filled.parts["controller"] = ControllerState(**{k: v.to(dev) for k, v in vars(ctrl).items()})
-        rs = filled.parts["routing"]
+        if state is None:
+            state = self.init_state(x_BLC.shape[0], capacity=capacity, device=x_BLC.device, parts=parts)
+        elif parts is not None:
+            raise ValueError("parts apply to a new state only: a given state keeps its own")
+        self._check_state(state)
+        self.model.check_state(state, x_BLC.shape[0])
+        scores_BT, modes, flops, allow, ctrl = self._decide_all(x_BLC, state)
+        forecast, state = self.model.prefill(x_BLC, modes.to(x_BLC.device), state=state)
+        rs = state.parts["routing"]
+        dev = rs.ema_B.device
         rs.last_score_B, rs.last_mode_B = scores_BT[:, -1].to(dev), modes[:, -1].to(dev)
         rs.last_flops_B, rs.last_allowance_B = flops[:, -1].to(dev), allow[:, -1].to(dev)
-        rs.spent_B, rs.allowed_B = flops.sum(1).to(dev), allow.sum(1).to(dev)
-        rs.prev_forecast_BPCQ = forecast[:, -1, : rs.prev_forecast_BPCQ.shape[1]].clone()
-        return RoutedForecast(forecast, scores_BT, modes, flops, allow), filled
+        rs.spent_B = rs.spent_B + flops.sum(1).to(dev)
+        rs.allowed_B = rs.allowed_B + allow.sum(1).to(dev)
+        rs.prev_forecast_BPCQ = forecast[:, -1, : rs.prev_forecast_BPCQ.shape[1]].detach().clone()
+        return RoutedForecast(forecast, scores_BT, modes, flops, allow), state
 
 
 def realized_over_budget(flops: np.ndarray | torch.Tensor, allowance: np.ndarray | torch.Tensor) -> float:
