@@ -205,20 +205,24 @@ class Engine:
         return self._buffer(s, s.regularizer.advance(timestamp))
 
     @torch.no_grad()
-    def prefill(self, series_id: str, timestamps: Any, values: Any) -> IngestResult:
-        """Start a series from a long history in one parallel pass instead of patch by patch.
+    def prefill(self, series_id: str, timestamps: Any, values: Any, *, chunk_tokens: int = 2048) -> IngestResult:
+        """Consume a long stretch of one series in parallel chunks instead of patch by patch.
 
-        The rows are regularized as by `ingest`; the whole patches among them go through
-        `RoutedForecaster.prefill` (the parallel forward plus the state stepping would leave), and
+        The rows are regularized as by `ingest`; the whole patches they complete go through
+        `RoutedForecaster.prefill` in chunks of at most `chunk_tokens` tokens, each continuing the
+        series' state (so any length runs in memory bounded by the chunk and the retention), and
         their forecasts are scored and recorded as a flush would. The state, forecasts, scores and
         audits then equal those of ingesting and flushing the same rows, within fp32 rounding,
-        except that the adapter does not learn during the history (it starts at the identity with
-        the first streamed patch). For routers that read no surprise; raises `ValueError` for one
-        that does, for a series that already holds rows, or with patches still queued.
+        except that the adapter does not learn during a prefill (it serves as it stands: the
+        identity on a new series). The series may already hold tokens. For routers that read no
+        surprise; raises `ValueError` for one that does, with patches still queued (flush first),
+        or for `chunk_tokens < 1`.
         """
         s = self._get(series_id)
-        if s.regularizer.newest_index is not None or s.queue or len(s.buffer_LC):
-            raise ValueError(f"prefill starts a series: {series_id!r} already holds rows")
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        if s.queue:
+            raise ValueError(f"{series_id!r} has {len(s.queue)} patches queued: flush before a prefill")
         if self.forecaster.router.needs_surprise:
             raise ValueError(f"{type(self.forecaster.router).__name__} decides from earlier forecasts: ingest and flush instead")
         pushed = s.regularizer.push(timestamps, values)
@@ -227,48 +231,74 @@ class Engine:
         rows_LC = pushed.released_LC
         if len(rows_LC) and s.first_index is None:
             s.first_index = pushed.first_index
+        rows_LC = np.concatenate([s.buffer_LC, rows_LC]) if len(s.buffer_LC) else rows_LC
         T = len(rows_LC) // self.P
         s.buffer_LC = rows_LC[T * self.P :].copy()
-        if T == 0:
-            return IngestResult(pushed.accepted, pushed.rejected, 0)
-        x = torch.from_numpy(np.ascontiguousarray(rows_LC[: T * self.P]))[None].to(self.device)
-        out, sub = self.forecaster.prefill(x, capacity=self.capacity, parts=self._parts)
-        mean, std = self.model.statistics(x)  # (1, T, C) fp64, each token's normalization
-        frozen = ((out.forecast - mean.float()[:, :, None, :, None]) / std.float()[:, :, None, :, None])[0]
-        fc: ForecastState = sub.parts["forecast"]
-        labelled = self._labelled([s] * T, np.arange(T))
-        for j in range(max(0, T - self.M), T):
-            slot = j % self.M
-            fc.pending_frozen_BMHzCQ[0, slot] = frozen[j]
-            fc.pending_served_BMHzCQ[0, slot] = frozen[j]
-            fc.pending_mean_BMC[0, slot], fc.pending_std_BMC[0, slot] = mean[0, j], std[0, j]
-            fc.pending_token_BM[0, slot] = j
-            fc.pending_label_BM[0, slot] = bool(labelled[j])
-        fc.served_BHzCQ = out.forecast[:, -1].clone()
-        # every entry whose target lies inside the history has matured, scored in its origin's units
-        target = self.model.targets_normalized(x, mean, std)[0].float()  # (T, Hz, C), NaN past the history
-        ok = ~torch.isnan(target)
-        w = ok.float()
-        t0 = torch.where(ok, target, 0.0)
-        p = torch.where(ok[..., None], frozen, 0.0)
-        q = self._quantiles_f32
-        err_T = ((p[..., self.config.head.median_index] - t0).abs() * w).sum((1, 2)).double()
-        diff = t0[..., None] - p
-        pin = (torch.maximum(q * diff, (q - 1) * diff).mean(-1) * w).sum().double()
-        n_T = w.sum((1, 2)).double()
-        lab = torch.as_tensor(labelled, device=self.device)
-        sums = [err_T.sum(), err_T.sum(), pin, pin, n_T.sum(), err_T[lab].sum(), n_T[lab].sum(), err_T[~lab].sum(), n_T[~lab].sum(),
-                out.modes_BT.sum().double().to(self.device)]
-        fc.sums_BK[0] = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in sums])
-        self._recall([s] * T, np.arange(T), out.modes_BT[0].numpy())
-        nbytes = int(sub.nbytes_B()[0])
-        s.state_bytes.extend((n, nbytes) for n in range(0, T, self.state_bytes_every))
-        self.pool.scatter([s.row], sub)
-        if self.on_step is not None:
-            fr = out.forecast[0].cpu().numpy()
-            self.on_step(StepRecord([series_id] * T, np.arange(T), fr, fr, out.modes_BT[0].numpy(),
-                                    out.flops_BT[0].numpy(), out.allowance_BT[0].numpy(), np.full(T, nbytes)))
+        if T:
+            sub = self.pool.select([s.row])
+            for t0 in range(0, T, chunk_tokens):
+                self._prefill_chunk(s, sub, rows_LC[t0 * self.P : min(T, t0 + chunk_tokens) * self.P])
+            self.pool.scatter([s.row], sub)
         return IngestResult(pushed.accepted, pushed.rejected, 0)
+
+    def _prefill_chunk(self, s: _Series, sub: State, rows_LC: np.ndarray) -> None:
+        """One chunk of `prefill` for the single-series state `sub` (updated in place)."""
+        P, M, dev = self.P, self.M, self.device
+        x = torch.from_numpy(np.ascontiguousarray(rows_LC))[None].to(dev)
+        T, n0 = len(rows_LC) // P, int(sub.n_tokens_B[0])
+        tokens = n0 + np.arange(T)
+        mean, std = self.model.statistics(x, sub)  # (1, T, C) fp64, each token's normalization
+        bytes0 = int(sub.nbytes_B()[0])
+        out, sub = self.forecaster.prefill(x, state=sub)
+        bytes1 = int(sub.nbytes_B()[0])
+        mean_f, std_f = mean[0].float()[:, None, :, None], std[0].float()[:, None, :, None]
+        frozen = (out.forecast[0] - mean_f) / std_f  # (T, Hz, C, Q)
+        ad = sub.parts["adapter"]
+        served_norm = self.adapter.apply(type(ad)(**{k: t.expand(T, *t.shape[1:]) for k, t in vars(ad).items()}), frozen)
+        if self.adapter.config.enabled:
+            served = (served_norm.double() * std[0][:, None, :, None] + mean[0][:, None, :, None]).float()
+        else:
+            served = out.forecast[0]
+        labelled = torch.as_tensor(self._labelled([s] * T, tokens), device=dev)
+        fc: ForecastState = sub.parts["forecast"]
+        # the origins whose targets can lie in this chunk: the M pending before it, then the chunk's own
+        j_prev = torch.arange(n0 - M, n0, device=dev)
+        slot = j_prev % M
+        ok = torch.cat([(j_prev >= 0) & (fc.pending_token_BM[0, slot] == j_prev), labelled.new_ones(T)])
+        frozen_x = torch.cat([fc.pending_frozen_BMHzCQ[0, slot], frozen])
+        served_x = torch.cat([fc.pending_served_BMHzCQ[0, slot], served_norm])
+        mean_x, std_x = torch.cat([fc.pending_mean_BMC[0, slot], mean[0]]), torch.cat([fc.pending_std_BMC[0, slot], std[0]])
+        label_x = torch.cat([fc.pending_label_BM[0, slot], labelled])
+        # origin i's horizon step h is step (i + 1 - M) * P + h of the chunk; NaN outside it
+        nan = lambda n: x.new_full((n, self.C), float("nan"))  # noqa: E731
+        windows = torch.cat([nan(M * P), x[0], nan(self.Hz)])[P:].unfold(0, self.Hz, P)[: M + T].transpose(1, 2)
+        target = (windows.double() - mean_x[:, None]) / std_x[:, None]
+        new = ok[:, None, None] & ~torch.isnan(target)
+        w, t0 = new.float(), torch.where(new, target, 0.0).float()
+        both = torch.where(new[None, ..., None], torch.stack([frozen_x, served_x]), 0.0)
+        abs_X = (both[..., self.config.head.median_index] - t0).abs() * w
+        diff = t0[..., None] - both
+        q = self._quantiles_f32
+        pin_X = (torch.maximum(q * diff, (q - 1) * diff).mean(-1) * w).sum((1, 2, 3)).double()
+        entries, err_in_I = w.sum().double(), abs_X[1].sum((1, 2)).double() * label_x
+        n_in = (w.sum((1, 2)).double() * label_x).sum()
+        abs_X = abs_X.sum((1, 2, 3)).double()
+        sums = [abs_X[0], abs_X[1], pin_X[0], pin_X[1], entries, err_in_I.sum(), n_in, abs_X[1] - err_in_I.sum(), entries - n_in,
+                out.modes_BT.sum().double()]
+        fc.sums_BK[0] += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev) for v in sums])
+        for j in range(max(0, T - M), T):
+            k = (n0 + j) % M
+            fc.pending_frozen_BMHzCQ[0, k], fc.pending_served_BMHzCQ[0, k] = frozen[j], served_norm[j]
+            fc.pending_mean_BMC[0, k], fc.pending_std_BMC[0, k] = mean[0, j], std[0, j]
+            fc.pending_token_BM[0, k], fc.pending_label_BM[0, k] = n0 + j, labelled[j]
+        fc.served_BHzCQ = served[-1:].clone()
+        self._recall([s] * T, tokens, out.modes_BT[0].numpy())
+        # state bytes after each token: constant under bounded retention, linear in the tokens under `all`
+        nbytes = bytes0 + (bytes1 - bytes0) * (np.arange(T) + 1) // T
+        s.state_bytes.extend((int(n), int(nbytes[n - n0])) for n in tokens[tokens % self.state_bytes_every == 0])
+        if self.on_step is not None:
+            self.on_step(StepRecord([s.series_id] * T, tokens, served.cpu().numpy(), out.forecast[0].cpu().numpy(),
+                                    out.modes_BT[0].numpy(), out.flops_BT[0].numpy(), out.allowance_BT[0].numpy(), nbytes))
 
     def drain(self, series_id: str) -> int:
         """End of a series' stream: release the rows its regularizer holds open; returns patches queued."""

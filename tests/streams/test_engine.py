@@ -339,7 +339,7 @@ def test_prefill_then_ingest_equals_ingesting_everything(mixer, retention):
         assert a1[k] == pytest.approx(a0[k], rel=1e-5), k
 
 
-def test_prefill_refuses_surprise_routers_and_started_series():
+def test_prefill_refuses_surprise_routers_and_queued_patches():
     model = random_model("gdn")
     engine = Engine(RoutedForecaster(model, SurpriseRouter()))
     engine.add_series("x", step=1, origin=0)
@@ -347,6 +347,8 @@ def test_prefill_refuses_surprise_routers_and_started_series():
         engine.prefill("x", np.arange(16), np.zeros((16, C), dtype=np.float32))
     plain = Engine(model)
     plain.add_series("x", step=1, origin=0)
-    plain.ingest("x", [0], [[0.0] * C])
-    with pytest.raises(ValueError, match="already holds rows"):
-        plain.prefill("x", np.arange(1, 17), np.zeros((16, C), dtype=np.float32))
+    plain.ingest("x", np.arange(P), np.zeros((P, C), dtype=np.float32))
+    with pytest.raises(ValueError, match="flush before a prefill"):
+        plain.prefill("x", np.arange(P, P + 16), np.zeros((16, C), dtype=np.float32))
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        plain.prefill("x", np.arange(P, P + 16), np.zeros((16, C), dtype=np.float32), chunk_tokens=0)
