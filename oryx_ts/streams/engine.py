@@ -377,8 +377,9 @@ class Engine:
             if keep:
                 s.state_bytes.append((int(n), int(nbytes[i])))
         if self.on_step is not None:
+            # copies: on the CPU `served` is the pool's served forecast, which later writes change in place
             self.on_step(StepRecord(
-                [s.series_id for s in batch], tokens, served.cpu().numpy(), forecast_RHzCQ.cpu().numpy(),
+                [s.series_id for s in batch], tokens, served.cpu().numpy().copy(), forecast_RHzCQ.cpu().numpy().copy(),
                 routing.last_mode_B.cpu().numpy(), routing.last_flops_B.cpu().numpy(),
                 routing.last_allowance_B.cpu().numpy(), nbytes,
             ))
