@@ -24,6 +24,9 @@ from oryx_ts.kernels import dispatch
 from oryx_ts.state import ChunkPlan, LayerState, SlotPlan
 
 
+ATTENTION_LOGITS = 1 << 24  # `OryxMixer.prefill`: most attention logits computed at once (64 MB in fp32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -260,10 +263,14 @@ class OryxMixer(nn.Module):
             until = None
             if plan.until_BT is not None:
                 until = torch.cat([plan.old_until_BS, plan.until_BT], 1) - plan.pos_BT[:, :1]
-            o_sel = dispatch.routed_attention(
-                q_att, k_all, v_all, q_pos_Tq=t_T[idx], k_pos_S=k_pos, scale_H=self.att_log_temp.exp(),
-                k_valid_BS=valid, k_until_BS=until,
-            ).to(o_lin.dtype)
+            # queries in groups whose logits stay under ATTENTION_LOGITS elements, however long the cache
+            per = max(1, ATTENTION_LOGITS // (B * H * k_all.shape[1]))
+            o_sel = torch.cat([
+                dispatch.routed_attention(
+                    q_att[:, i : i + per], k_all, v_all, q_pos_Tq=t_T[idx[i : i + per]], k_pos_S=k_pos,
+                    scale_H=self.att_log_temp.exp(), k_valid_BS=valid, k_until_BS=until,
+                ) for i in range(0, idx.numel(), per)
+            ], dim=1).to(o_lin.dtype)
             if flags[-1]:
                 o = o_lin.index_copy(1, idx, o_sel)
             else:

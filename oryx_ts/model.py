@@ -6,7 +6,8 @@ Hz horizon steps, Q quantile levels.
 Every token is a forecast origin: token n sees the stream up to the end of patch n and forecasts
 the next Hz steps of every channel at Q quantile levels. Modes: 1 = attention, 0 = recurrence.
 `step` reproduces `forward` token for token (tested), for every mode pattern, with every series of
-a batch at its own position.
+a batch at its own position; `prefill` runs T patches per series in parallel from a `State` and
+leaves the state T steps would.
 
 The model is a plain module: it takes modes and never chooses them. Routing wraps it
 (`routers.RoutedForecaster`), asking it for the token embedding through `embed_step`.

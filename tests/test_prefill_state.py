@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from oryx_ts import block as block_module
 from oryx_ts.kernels import dispatch
 from oryx_ts.routers import BudgetConfig, RandomRouter, RoutedForecaster
 from oryx_ts.state import State
@@ -202,3 +203,14 @@ def test_chunked_engine_prefill_of_a_long_stream_equals_ingest_and_flush_in_boun
         assert a1[k] == a0[k], k
     for k in ("mae_served", "crps_served", "mae_frozen", "mae_in_windows", "mae_outside_windows", "flops_spent", "flops_allowed"):
         assert a1[k] == pytest.approx(a0[k], rel=1e-5), k
+
+
+def test_attention_over_a_long_cache_runs_in_query_groups(monkeypatch):
+    model = random_model("gdn")
+    x, modes = stream(2, 30, seed=9)
+    with torch.no_grad():
+        want, want_state = prefill_chunks(model, x, modes, model.init_state(2, capacity=4), [11])
+        monkeypatch.setattr(block_module, "ATTENTION_LOGITS", 1)  # one routed query per call
+        got, state = prefill_chunks(model, x, modes, model.init_state(2, capacity=4), [11])
+    torch.testing.assert_close(got, want, **TOL)
+    assert_states_equal(state, want_state)

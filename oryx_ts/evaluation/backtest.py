@@ -53,7 +53,7 @@ def backtest_streams(
     Streams are fed `chunk` raw steps at a time (default: one patch) in rounds over all streams,
     with a `flush` after each round. `adapter` defaults to adaptation off (frozen forecasts served);
     `labels` are `[start, end)` raw-step windows per stream for the audits.
-    `history` raw steps at the head of every stream are replayed in one parallel pass
+    `history` raw steps at the head of every stream are replayed in parallel chunks
     (`Engine.prefill`: routers that read no surprise; the adapter learns only after it) and the rest
     is streamed; the per-token results then equal a full replay within fp32 rounding (tested).
     Raises `ValueError` for a stream of the wrong width.

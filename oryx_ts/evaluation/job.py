@@ -12,7 +12,7 @@ origins against the same targets; peers see only the rows up to each origin.
 
 Oryx's forecasts come from `backtest_streams` (the engine, the service's code path). With
 `path="prefill"` (routers that read no surprise) the history before the test part is replayed in
-one parallel pass (`Engine.prefill`: the same state and records within fp32 rounding, tested;
+parallel chunks (`Engine.prefill`: the same state and records within fp32 rounding, tested;
 the adapter learns only from the test part on) and the test part streams through the engine as
 with `path="engine"`; the report names the path.
 """

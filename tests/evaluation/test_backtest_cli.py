@@ -58,7 +58,7 @@ def test_prefilled_history_gives_the_streamed_backtest(data, tmp_path):
                      "--out", str(out), *ARGS]) == 0
         runs[path] = json.loads((out / "backtest.json").read_text())
     assert runs["prefill"]["oryx"]["replay"]["path"] == "prefill" and runs["prefill"]["oryx"]["replay"]["history_rows"] > 0
-    assert "prefilled in one parallel pass" in (tmp_path / "prefill" / "report.md").read_text()
+    assert "prefilled in parallel chunks" in (tmp_path / "prefill" / "report.md").read_text()
     a, b = (runs[p]["scores"]["oryx"]["overall"] for p in ("engine", "prefill"))
     for metric in ("mae", "crps"):
         assert b[metric] == pytest.approx(a[metric], rel=1e-4), metric
