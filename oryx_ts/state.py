@@ -110,15 +110,18 @@ def bounded_until(m_BT: torch.Tensor, window: int, pinned: int) -> torch.Tensor:
     """
     B, T = m_BT.shape
     pos_T = torch.arange(T, device=m_BT.device)
-    until_BT = (pos_T + window).expand(B, T).clone()
-    if pinned == 0:
-        return until_BT
-    for b in range(B):
-        att = (m_BT[b] > 0.5).nonzero().squeeze(1)
-        replaced = att[:-pinned] if len(att) > pinned else att[:0]
-        until_BT[b, att] = NEVER
-        until_BT[b, replaced] = att[pinned:] + window
-    return until_BT
+    return torch.stack([_visible_until(pos_T, m_BT[b] > 0.5, window, pinned) for b in range(B)]) if B else m_BT.long()
+
+
+def _visible_until(pos_L: torch.Tensor, att_L: torch.Tensor, window: int, pinned: int) -> torch.Tensor:
+    """`bounded_until` of tokens at ascending positions `pos_L` that leave the window in that order (`att_L`: ran attention)."""
+    until_L = pos_L + window
+    if pinned > 0:
+        att = att_L.nonzero().squeeze(1)
+        until_L[att] = NEVER
+        # the k-th attention token to leave the window is pinned until the (k + pinned)-th leaves
+        until_L[att[:-pinned] if len(att) > pinned else att[:0]] = pos_L[att[pinned:]] + window
+    return until_L
 
 
 @dataclass
@@ -387,21 +390,18 @@ class State:
         move_BS = torch.full((B, S), -1, dtype=torch.long, device=dev)
         att_BT = m_BT > 0.5
         for b in range(B):
-            n, end = int(n_B[b]), int(n_B[b]) + T
+            end = int(n_B[b]) + T
             # the tokens of the recent window in position order, then the chunk's: they leave the window in that order
             w_slot = (sl.pos_BS[b, :window] >= 0).nonzero().squeeze(1)
             w_slot = w_slot[sl.pos_BS[b, w_slot].argsort()]
             nw = len(w_slot)
             seq_p = torch.cat([sl.pos_BS[b, w_slot], pos_BT[b]])
             seq_att = torch.cat([sl.mode_BS[b, w_slot], att_BT[b]])
-            seq_until = seq_p + window
+            seq_until = _visible_until(seq_p, seq_att, window, pinned)
             stays = seq_p >= end - window
             if pinned > 0:
                 att = seq_att.nonzero().squeeze(1)
                 att_p = seq_p[att]
-                # the k-th attention token to leave the window is pinned until the (k + pinned)-th leaves
-                seq_until[att] = NEVER
-                seq_until[att[:-pinned] if len(att) > pinned else att[:0]] = att_p[pinned:] + window
                 K = int((att_p + window < end).sum())  # pins during the chunk
                 pins = int(sl.pins_B[b])
                 # a pinned slot that held a token before the chunk is taken by the k-th new pin, k its place in the ring
