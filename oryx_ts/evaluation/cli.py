@@ -58,7 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--warmup-tokens", type=int, default=None, help="replay only this many tokens before the test part (default: all)")
     p.add_argument("--origin-stride", type=int, default=1, help="score every K-th test token's origin (default 1)")
     p.add_argument("--path", choices=["engine", "prefill"], default="engine",
-                   help="stream everything through the engine (default), or prefill the history before the test part in one parallel pass")
+                   help="stream everything through the engine (default), or prefill the history before the test part in parallel chunks")
     p.add_argument("--retention", default=None, metavar="SPEC",
                    help="the oryx model's KV-cache retention in the replay: all, or bounded[:WINDOW[:PINNED]] in tokens "
                         "(default: the model's own; the weights are unchanged)")
