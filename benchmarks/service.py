@@ -116,6 +116,7 @@ def main() -> int:
     p.add_argument("--modes", default="group,naive",
                    help="comma-separated: group, naive, stub (the same routes doing no work: the harness's floor)")
     p.add_argument("--loads", default="closed", help="comma-separated load levels: closed, or requests/s per client")
+    p.add_argument("--client-processes", type=int, default=1, help="spread the client threads over this many processes")
     p.add_argument("--stub-port", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.stub_port is not None:
@@ -126,21 +127,24 @@ def main() -> int:
         if args.model is None:
             oryx_ts.save(oryx_ts.OryxForecaster(preset("debug")), model_dir)
         channels = oryx_ts.load(model_dir).config.tokenizer.channels
-        print(f"# {datetime.date.today()} {platform.node()} {os.cpu_count()} cores, {args.clients} clients x {args.seconds:g} s, "
+        print(f"# {datetime.date.today()} {platform.node()} {os.cpu_count()} cores, {args.clients} clients "
+              f"({args.client_processes} processes) x {args.seconds:g} s, "
               f"{args.series} series, {args.rows} rows/request, 1 forecast per 4 requests")
-        print("| mode | load (requests/s offered) | rows/s acked | ingest p50 / p99 ms | forecast p50 / p99 ms | requests | errors |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("| mode | load (requests/s offered) | rows/s acked | ingest p50 / p99 ms | forecast p50 / p99 ms | requests | errors | clients late p99 ms |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for mode in args.modes.split(","):
             proc, url, key = serve_stub() if mode == "stub" else serve(model_dir, Path(tmp) / mode, mode == "group", args.threads)
             try:
                 for j, load in enumerate(args.loads.split(",")):
                     rate = None if load == "closed" else float(load)
                     ids = create_series(url, key, args.series, [f"c{i}" for i in range(channels)], prefix=f"load{j}")
-                    r = run_load(url, key, ids, channels, clients=args.clients, seconds=args.seconds, rows=args.rows, rate=rate)
+                    r = run_load(url, key, ids, channels, clients=args.clients, seconds=args.seconds, rows=args.rows, rate=rate,
+                                 processes=args.client_processes)
                     level = "closed loop" if rate is None else f"{args.clients} x {rate:g}/s = {r.offered_per_s:,.0f}"
                     name = "no-op stub" if mode == "stub" else f"{mode} commit"
                     print(f"| {name} | {level} | {r.rows_per_s:,.0f} | {r.ingest_p50_ms:.1f} / {r.ingest_p99_ms:.1f} | "
-                          f"{r.forecast_p50_ms:.1f} / {r.forecast_p99_ms:.1f} | {r.requests} | {r.errors} |", flush=True)
+                          f"{r.forecast_p50_ms:.1f} / {r.forecast_p99_ms:.1f} | {r.requests} | {r.errors} | "
+                          f"{'-' if r.late_ms_p99 is None else f'{r.late_ms_p99:.1f}'} |", flush=True)
             finally:
                 stop(proc)
     return 0

@@ -53,31 +53,62 @@ def create_series(url: str, key: str, n: int, channels: list[str], prefix: str =
 
 def run_load(url: str, key: str, series: list[str], channels: int, *, clients: int = 8, seconds: float = 2.0,
              rows: int = 8, forecast_every: int = 4, max_requests: int = 100_000, seed: int = 0,
-             rate: float | None = None) -> LoadResult:
+             rate: float | None = None, processes: int = 1) -> LoadResult:
     """Drive the service at `url` with `clients` threads for `seconds`; `rate`: requests per second per
-    client (paced), None: closed loop. See the module docstring."""
-    import httpx
-
+    client (paced), None: closed loop; `processes`: the client threads spread over this many processes
+    (so that the clients' own interpreter lock does not add to the latencies measured). See the module
+    docstring."""
     if clients < 1 or clients > len(series):
         raise ValueError(f"clients must be in 1..{len(series)} (one series at least each), got {clients}")
     if rate is not None and not rate > 0:
         raise ValueError(f"rate must be > 0 requests per second per client, got {rate}")
-    ingest_ms: list[list[float]] = [[] for _ in range(clients)]
-    forecast_ms: list[list[float]] = [[] for _ in range(clients)]
-    acked = [0] * clients
-    errors = [0] * clients
-    late_ms: list[list[float]] = [[] for _ in range(clients)]
-    start = threading.Barrier(clients + 1)
+    if processes < 1 or processes > clients:
+        raise ValueError(f"processes must be in 1..{clients}, got {processes}")
+    start_at = time.time() + (0.2 if processes == 1 else 8.0)  # every process starts its clients at this moment
+    jobs = [(url, key, series, channels, list(range(p, clients, processes)), clients, seconds, rows, forecast_every,
+             max_requests, seed, rate, start_at) for p in range(processes)]
+    if processes == 1:
+        parts = [_drive(*jobs[0])]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            parts = pool.starmap(_drive, jobs)
+    merged = {k: [x for part in parts for x in part[k]] for k in ("ingest_ms", "forecast_ms", "late_ms")}
+    acked, errors = sum(p["acked"] for p in parts), sum(p["errors"] for p in parts)
+    elapsed = max(p["elapsed"] for p in parts)
+    ing = np.asarray(merged["ingest_ms"]) if merged["ingest_ms"] else np.array([np.nan])
+    fc = np.asarray(merged["forecast_ms"]) if merged["forecast_ms"] else np.array([np.nan])
+    return LoadResult(seconds=elapsed, requests=len(merged["ingest_ms"]) + len(merged["forecast_ms"]), rows_acked=acked,
+                      rows_per_s=acked / elapsed,
+                      ingest_p50_ms=float(np.percentile(ing, 50)), ingest_p99_ms=float(np.percentile(ing, 99)),
+                      forecast_p50_ms=float(np.percentile(fc, 50)), forecast_p99_ms=float(np.percentile(fc, 99)),
+                      errors=errors, offered_per_s=clients * rate if rate else None,
+                      late_ms_p99=float(np.percentile(merged["late_ms"], 99)) if rate and merged["late_ms"] else None)
+
+
+def _drive(url: str, key: str, series: list[str], channels: int, mine_clients: list[int], clients: int, seconds: float,
+           rows: int, forecast_every: int, max_requests: int, seed: int, rate: float | None, start_at: float) -> dict:
+    """Run the client threads `mine_clients` (of `clients`) in this process; returns their raw measurements."""
+    import httpx
+
+    n = len(mine_clients)
+    ingest_ms: list[list[float]] = [[] for _ in range(n)]
+    forecast_ms: list[list[float]] = [[] for _ in range(n)]
+    late_ms: list[list[float]] = [[] for _ in range(n)]
+    acked = [0] * n
+    errors = [0] * n
     stop_at = [0.0]
 
-    def client(i: int) -> None:
+    def client(j: int) -> None:
+        i = mine_clients[j]
         rng = np.random.default_rng([seed, i])
         mine = series[i::clients]
         cursor = {sid: 0 for sid in mine}
         values = rng.normal(size=(rows, channels)).round(4).tolist()
         phase = float(rng.uniform(0, 1 / rate)) if rate else 0.0
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
-            start.wait()
+            time.sleep(max(0.0, start_at - time.time()))
             t_start = time.perf_counter()
             for k in range(max_requests):
                 if time.monotonic() >= stop_at[0]:
@@ -88,38 +119,32 @@ def run_load(url: str, key: str, series: list[str], channels: int, *, clients: i
                     due = t_start + phase + k / rate
                     if due > t:
                         time.sleep(due - t)
-                    late_ms[i].append(max(0.0, time.perf_counter() - due) * 1e3)
+                    late_ms[j].append(max(0.0, time.perf_counter() - due) * 1e3)
                     t = due
                 try:
                     if forecast_every and k % forecast_every == forecast_every - 1:
                         r = c.get(f"/v1/series/{sid}/forecast")
                         ok = r.status_code in (200, 409)  # 409: no whole patch yet
-                        forecast_ms[i].append((time.perf_counter() - t) * 1e3)
+                        forecast_ms[j].append((time.perf_counter() - t) * 1e3)
                     else:
                         ts = list(range(cursor[sid], cursor[sid] + rows))
                         r = c.post(f"/v1/series/{sid}/observations", json={"timestamps": ts, "values": values})
                         ok = r.status_code == 200 and r.json()["accepted"] == rows
                         if ok:
                             cursor[sid] += rows
-                            acked[i] += rows
-                        ingest_ms[i].append((time.perf_counter() - t) * 1e3)
+                            acked[j] += rows
+                        ingest_ms[j].append((time.perf_counter() - t) * 1e3)
                 except httpx.HTTPError:
                     ok = False
-                errors[i] += not ok
+                errors[j] += not ok
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    stop_at[0] = time.monotonic() + max(0.0, start_at - time.time()) + seconds
+    threads = [threading.Thread(target=client, args=(j,), daemon=True) for j in range(n)]
+    began = max(start_at, time.time())
     for t in threads:
         t.start()
-    t0 = time.monotonic()
-    stop_at[0] = t0 + seconds
-    start.wait()
     for t in threads:
-        t.join(timeout=seconds + 60)
-    elapsed = time.monotonic() - t0
-    ing = np.concatenate([np.asarray(x) for x in ingest_ms]) if any(ingest_ms) else np.array([np.nan])
-    fc = np.concatenate([np.asarray(x) for x in forecast_ms]) if any(forecast_ms) else np.array([np.nan])
-    return LoadResult(seconds=elapsed, requests=len(ing) + len(fc), rows_acked=sum(acked), rows_per_s=sum(acked) / elapsed,
-                      ingest_p50_ms=float(np.percentile(ing, 50)), ingest_p99_ms=float(np.percentile(ing, 99)),
-                      forecast_p50_ms=float(np.percentile(fc, 50)), forecast_p99_ms=float(np.percentile(fc, 99)),
-                      errors=sum(errors), offered_per_s=clients * rate if rate else None,
-                      late_ms_p99=float(np.percentile(np.concatenate([np.asarray(x) for x in late_ms]), 99)) if rate else None)
+        t.join(timeout=seconds + 60 + max(0.0, start_at - time.time()))
+    elapsed = time.time() - began  # from this process's start to its last answer
+    return {"ingest_ms": [x for xs in ingest_ms for x in xs], "forecast_ms": [x for xs in forecast_ms for x in xs],
+            "late_ms": [x for xs in late_ms for x in xs], "acked": sum(acked), "errors": sum(errors), "elapsed": elapsed}
