@@ -78,6 +78,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from oryx_ts.service.app import create_app
 
     app = create_app(settings)
+    # request threads wait for the interpreter lock while the writer thread steps the engine; a
+    # shorter switch interval than the default 5 ms lets a short request through sooner
+    sys.setswitchinterval(0.001)
     print(f"oryx-ts serve: http://{args.host}:{args.port} (docs at /docs, metrics at /metrics)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
