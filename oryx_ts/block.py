@@ -27,6 +27,15 @@ from oryx_ts.state import ChunkPlan, LayerState, SlotPlan
 ATTENTION_LOGITS = 1 << 24  # `OryxMixer.prefill`: most attention logits computed at once (64 MB in fp32)
 
 
+
+def _merge_routed(o_lin: torch.Tensor, idx: torch.Tensor, o_sel: torch.Tensor, m_BT: torch.Tensor, *, every_row: bool) -> torch.Tensor:
+    """The mixer output: attention's rows `o_sel` at token positions `idx`, recurrence elsewhere. When not
+    every row routes the token at a position (`every_row` False), the per-row modes `m_BT` blend the two."""
+    if every_row:
+        return o_lin.index_copy(1, idx, o_sel)
+    m = m_BT.to(o_lin.dtype)[..., None, None]
+    return m * torch.zeros_like(o_lin).index_copy(1, idx, o_sel) + (1 - m) * o_lin
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -200,7 +209,7 @@ class OryxMixer(nn.Module):
         """Mix T tokens of a stream from its start; bounded retention comes as `k_until_BT`."""
         c = self.config
         B, T, _ = u_BTD.shape
-        H, V = c.n_heads, c.head_dim_v
+        H = c.n_heads
         q_lin, k, v, tails, att_q_all, z, gates_raw = self._projections(u_BTD)
         o_lin, rec = self._linear(u_BTD, q_lin, k, v, None, gates_raw)
 
@@ -219,11 +228,7 @@ class OryxMixer(nn.Module):
             o_sel = dispatch.routed_attention(
                 q_att, keys, v, q_pos_Tq=pos_T[idx], k_pos_S=pos_T, scale_H=self.att_log_temp.exp(), k_until_BS=k_until_BT,
             ).to(o_lin.dtype)
-            if flags[-1]:
-                o = o_lin.index_copy(1, idx, o_sel)
-            else:
-                m = m_BT.to(o_lin.dtype)[..., None, None]
-                o = m * o_lin.new_zeros(B, T, H, V).index_copy(1, idx, o_sel) + (1 - m) * o_lin
+            o = _merge_routed(o_lin, idx, o_sel, m_BT, every_row=bool(flags[-1]))
         else:
             o = o_lin
         return self._output(u_BTD, o, z)
@@ -238,7 +243,7 @@ class OryxMixer(nn.Module):
         """
         c = self.config
         B, T, _ = u_BTD.shape
-        H, K, V = c.n_heads, c.head_dim_k, c.head_dim_v
+        H, K = c.n_heads, c.head_dim_k
         q_lin, k, v, tails, att_q_all, z, gates_raw = self._projections(u_BTD, st)
         o_lin, rec = self._linear(u_BTD, q_lin, k, v, st, gates_raw)
         # RoPE at each series' own positions: the (series, token) pairs stand in for the token axis of `rope`
@@ -271,11 +276,7 @@ class OryxMixer(nn.Module):
                     scale_H=self.att_log_temp.exp(), k_valid_BS=valid, k_until_BS=until,
                 ) for i in range(0, idx.numel(), per)
             ], dim=1).to(o_lin.dtype)
-            if flags[-1]:
-                o = o_lin.index_copy(1, idx, o_sel)
-            else:
-                m = m_BT.to(o_lin.dtype)[..., None, None]
-                o = m * o_lin.new_zeros(B, T, H, V).index_copy(1, idx, o_sel) + (1 - m) * o_lin
+            o = _merge_routed(o_lin, idx, o_sel, m_BT, every_row=bool(flags[-1]))
         else:
             o = o_lin
 
