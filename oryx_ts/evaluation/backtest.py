@@ -36,6 +36,9 @@ class StreamBacktest:
     audit: dict[str, Any]
 
 
+PREFILL_TOKENS = 8192  # tokens per `Engine.prefill` call of a history
+
+
 def backtest_streams(
     forecaster: OryxForecaster | RoutedForecaster,
     streams: Mapping[str, np.ndarray],
@@ -78,12 +81,14 @@ def backtest_streams(
         engine.add_series(sid, step=1, origin=0, labels=(labels or {}).get(sid, ()))
     longest = max((len(v) for v in arrays.values()), default=0)
     if history:
+        piece = PREFILL_TOKENS * P  # rows per prefill call: progress, and bounded memory for the rows in flight
         for sid, values in arrays.items():
-            head = values[:history]
-            observed = ~np.isnan(head).all(axis=1)
-            result = engine.prefill(sid, np.arange(len(head))[observed], head[observed])
-            if result.rejected:
-                raise ValueError(f"stream {sid!r}: {len(result.rejected)} rows rejected, first: {result.rejected[0].detail}")
+            for lo in tqdm(range(0, history, piece), desc=f"{desc} (prefill)", disable=not progress, leave=False):
+                head = values[lo : min(history, lo + piece)]
+                observed = ~np.isnan(head).all(axis=1)
+                result = engine.prefill(sid, lo + np.arange(len(head))[observed], head[observed])
+                if result.rejected:
+                    raise ValueError(f"stream {sid!r}: {len(result.rejected)} rows rejected, first: {result.rejected[0].detail}")
     for start in tqdm(range(history, longest, chunk), desc=desc, disable=not progress, leave=False):
         for sid, values in arrays.items():
             part = values[start : start + chunk]

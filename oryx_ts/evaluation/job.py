@@ -11,10 +11,11 @@ lies inside the stream (every `origin_stride`-th of them). Every model is scored
 origins against the same targets; peers see only the rows up to each origin.
 
 Oryx's forecasts come from `backtest_streams` (the engine, the service's code path). With
-`path="prefill"` (routers that read no surprise) the history before the test part is replayed in
-parallel chunks (`Engine.prefill`: the same state and records within fp32 rounding, tested;
-the adapter learns only from the test part on) and the test part streams through the engine as
-with `path="engine"`; the report names the path.
+`path="prefill"` (routers that read no surprise) the stream is replayed in parallel chunks
+(`Engine.prefill`: the same state and records within fp32 rounding, tested): all of it with
+adaptation off, where nothing in the test part depends on the order of steps, and only the history
+before the test part with adaptation on, the test part then streaming through the engine as with
+`path="engine"` so that the adapter learns from it; the report names the path.
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ def _replay(routed, values_LC: np.ndarray, spec: BacktestSpec, windows: list[Lab
     if spec.path == "prefill":
         if routed.router.needs_surprise:
             raise ValueError("path=prefill needs a router that reads no surprise (none, all, fixed:K); use path=engine")
-        history = max(0, b - s)
+        history = max(0, b - s) if spec.adaptation else len(x)
         info["history_rows"] = history
     got = backtest_streams(routed, {"stream": x}, adapter=adapter, labels=labels, progress=spec.progress, desc="oryx replay",
                            history=history)["stream"]

@@ -176,7 +176,8 @@ def _markdown(result: BacktestResult, files: dict[str, str]) -> str:
     lines = [f"# Backtest: {d['name'] or d['source']} ({s['date']})", ""]
     replay = s["oryx"]["replay"]
     path = ("engine (`backtest_streams`, the service's code path)" if replay["path"] == "engine" else
-            f"engine, with the {replay['history_rows']:,} rows before the test part prefilled in parallel chunks (`Engine.prefill`)")
+            f"engine, with the first {replay['history_rows']:,} of the {replay['tokens'] * o['patch_len']:,} rows replayed "
+            "prefilled in parallel chunks (`Engine.prefill`; the whole stream when adaptation is off)")
     model = s["oryx"]["model"]
     trained = (f"preset `{model['preset']}` trained here on rows [0, {sp['validation'][1]}) for {model['steps']} steps "
                f"({model['seconds']:.0f} s; validation loss {model['val_loss_first']:.3f} -> {model['val_loss_last']:.3f}"
