@@ -1,4 +1,4 @@
-"""Training speed (CPU): training tokens per second of `oryx_ts.train.fit` on a synthetic stream.
+"""Training speed: training tokens per second of `oryx_ts.train.fit` on a synthetic stream.
 
 Each configuration builds a preset (`debug`, `small`; a mixer with `--mixer`), generates a
 synthetic stream long enough for it (`oryx_ts.datasets.synthetic.generate`), and runs the
@@ -51,7 +51,8 @@ def code_version() -> str:
     return sha + ("+" if dirty else "")
 
 
-def measure(name: str, mixer: str, steps: int, warmup: int, threads: int, compiled: bool, overrides: list[str]) -> dict:
+def measure(name: str, mixer: str, steps: int, warmup: int, threads: int, compiled: bool, overrides: list[str],
+            device: str = "cpu") -> dict:
     """Train `warmup + steps` steps of preset `name`; returns the timing of the last `steps`."""
     if warmup < 1:
         raise ValueError("warmup must be >= 1: a step's interval starts at the callback of the step before it")
@@ -67,7 +68,8 @@ def measure(name: str, mixer: str, steps: int, warmup: int, threads: int, compil
         stamps.append((time.perf_counter(), time.process_time(), "val_loss" in record))
 
     began = time.perf_counter()
-    fit(config, stream.values, on_step=on_step, stop_after=warmup + steps, wrap=torch.compile if compiled else None)
+    fit(config, stream.values, device=device, on_step=on_step, stop_after=warmup + steps,
+        wrap=torch.compile if compiled else None)
     total = time.perf_counter() - began
     pairs = [(a, b) for a, b in zip(stamps[warmup - 1 :], stamps[warmup:]) if not b[2]]
     times = [b[0] - a[0] for a, b in pairs]
@@ -78,16 +80,16 @@ def measure(name: str, mixer: str, steps: int, warmup: int, threads: int, compil
         "batch": f"{t.batch_size} x {t.window_tokens}", "tokens_per_step": tokens, "timed_steps": len(times),
         "median_step_s": statistics.median(times), "tokens_per_s": tokens * len(times) / sum(times),
         "tokens_per_cpu_s": tokens * len(times) / cpu,
-        "first_steps_s": stamps[warmup - 1][0] - began, "total_s": total, "code": code_version(),
+        "first_steps_s": stamps[warmup - 1][0] - began, "total_s": total, "code": code_version(), "device": device,
     }
 
 
-HEADER = ("| preset | mixer | threads | compile | batch x tokens | timed steps | median step (s) | tokens/s | tokens/CPU-s "
-          "| warm-up incl. first validation (s) | code |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+HEADER = ("| preset | mixer | device | threads | compile | batch x tokens | timed steps | median step (s) | tokens/s | tokens/CPU-s "
+          "| warm-up incl. first validation (s) | code |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def row(r: dict) -> str:
-    return (f"| {r['preset']} | {r['mixer']} | {r['threads']} | {r['compile']} | {r['batch']} | {r['timed_steps']} "
+    return (f"| {r['preset']} | {r['mixer']} | {r['device']} | {r['threads']} | {r['compile']} | {r['batch']} | {r['timed_steps']} "
             f"| {r['median_step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_cpu_s']:,.0f} | {r['first_steps_s']:.1f} | {r['code']} |")
 
 
@@ -100,6 +102,7 @@ def main() -> None:
     p.add_argument("--threads", default="2", help="comma-separated torch thread counts")
     p.add_argument("--compile", default="off", help="comma-separated: off, on")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="a change to the preset (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (timings then include the per-step loss read-back)")
     args = p.parse_args()
     if args.steps < 1:
         p.error("--steps must be >= 1")
@@ -109,7 +112,8 @@ def main() -> None:
     print(HEADER, flush=True)
     combos = itertools.product(args.preset.split(","), args.mixer.split(","), [int(n) for n in args.threads.split(",")], compiles)
     for name, mixer, threads, comp in combos:
-        print(row(measure(name.strip(), mixer.strip(), args.steps, args.warmup, threads, comp == "on", args.set)), flush=True)
+        print(row(measure(name.strip(), mixer.strip(), args.steps, args.warmup, threads, comp == "on", args.set,
+                              args.device)), flush=True)
 
 
 if __name__ == "__main__":
