@@ -38,6 +38,7 @@ from oryx_ts.streams.adapter import Adapter, AdapterConfig, AdapterState
 from oryx_ts.streams.regularizer import Regularizer, RegularizerPolicy
 from oryx_ts.streams.records import SUMS, STATE_BYTES_KEPT, Forecast, ForecastState, IngestResult, StepRecord
 from oryx_ts.streams.store import MemoryStore, StateStore
+from oryx_ts.streams import windows as label_windows
 
 register_part(AdapterState)
 
@@ -56,7 +57,7 @@ class _Series:
     windows_seen: set = field(default_factory=set)
     # (token, bytes) every `state_bytes_every` tokens, the last STATE_BYTES_KEPT samples (bounded memory)
     state_bytes: deque = field(default_factory=lambda: deque(maxlen=STATE_BYTES_KEPT))
-    windows: tuple | None = None  # the labels as arrays, once the grid is known (`Engine._windows`)
+    windows: tuple | None = None  # the labels as arrays, once the grid is known (`windows.label_arrays`)
 
 
 class Engine:
@@ -260,7 +261,7 @@ class Engine:
             served = (served_norm.double() * std[0][:, None, :, None] + mean[0][:, None, :, None]).float()
         else:
             served = out.forecast[0]
-        labelled = torch.as_tensor(self._labelled([s] * T, tokens), device=dev)
+        labelled = torch.as_tensor(label_windows.labelled([s] * T, tokens, self.P), device=dev)
         fc: ForecastState = sub.parts["forecast"]
         # the origins whose targets can lie in this chunk: the M pending before it, then the chunk's own
         j_prev = torch.arange(n0 - M, n0, device=dev)
@@ -293,7 +294,7 @@ class Engine:
             fc.pending_mean_BMC[0, k], fc.pending_std_BMC[0, k] = mean[0, j], std[0, j]
             fc.pending_token_BM[0, k], fc.pending_label_BM[0, k] = n0 + j, labelled[j]
         fc.served_BHzCQ = served[-1:].clone()
-        self._recall([s] * T, tokens, out.modes_BT[0].numpy())
+        label_windows.recall([s] * T, tokens, out.modes_BT[0].numpy(), self.P)
         # state bytes after each token: constant under bounded retention, linear in the tokens under `all`
         nbytes = bytes0 + (bytes1 - bytes0) * (np.arange(T) + 1) // T
         s.state_bytes.extend((int(n), int(nbytes[n - n0])) for n in tokens[tokens % self.state_bytes_every == 0])
@@ -363,11 +364,11 @@ class Engine:
         fc.pending_mean_BMC[r, slot] = mean_RC
         fc.pending_std_BMC[r, slot] = std_RC
         fc.pending_token_BM[r, slot] = n_R
-        fc.pending_label_BM[r, slot] = torch.as_tensor(self._labelled(batch, n_R.cpu().numpy()), device=self.device)
+        fc.pending_label_BM[r, slot] = torch.as_tensor(label_windows.labelled(batch, n_R.cpu().numpy(), self.P), device=self.device)
         fc.served_BHzCQ = served
         routing = sub.parts["routing"]
         fc.sums_BK[:, SUMS.index("attention_tokens")] += routing.last_mode_B.double()
-        self._recall(batch, n_R.cpu().numpy(), routing.last_mode_B.cpu().numpy())
+        label_windows.recall(batch, n_R.cpu().numpy(), routing.last_mode_B.cpu().numpy(), self.P)
         if not whole:
             self.pool.scatter(rows, sub)
 
@@ -428,70 +429,6 @@ class Engine:
             err_in, n_in, abs_XR[-1] - err_in, entries - n_in,
         ], dim=1)
         fc.sums_BK[:, : sums.shape[1]] += sums
-
-    def _spans(self, s: _Series, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """First and last timestamp of each token of `s` (int64 arrays), or None before the grid is known."""
-        reg = s.regularizer
-        if reg.origin is None or reg.step is None:
-            return None
-        first = reg.origin + ((s.first_index or 0) + np.asarray(tokens, dtype=np.int64) * self.P) * reg.step
-        return first, first + (self.P - 1) * reg.step
-
-    def _windows(self, s: _Series) -> tuple[np.ndarray, ...] | None:
-        """The series' labels as arrays (a_L, b_L sorted by start; b_max_L the latest end so far; first_L the
-        token holding each start, at least 0), built once the grid and the first step are known; None before."""
-        if s.windows is None and s.labels and s.first_index is not None and self._spans(s, np.zeros(1)) is not None:
-            reg = s.regularizer
-            a_L, b_L = np.asarray(s.labels, dtype=np.int64).reshape(-1, 2).T  # sorted by start at add_series
-            first_L = np.maximum(((a_L - reg.origin) // reg.step - (s.first_index or 0)) // self.P, 0)
-            s.windows = (a_L, b_L, np.maximum.accumulate(b_L), first_L)
-        return s.windows
-
-    def _labelled(self, batch: list[_Series], tokens: np.ndarray) -> np.ndarray:
-        """Whether each (series, token) overlaps one of the series' labelled windows [a, b)."""
-        out = np.zeros(len(batch), dtype=bool)
-        for s, rows in self._by_series(batch):
-            if (w := self._windows(s)) is None:
-                continue
-            a_L, _, b_max, _ = w
-            t0, t1 = self._spans(s, np.asarray(tokens)[rows])
-            k = np.searchsorted(a_L, t1, side="right")  # windows starting at or before the token's end
-            out[rows] = (k > 0) & (b_max[np.maximum(k - 1, 0)] > t0)
-        return out
-
-    def _recall(self, batch: list[_Series], tokens: np.ndarray, modes: np.ndarray, first_tokens: int = 3) -> None:
-        """A labelled window is recalled when one of its first `first_tokens` tokens ran attention.
-
-        Each series' tokens in `batch` must come in increasing order (one per micro-batch step, or a
-        prefilled run)."""
-        tokens, modes = np.asarray(tokens), np.asarray(modes)
-        for s, rows in self._by_series(batch):
-            if (w := self._windows(s)) is None:
-                continue
-            a_L, b_L, _, first_L = w
-            mine, mine_modes = tokens[rows].astype(np.int64), modes[rows]
-            # only windows whose first tokens reach into these tokens can count
-            lo = int(np.searchsorted(first_L, mine[0] - first_tokens + 1, side="left"))
-            hi = int(np.searchsorted(first_L, mine[-1], side="right"))
-            if lo >= hi:
-                continue
-            n_LJ = first_L[lo:hi, None] + np.arange(first_tokens)
-            at = np.minimum(np.searchsorted(mine, n_LJ), len(mine) - 1)
-            t0, t1 = self._spans(s, n_LJ)
-            counts = (mine[at] == n_LJ) & (a_L[lo:hi, None] <= t1) & (t0 < b_L[lo:hi, None])
-            for k in np.flatnonzero(counts.any(1)).tolist():
-                s.windows_seen.add(lo + k)
-                if (mine_modes[at[k][counts[k]]] > 0).any():
-                    s.windows_recalled.add(lo + k)
-
-    @staticmethod
-    def _by_series(batch: list[_Series]) -> list[tuple[_Series, list[int]]]:
-        """Rows of `batch` per labelled series (a series may fill several rows: a prefilled run)."""
-        groups: dict[int, tuple[_Series, list[int]]] = {}
-        for i, s in enumerate(batch):
-            if s.labels:
-                groups.setdefault(id(s), (s, []))[1].append(i)
-        return list(groups.values())
 
     # --- reading ------------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
-"""The engine's label bookkeeping (which tokens lie in labelled windows, which windows got attention among
+"""The engine's label bookkeeping (`streams.windows`) (which tokens lie in labelled windows, which windows got attention among
 their first tokens) is vectorized over a series' tokens; it must equal the rule written token by token."""
 
 import numpy as np
 import pytest
 
 from oryx_ts.streams import Engine
+from oryx_ts.streams.windows import labelled, recall
 from tests.conftest import random_model
 
 
@@ -40,13 +41,13 @@ def test_vectorized_labels_and_recall_equal_the_token_by_token_rule(seed):
     tokens = np.arange(int(rng.integers(0, 20)), 300)
     modes = (rng.random(len(tokens)) < 0.3).astype(np.float32)
     want_l, want_seen, want_rec = reference(engine, s, tokens, modes)
-    assert np.array_equal(engine._labelled([s] * len(tokens), tokens), want_l)
+    assert np.array_equal(labelled([s] * len(tokens), tokens, engine.P), want_l)
     s.windows_seen, s.windows_recalled = set(), set()
-    engine._recall([s] * len(tokens), tokens, modes)
+    recall([s] * len(tokens), tokens, modes, engine.P)
     assert (s.windows_seen, s.windows_recalled) == (want_seen, want_rec)
     # token by token, as the micro-batch step calls it, gives the same
     s.windows_seen, s.windows_recalled = set(), set()
     for n, m in zip(tokens, modes):
-        assert engine._labelled([s], np.array([n]))[0] == want_l[n - tokens[0]]
-        engine._recall([s], np.array([n]), np.array([m]))
+        assert labelled([s], np.array([n]), engine.P)[0] == want_l[n - tokens[0]]
+        recall([s], np.array([n]), np.array([m]), engine.P)
     assert (s.windows_seen, s.windows_recalled) == (want_seen, want_rec)
