@@ -8,7 +8,9 @@ when the space trains forecasters: over one shared forecaster there is nothing t
 
 The experiment lives at `storage` (an explicit directory, never ~/ray_results); `resume=True`
 continues it with `Tuner.restore`: finished trials keep their results and are not run again,
-unfinished ones continue from their last checkpoint.
+unfinished ones continue from their last checkpoint. (A trial that finished just before a kill,
+before Tune saved its experiment state, is started again, from its done-checkpoint: it
+re-reports its stored metrics and runs nothing.)
 """
 
 from __future__ import annotations
