@@ -12,8 +12,8 @@ from oryx_ts.datasets.synthetic import (
     SyntheticStream,
     generate,
     iter_chunks,
-    to_parquet,
 )
+from oryx_ts.datasets.synthetic_parquet import to_parquet
 
 __all__ = [
     "ANOMALY_KINDS",

@@ -111,7 +111,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
-    from oryx_ts.datasets.synthetic import SyntheticConfig, to_parquet
+    from oryx_ts.datasets.synthetic import SyntheticConfig
+    from oryx_ts.datasets.synthetic_parquet import to_parquet
 
     if Path(args.out).suffix.lower() not in (".parquet", ".pq"):
         raise ValueError(f"data generate writes Parquet (labels ride in its metadata): give --out a .parquet path, got {args.out!r}")

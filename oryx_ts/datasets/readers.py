@@ -241,7 +241,7 @@ def read(
     """Read a CSV or Parquet file into a `TelemetryStream` (see `from_frame` for the arguments).
 
     The file is scanned lazily and only the timestamp, channel and label columns are loaded.
-    A Parquet file written by `oryx_ts.datasets.synthetic.to_parquet` gets its labels back.
+    A Parquet file written by `oryx_ts.datasets.to_parquet` gets its labels back.
     The format follows the suffix: `.parquet`/`.pq`, `.csv`/`.txt` (comma-separated unless
     `separator` says otherwise) or `.tsv` (tab-separated); any other suffix is refused.
     Raises FileNotFoundError, or DataError naming the row and column of the first problem.

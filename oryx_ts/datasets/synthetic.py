@@ -4,7 +4,7 @@ Every stream is a deterministic function of `(length, channels, seed, config)`. 
 into a small *plan* (channel parameters, knots of the slow components, every event and missing
 stretch, O(events) memory) and a *render* of any step range `[a, b)` from that plan. Noise is drawn
 per fixed block of steps from its own seed, so rendering in chunks of any size gives bit-identical
-values; that is what lets `to_parquet` write 10M+ steps in bounded memory.
+values; that is what lets `synthetic_parquet.to_parquet` write 10M+ steps in bounded memory.
 
 Values are built in normalized units `z` and mapped to `level + scale * z` per channel:
     z = season * regime + wander + trend + sigma(t) * eps + additive events, then faults.
@@ -17,11 +17,9 @@ Legend: L raw steps, C channels, G channel groups.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -37,8 +35,6 @@ __all__ = [
     "SyntheticStream",
     "generate",
     "iter_chunks",
-    "recall_stream",
-    "to_parquet",
 ]
 
 ANOMALY_KINDS = ("spike", "level_shift", "variance_burst", "fault", "drift")
@@ -548,103 +544,3 @@ def iter_chunks(
     plan = _plan(length, channels, seed, config)
     ranges = _chunk_ranges(length, chunk)
     return list(plan.labels), ((a, _render(plan, a, b)) for a, b in ranges)
-
-
-def to_parquet(
-    path: str | Path,
-    length: int,
-    channels: int = 8,
-    *,
-    seed: int = 0,
-    config: SyntheticConfig | None = None,
-    chunk: int = 1 << 18,
-    progress: bool | None = None,
-) -> Path:
-    """Stream a generated series to one Parquet file in bounded memory (about one chunk).
-
-    Columns: `timestamp` (when the config has a start) and `ch0..ch{C-1}` float32 (null = missing).
-    The labels, seed and config are stored as JSON in the file's key-value metadata under
-    "oryx_ts", so `oryx_ts.datasets.read(path)` restores the labelled stream.
-    """
-    import polars as pl
-    from polars.io.plugins import register_io_source
-
-    config = config or SyntheticConfig()
-    plan = _plan(length, channels, seed, config)
-    start, step = _grid(config)
-    names = [f"ch{i}" for i in range(channels)]
-    schema: dict[str, pl.DataType] = {}
-    if start is not None:
-        schema["timestamp"] = pl.Datetime("us")
-    schema.update({n: pl.Float32() for n in names})
-    ranges = _chunk_ranges(length, chunk)
-    show = len(ranges) > 4 if progress is None else progress
-
-    def source(with_columns, predicate, n_rows, batch_size):
-        for a, b in tqdm(ranges, desc="to_parquet", unit="chunk", disable=not show):
-            values = _render(plan, a, b)
-            columns = {}
-            if start is not None:
-                columns["timestamp"] = (start + np.arange(a, b) * step).astype("datetime64[us]")
-            columns.update({n: values[:, i] for i, n in enumerate(names)})
-            frame = pl.DataFrame(columns).with_columns(pl.col(names).fill_nan(None))
-            yield frame if with_columns is None else frame.select(with_columns)
-
-    meta = {
-        "source": "synthetic",
-        "seed": seed,
-        "length": length,
-        "channels": names,
-        "start": None if start is None else str(start),
-        "step_seconds": None if step is None else int(step / np.timedelta64(1, "s")),
-        "config": config.to_dict(),
-        "labels": [[w.start, w.end, w.kind] for w in plan.labels],
-        "recurrences": [[p[0].start, p[1].start, len(p[0])] for p in plan.recurrences],
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame = register_io_source(source, schema=pl.Schema(schema))
-    frame.sink_parquet(path, metadata={PARQUET_META_KEY: json.dumps(meta)}, row_group_size=chunk,
-                       engine="streaming")
-    return path
-
-
-def recall_stream(length: int, channels: int, *, period: int = 128, repeats: int = 8, noise: float = 0.05,
-                  seed: int = 0, max_gap: int = 0, gap_step: int = 8) -> np.ndarray:
-    """An unlabelled `(length, channels)` float32 stream for teaching a model to look the past up.
-
-    Back-to-back blocks, each one random waveform of `period` steps (a normalized random walk per
-    channel) played `repeats` times with fresh noise: after the first play, the rest of a block is
-    predictable only by recalling the play before. Training a forecaster's attention on it first
-    (a curriculum) is what lets the model later use attention on repeats of rare patterns in real
-    telemetry, which a small model does not learn from their rare occurrences alone.
-
-    With `max_gap > 0` every play comes after a gap of distractors: an unrelated normalized random
-    walk whose length is drawn uniformly from the multiples of `gap_step` up to `max_gap` (0
-    included), so the earlier play must be found by its content at a varying distance. Plays and
-    gaps keep to multiples of `gap_step` steps (patch-aligned when it is the patch length).
-    `max_gap=0` gives the stream of back-to-back plays.
-    """
-    if length < 1 or channels < 1 or period < 1 or repeats < 1:
-        raise ValueError(f"length, channels, period and repeats must be >= 1, got {(length, channels, period, repeats)}")
-    if max_gap < 0 or gap_step < 1:
-        raise ValueError(f"need max_gap >= 0 and gap_step >= 1, got {max_gap}, {gap_step}")
-    rng = _rng(seed, 99)
-
-    def walk(n: int) -> np.ndarray:
-        w = np.cumsum(rng.standard_normal((n, channels)), axis=0)
-        return (w - w.mean(0)) / (w.std(0) + 1e-6)
-
-    blocks, n = [], 0
-    while n < length:
-        wave = walk(period)
-        if max_gap == 0:
-            blocks.append(np.tile(wave, (repeats, 1)) + noise * rng.standard_normal((period * repeats, channels)))
-            n += period * repeats
-            continue
-        for _ in range(repeats):
-            gap = int(rng.integers(0, max_gap // gap_step + 1)) * gap_step
-            play = np.concatenate([walk(gap), wave]) if gap else wave
-            blocks.append(play + noise * rng.standard_normal(play.shape))
-            n += len(play)
-    return np.concatenate(blocks)[:length].astype(np.float32)

@@ -17,7 +17,7 @@ import numpy as np
 
 from oryx_ts.config import OryxConfig, preset
 from oryx_ts.datasets.labels import LabelWindow, mask_from_windows
-from oryx_ts.datasets.synthetic import recall_stream
+from oryx_ts.datasets.recall import recall_stream
 from oryx_ts.model import OryxForecaster
 from oryx_ts.routers.learned import LearnedRouter
 from oryx_ts.train import train, train_router

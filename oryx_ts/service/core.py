@@ -198,7 +198,7 @@ class Service:
         """Each micro-batch of a flush: metrics, and the stepped series' forecasts, pending their commit."""
         self.metrics.on_step(rec)
         engine, P, Hz = self.engine_in_flush, self.P, self.Hz
-        served = rec.served_RHzCQ.copy()  # the engine's tensors may be written in place later
+        served = rec.served_RHzCQ  # a step record's arrays are its receiver's own (the engine copies them)
         for i, sid in enumerate(rec.series_ids):
             n = int(rec.tokens_R[i])
             reg = engine.series[sid].regularizer

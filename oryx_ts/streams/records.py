@@ -61,7 +61,8 @@ class Forecast:
 
 @dataclass
 class StepRecord:
-    """One micro-batch of steps, for callers that keep per-token histories (backtests, audits)."""
+    """One micro-batch of steps, for callers that keep per-token histories (backtests, audits).
+    Its arrays belong to the receiver: no engine tensor shares their memory."""
 
     series_ids: list[str]
     tokens_R: np.ndarray

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from oryx_ts.datasets import ANOMALY_KINDS, SyntheticConfig, generate, iter_chunks, read, to_parquet
-from oryx_ts.datasets.synthetic import recall_stream
+from oryx_ts.datasets.recall import recall_stream
 
 SHORT = dict(length=40_000, channels=8)
 
@@ -262,7 +262,7 @@ def test_ten_million_steps_stream_to_parquet_in_bounded_memory(tmp_path):
     script = textwrap.dedent(f"""
         import json, resource, time, tracemalloc
         import polars as pl
-        from oryx_ts.datasets.synthetic import to_parquet
+        from oryx_ts.datasets.synthetic_parquet import to_parquet
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         tracemalloc.start()
         began = time.perf_counter()

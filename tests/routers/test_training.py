@@ -9,7 +9,7 @@ import pytest
 from oryx_ts.config import preset
 from oryx_ts.datasets.labels import LabelWindow, mask_from_windows
 from oryx_ts.datasets.scenarios import SCENARIOS
-from oryx_ts.datasets.synthetic import recall_stream
+from oryx_ts.datasets.recall import recall_stream
 from oryx_ts.routers import LearnedRouter
 from oryx_ts.routers import training
 from oryx_ts.routers.training import RECIPES, ForecasterRecipe, train_forecaster, train_routers
