@@ -184,6 +184,9 @@ class BudgetConfig:
     reserve: share of a window's surcharge allowance that only spikes may spend.
     spike_z: a score is a spike when it lies this many deviations above the running mean score.
     threshold_lr: step of the controller's adaptive threshold, in deviations of the scores.
+    hold: hysteresis: after a token that its score sent to attention, up to this many next tokens of
+        the series run attention too, whatever their scores, as long as the window's ordinary budget
+        (the part outside the reserve) allows; 0 = off.
     """
 
     fraction: float = 0.1
@@ -192,6 +195,7 @@ class BudgetConfig:
     reserve: float = 0.3
     spike_z: float = 2.0
     threshold_lr: float = 0.05
+    hold: int = 0
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.fraction <= 1.0, f"budget.fraction must be in [0, 1], got {self.fraction}")
@@ -199,6 +203,7 @@ class BudgetConfig:
         _check(self.slack >= 0, f"budget.slack must be >= 0, got {self.slack}")
         _check(0.0 <= self.reserve <= 1.0, f"budget.reserve must be in [0, 1], got {self.reserve}")
         _check(self.threshold_lr >= 0, f"budget.threshold_lr must be >= 0, got {self.threshold_lr}")
+        _check(isinstance(self.hold, int) and self.hold >= 0, f"budget.hold must be an integer >= 0, got {self.hold}")
 
 
 @dataclass(frozen=True, kw_only=True)

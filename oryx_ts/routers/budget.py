@@ -21,6 +21,13 @@ and mean absolute deviation of the scores, clipped to [TAU_MIN, 1]; `z` takes a 
 quantile step towards spending the budget rate. Being relative to the spread of the scores, the
 step neither drowns the ranking of narrowly spread scores nor crawls on widely spread ones; the
 clip keeps scores of 1 always above and scores of 0 always below the threshold.
+
+Hysteresis (`BudgetConfig.hold` = h > 0): a token that its score sent to attention opens a hold of
+the next h tokens, which run attention whatever their scores wherever the ordinary budget allows
+(the same test as an ordinary token: the reserve stays for spikes); a held token does not extend
+the hold, a token sent by its score restarts it. Held tokens pass the same window test as every
+other attention token, so the guarantee is untouched. The hold's countdown is a state part of its
+own (`HoldState`), present only when h > 0, so states made without hysteresis keep their layout.
 """
 
 from dataclasses import dataclass
@@ -68,30 +75,48 @@ class ControllerState:
         )
 
 
-def controller_step(
-    scores_B: torch.Tensor, st: ControllerState, budget: BudgetConfig, config: OryxConfig, positions: int | np.ndarray | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decide the modes of one token of every series and advance `st` in place.
+@register_part
+@dataclass
+class HoldState:
+    """Per-series hysteresis state: how many of the next tokens the current hold still covers."""
 
-    `positions` are the series' token positions (one int for all, or one per series).
+    left_B: torch.Tensor  # int64 (B,)
+
+    @classmethod
+    def init(cls, batch_size: int, device=None) -> "HoldState":
+        return cls(left_B=torch.zeros(batch_size, dtype=torch.int64, device=device))
+
+
+def controller_step(
+    scores_B: torch.Tensor, st: ControllerState, budget: BudgetConfig, config: OryxConfig, positions: int | np.ndarray | torch.Tensor,
+    hold: HoldState | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decide the modes of one token of every series and advance `st` (and `hold`) in place.
+
+    `positions` are the series' token positions (one int for all, or one per series); `hold` is
+    needed when `budget.hold > 0` (see `controller_run`).
     Returns `(modes_B, flops_B, allowance_B)`: 1 = attention, the FLOPs that token spends, and its allowance.
     """
     scores = scores_B.detach().to(torch.float64).cpu().numpy()[:, None]
-    modes, flops, allow = controller_run(scores, st, budget, config, positions)
+    modes, flops, allow = controller_run(scores, st, budget, config, positions, hold)
     return torch.from_numpy(modes[:, 0]).float(), torch.from_numpy(flops[:, 0]), torch.from_numpy(allow[:, 0])
 
 
 def controller_run(
-    scores_BT: np.ndarray, st: ControllerState, budget: BudgetConfig, config: OryxConfig, positions: int | np.ndarray | torch.Tensor
+    scores_BT: np.ndarray, st: ControllerState, budget: BudgetConfig, config: OryxConfig, positions: int | np.ndarray | torch.Tensor,
+    hold: HoldState | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decide T consecutive tokens of every series, the first at `positions`; advances `st` in place.
+    """Decide T consecutive tokens of every series, the first at `positions`; advances `st` (and `hold`) in place.
 
     The same arithmetic as T calls of `controller_step` (which is this with T = 1), in float64
     numpy with the costs of every position computed once. Returns `(modes_BT, flops_BT, allowance_BT)`.
+    Raises `ValueError` for a state made for another window, or for `budget.hold > 0` without a `hold` state.
     """
     W = budget.window
     if st.excess_BW.shape[1] != max(W - 1, 0):
         raise ValueError(f"controller state holds a window of {st.excess_BW.shape[1] + 1} tokens, the budget asks for {W}")
+    if budget.hold > 0 and hold is None:
+        raise ValueError(f"budget.hold = {budget.hold} needs a HoldState (RoutedForecaster.init_state makes one)")
     scores_BT = np.asarray(scores_BT, dtype=np.float64)
     B, T = scores_BT.shape
     pos0 = np.broadcast_to(np.asarray(torch.as_tensor(positions).cpu(), dtype=np.int64), (B,))
@@ -100,6 +125,7 @@ def controller_run(
     dev_ = st.score_mean_B.device
     past = st.excess_BW.cpu().numpy().copy()
     z, mean_s, dev_s = (t.cpu().numpy().copy() for t in (st.z_B, st.score_mean_B, st.score_dev_B))
+    left = hold.left_B.cpu().numpy().copy() if budget.hold > 0 else np.zeros(B, dtype=np.int64)
     out_m, out_f, out_a = np.zeros((B, T)), np.zeros((B, T)), np.zeros((B, T))
     w_idx = np.arange(W)[None, :]
     for t in range(T):
@@ -120,7 +146,9 @@ def controller_run(
         dev_s = dev_s + SCORE_EMA * (np.abs(scores - mean_s / correction) - dev_s)
         tau = np.clip(mean_s / correction + z * (dev_s / correction + 1e-9), TAU_MIN, 1.0)
         spike = np.clip(mean_s / correction + budget.spike_z * (dev_s / correction + 1e-9), TAU_MIN, 1.0)
-        m = (((scores >= tau) & fits_ordinary) | ((scores >= spike) & fits_spike)).astype(np.float64)
+        sent = ((scores >= tau) & fits_ordinary) | ((scores >= spike) & fits_spike)
+        m = (sent | ((left > 0) & fits_ordinary)).astype(np.float64)
+        left = np.where(sent, budget.hold, np.maximum(left - 1, 0))
         flops = rec[:, 0] + m * (att[:, 0] - rec[:, 0])
         rate = np.clip((allow[:, 0] - rec[:, 0]) / (att[:, 0] - rec[:, 0]), 0.0, 1.0)
         z = np.clip(z + budget.threshold_lr * (m - rate), -Z_MAX, Z_MAX)
@@ -129,6 +157,8 @@ def controller_run(
         out_m[:, t], out_f[:, t], out_a[:, t] = m, flops, allow[:, 0]
     st.z_B, st.score_mean_B, st.score_dev_B = (torch.from_numpy(a).to(dev_) for a in (z, mean_s, dev_s))
     st.excess_BW = torch.from_numpy(past).to(st.excess_BW.device)
+    if budget.hold > 0:
+        hold.left_B = torch.from_numpy(left).to(hold.left_B.device)
     return out_m, out_f, out_a
 
 

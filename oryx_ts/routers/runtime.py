@@ -18,7 +18,7 @@ import torch
 from oryx_ts.config import BudgetConfig, OryxConfig
 from oryx_ts.flops import mode_costs_at
 from oryx_ts.model import OryxForecaster
-from oryx_ts.routers.budget import ControllerState, controller_run, controller_step
+from oryx_ts.routers.budget import ControllerState, HoldState, controller_run, controller_step
 from oryx_ts.routers.features import N_FEATURES, surprise_features
 from oryx_ts.routers.heuristics import Router, RouterInputs
 from oryx_ts.routers.state import RoutingState
@@ -57,6 +57,10 @@ class RoutedForecaster:
         self.model_step = model.step  # the model's step; `compile_step` swaps in a compiled one
         self.config: OryxConfig = model.config
 
+    @property
+    def _holds(self) -> bool:
+        return self.budget is not None and self.budget.hold > 0
+
     def compile_step(self) -> None:
         """Run the model's part of every step through `torch.compile` (routing stays eager, on the host)."""
         self.model_step = torch.compile(self.model.step, dynamic=False)
@@ -70,11 +74,13 @@ class RoutedForecaster:
             "routing": lambda n, dev: RoutingState.allocate(n, shape, dev),
             "controller": lambda n, dev: ControllerState.init(n, window, dev),
         }
+        if self._holds:
+            routed["hold"] = lambda n, dev: HoldState.init(n, dev)
         return self.model.init_state(batch_size, capacity=capacity, device=device, parts={**routed, **(parts or {})})
 
-    def _decide(self, scores_B: torch.Tensor, ctrl: ControllerState, positions_B: torch.Tensor):
+    def _decide(self, scores_B: torch.Tensor, ctrl: ControllerState, positions_B: torch.Tensor, hold: HoldState | None = None):
         if self.budget is not None:
-            return controller_step(scores_B, ctrl, self.budget, self.config, positions_B)
+            return controller_step(scores_B, ctrl, self.budget, self.config, positions_B, hold)
         modes = (scores_B.detach().cpu() >= 0.5).float()
         costs = mode_costs_at(self.config, positions_B.cpu().numpy())
         flops = torch.from_numpy(costs.recurrent_T) + modes.double() * torch.from_numpy(costs.surcharge_T)
@@ -101,7 +107,7 @@ class RoutedForecaster:
             feats, ema = torch.zeros(B, 1, N_FEATURES), rs.ema_B
         tokens = embedded.tokens_B1D
         scores = self.router.scores(RouterInputs(tokens, feats.to(tokens.device), n_B[:, None]))[:, 0]
-        modes, flops, allow = self._decide(scores, ctrl, n_B)
+        modes, flops, allow = self._decide(scores, ctrl, n_B, state.parts.get("hold"))
         forecast, state = self.model_step(patch_BPC, state, modes.to(patch_BPC.device), embedded=embedded)
         dev = rs.ema_B.device
         rs.ema_B = ema.to(dev)
@@ -147,8 +153,10 @@ class RoutedForecaster:
         positions_BT = n_B[:, None] + torch.arange(T)
         scores_BT = self.router.scores(RouterInputs(tokens_BTD, torch.zeros(B, T, N_FEATURES), positions_BT)).detach().float().cpu()
         ctrl = ControllerState.init(B, self.budget.window if self.budget else 1) if state is None else state.parts["controller"]
+        hold = (HoldState.init(B) if state is None else state.parts["hold"]) if self._holds else None
         if self.budget is not None:
-            modes, flops, allow = (torch.from_numpy(a) for a in controller_run(scores_BT.double().numpy(), ctrl, self.budget, self.config, n_B))
+            decided = controller_run(scores_BT.double().numpy(), ctrl, self.budget, self.config, n_B, hold)
+            modes, flops, allow = (torch.from_numpy(a) for a in decided)
             return scores_BT, modes.float(), flops, allow, ctrl
         modes, flops, allow = self._decide(scores_BT, ctrl, positions_BT)
         return scores_BT, modes, flops, allow, ctrl
@@ -160,6 +168,8 @@ class RoutedForecaster:
         window = self.budget.window if self.budget else 1
         if ctrl.excess_BW.shape[1] != window - 1:
             raise ValueError(f"state was made for a budget window of {ctrl.excess_BW.shape[1] + 1} tokens, this budget has {window}")
+        if self._holds and not isinstance(state.parts.get("hold"), HoldState):
+            raise ValueError(f"budget.hold = {self.budget.hold} needs a state with a hold part: create it with RoutedForecaster.init_state")
 
     @torch.no_grad()
     def prefill(

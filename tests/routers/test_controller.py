@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from oryx_ts.config import preset
 from oryx_ts.flops import mode_costs
-from oryx_ts.routers import BudgetConfig, ControllerState, allowance, controller_step, window_sums
+from oryx_ts.routers import BudgetConfig, ControllerState, HoldState, allowance, controller_step, window_sums
 
 CONFIG = preset("debug")
 
@@ -16,8 +16,8 @@ CONFIG = preset("debug")
 def run(scores_BT: np.ndarray, budget: BudgetConfig, n0: int = 0):
     scores_BT = np.atleast_2d(scores_BT)
     B, T = scores_BT.shape
-    st_ = ControllerState.init(B, budget.window)
-    out = [controller_step(torch.as_tensor(scores_BT[:, n]), st_, budget, CONFIG, n0 + n) for n in range(T)]
+    st_, hold = ControllerState.init(B, budget.window), HoldState.init(B)
+    out = [controller_step(torch.as_tensor(scores_BT[:, n]), st_, budget, CONFIG, n0 + n, hold) for n in range(T)]
     modes, flops, allow = (torch.stack([o[i] for o in out], 1).numpy() for i in range(3))
     return modes, flops, allow
 
@@ -39,9 +39,10 @@ score_streams = st.one_of(
     reserve=st.floats(0, 1),
     spike_z=st.floats(-1, 5),
     n0=st.integers(0, 500),
+    hold=st.sampled_from([0, 0, 1, 4, 12]),
 )
-def test_realized_flops_never_exceed_the_budget_on_any_window(scores, fraction, window, slack, reserve, spike_z, n0):
-    budget = BudgetConfig(fraction=fraction, window=window, slack=slack, reserve=reserve, spike_z=spike_z)
+def test_realized_flops_never_exceed_the_budget_on_any_window(scores, fraction, window, slack, reserve, spike_z, n0, hold):
+    budget = BudgetConfig(fraction=fraction, window=window, slack=slack, reserve=reserve, spike_z=spike_z, hold=hold)
     s = np.asarray(scores)
     _, flops, allow = run(np.stack([s, s[::-1]]), budget, n0)
     for b in range(2):
@@ -92,8 +93,27 @@ def test_zero_scores_never_run_attention_and_full_scores_are_greedy():
     assert 0.15 < modes.mean() <= 0.25
 
 
+def test_a_hold_keeps_attention_on_after_a_spike_while_the_budget_allows():
+    scores = np.zeros(300)  # zeros never pass the threshold, so the budget is there when the spikes come
+    scores[[100, 200]] = 1.0
+    plain, _, _ = run(scores, BudgetConfig(fraction=0.2, window=64, reserve=0.0))
+    held, _, _ = run(scores, BudgetConfig(fraction=0.2, window=64, reserve=0.0, hold=4))
+    for n in (100, 200):
+        assert plain[0, n] == 1 and held[0, n : n + 5].all()  # the spike and the 4 tokens after it
+        assert plain[0, n + 1 : n + 5].sum() < 4
+    # a budget with no room beyond the spike itself holds nothing: every window still fits
+    tight, flops, allow = run(scores, BudgetConfig(fraction=0.02, window=64, reserve=0.0, hold=8))
+    assert (window_sums(flops[0], 64) <= window_sums(allow[0], 64) * (1 + 1e-12)).all()
+    assert tight[0].sum() < held[0].sum()
+
+
+def test_a_hold_needs_its_state():
+    with pytest.raises(ValueError, match="HoldState"):
+        controller_step(torch.ones(1), ControllerState.init(1, 4), BudgetConfig(fraction=0.1, window=4, hold=2), CONFIG, 0)
+
+
 def test_bad_budgets_are_refused_and_the_allowance_covers_recurrence():
-    for bad in ({"fraction": -0.1}, {"fraction": 1.5}, {"window": 0}, {"reserve": 2.0}, {"slack": -1.0}):
+    for bad in ({"fraction": -0.1}, {"fraction": 1.5}, {"window": 0}, {"reserve": 2.0}, {"slack": -1.0}, {"hold": -1}, {"hold": 1.5}):
         with pytest.raises(ValueError, match="budget"):
             BudgetConfig(**bad)
     rec, att, allow = allowance(BudgetConfig(fraction=0.0), CONFIG, np.arange(40))

@@ -69,7 +69,8 @@ def stream_through_step(model, x, router, budget):
 
 
 @pytest.mark.parametrize("name", list(ROUTERS))
-@pytest.mark.parametrize("budget", [BudgetConfig(fraction=0.25, window=8), None], ids=["budget", "no-budget"])
+@pytest.mark.parametrize("budget", [BudgetConfig(fraction=0.25, window=8), BudgetConfig(fraction=0.25, window=8, reserve=0.1, hold=3),
+                                    BudgetConfig(fraction=0.25, window=T), None], ids=["budget", "hold", "whole-stream", "no-budget"])
 def test_forward_and_step_make_the_same_decisions_and_forecasts(name, budget):
     model = random_model("gdn")
     router, x = ROUTERS[name](), stream()
@@ -121,6 +122,21 @@ def test_routed_state_resumes_from_disk_bit_for_bit(tmp_path):
         assert torch.equal(state.parts["routing"].last_mode_B, resumed.parts["routing"].last_mode_B)
     assert torch.equal(state.parts["routing"].spent_B, resumed.parts["routing"].spent_B)
     assert state.nbytes() > model.init_state(2).nbytes()
+
+
+def test_prefill_with_a_hold_continues_as_steps_would_and_the_hold_survives_a_restart(tmp_path):
+    model, budget, x = random_model("gdn"), BudgetConfig(fraction=0.3, window=8, reserve=0.0, hold=2), stream(4)
+    routed, P = RoutedForecaster(model, FixedRouter(5), budget), 8
+    _, steps, _, _ = stream_through_step(model, x, FixedRouter(5), budget)
+    out, state = routed.prefill(x[:, : 12 * P])
+    state.save(tmp_path / "s.safetensors")
+    resumed = oryx_ts.State.load(tmp_path / "s.safetensors")
+    assert torch.equal(resumed.parts["hold"].left_B, state.parts["hold"].left_B)
+    rest, _ = routed.prefill(x[:, 12 * P :], state=resumed)
+    assert torch.equal(torch.cat([out.modes_BT, rest.modes_BT], 1), steps)
+    assert steps.sum() > (np.arange(T) % 5 == 4).sum() * 2  # the hold added tokens the schedule did not ask for
+    with pytest.raises(ValueError, match="hold"):
+        routed.step(torch.randn(1, 8, 4), RoutedForecaster(model, FixedRouter(5), BudgetConfig(fraction=0.3, window=8)).init_state(1))
 
 
 def test_plain_state_is_not_taken_for_a_routed_one(tmp_path):
