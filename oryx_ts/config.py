@@ -149,6 +149,13 @@ class RouterConfig:
     patch, or one of the next `surprise_lookahead` patches, is among the budget `fraction` most
     surprising of its training window under the all-recurrent forecasts (see
     `oryx_ts.routers.features.surprise_targets`). It reads no labels.
+
+    `target` picks what the label-free router is fitted to. `"surprise"`: the forecast loss through
+    the relaxed modes plus the surprise term above. `"gain"`: what attention gains, measured on the
+    frozen forecaster itself: both paths run over every training window and a token is a positive
+    when the drop of its forecast loss from all-recurrent to all-attention (averaged with the next
+    `gain_lookahead` tokens') is among the budget `fraction` largest of its batch and above zero
+    (`oryx_ts.routers.training.gain_targets`); the surprise term is added with `surprise_weight`.
     """
 
     hidden: int = 32
@@ -162,6 +169,8 @@ class RouterConfig:
     surprise_lookahead: int = 0  # patches after a token whose surprise also makes it a positive
     label_weight: float = 0.0  # > 0: also fit labelled windows (binary cross-entropy) when labels are given
     seed: int = 0
+    target: Literal["surprise", "gain"] = "surprise"  # what the label-free router fits (see above)
+    gain_lookahead: int = 0  # tokens after a token whose attention gain is averaged into its own
 
     def __post_init__(self) -> None:
         for name in ("hidden", "steps", "batch_size"):
@@ -171,6 +180,8 @@ class RouterConfig:
         _check(self.label_weight >= 0, f"router.label_weight must be >= 0, got {self.label_weight}")
         _check(self.surprise_weight >= 0, f"router.surprise_weight must be >= 0, got {self.surprise_weight}")
         _check(self.surprise_lookahead >= 0, f"router.surprise_lookahead must be >= 0, got {self.surprise_lookahead}")
+        _check(self.target in ("surprise", "gain"), f"router.target must be 'surprise' or 'gain', got {self.target!r}")
+        _check(self.gain_lookahead >= 0, f"router.gain_lookahead must be >= 0, got {self.gain_lookahead}")
 
 
 @dataclass(frozen=True, kw_only=True)

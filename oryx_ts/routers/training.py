@@ -7,6 +7,15 @@
   learns to look the past up, then 2,000 mixed-mode steps on telemetry whose program runs repeat often.
 - `daily`: the `debug` forecaster with 16 key dims and RoPE base 100 for 3,000 mixed-mode steps,
   half the chunks in attention mode, on telemetry whose jobs cover 30% of the steps.
+
+The router's target from the forecaster itself (`RouterConfig.target = "gain"`): `attention_gain`
+runs the frozen forecaster over a window both all-recurrent and all-attention and takes, per
+token, how much lower its own forecast loss is in attention; `gain_targets` turns that into
+positives; `train_gain_router` fits the router's logits to them (and to the surprise targets,
+with `surprise_weight`) by cross-entropy. The targets read the future; the router only its
+token's causal features.
+
+Legend: B windows, T tokens, L raw steps, C channels, Hz horizon, Q quantiles.
 """
 
 from collections.abc import Mapping, Sequence
@@ -14,15 +23,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from oryx_ts.config import OryxConfig, preset
+from oryx_ts.config import BudgetConfig, OryxConfig, preset
 from oryx_ts.datasets.labels import LabelWindow, mask_from_windows
 from oryx_ts.datasets.recall import recall_stream
+from oryx_ts.datasets.windows import WindowSampler
 from oryx_ts.model import OryxForecaster
+from oryx_ts.routers.features import surprise_targets
 from oryx_ts.routers.learned import LearnedRouter
-from oryx_ts.train import train, train_router
+from oryx_ts.train import RouterTrainResult, batch_targets, router_inputs, train, train_router
 
-__all__ = ["RECIPES", "ForecasterRecipe", "train_forecaster", "train_routers"]
+__all__ = ["RECIPES", "ForecasterRecipe", "attention_gain", "gain_targets", "train_forecaster", "train_gain_router", "train_routers"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,12 +84,108 @@ def train_routers(model: OryxForecaster, train_values: np.ndarray, train_windows
                   progress: bool = True) -> tuple[LearnedRouter, LearnedRouter]:
     """`(label-free, label-fitted)` learned routers for the frozen `model` on the `(L, C)` stream `train_values`.
 
-    The first is `train_router` under `model.config.router` (forecast loss plus the
-    self-supervised surprise objective, no labels); the second the same with `label_weight` 1,
-    fitting also the tokens of `train_windows` whose kind is in `events`.
+    The first is fitted under `model.config.router` without labels: by `train_gain_router` when its
+    `target` is `"gain"`, else by `train_router` (forecast loss plus the self-supervised surprise
+    objective); the second is `train_router` with `label_weight` 1, fitting also the tokens of
+    `train_windows` whose kind is in `events`.
     """
-    router = train_router(model, train_values, progress=progress).router
-    labelled = model.config.replace(router={"label_weight": 1.0})
+    fit = train_gain_router if model.config.router.target == "gain" else train_router
+    router = fit(model, train_values, progress=progress).router
+    labelled = model.config.replace(router={"label_weight": 1.0, "target": "surprise"})
     supervised = train_router(model, train_values, router=LearnedRouter(labelled.block.d_model, labelled.router),
                               label_mask=mask_from_windows(train_windows, len(train_values), kind=events), progress=progress).router
     return router, supervised
+
+
+def token_losses(model: OryxForecaster, x_BLC: torch.Tensor, modes: float) -> torch.Tensor:
+    """`(B, T)` float64: each token's quantile loss (normalized units) over its observed targets with
+    every token in mode `modes` (0 all-recurrent, 1 all-attention); NaN where it has no target."""
+    with torch.no_grad():
+        B, T = x_BLC.shape[0], x_BLC.shape[1] // model.config.tokenizer.patch_len
+        pred, mean, std = model.forward_normalized(x_BLC, torch.full((B, T), float(modes)))
+        target = model.targets_normalized(x_BLC, mean, std)
+    q = torch.as_tensor(model.config.head.quantiles, dtype=torch.float64)
+    valid = ~torch.isnan(target)
+    diff = torch.where(valid, target, 0.0).double()[..., None] - pred.double()
+    loss = torch.maximum(q * diff, (q - 1) * diff).mean(-1) * valid
+    n = valid.sum((2, 3))
+    return torch.where(n > 0, loss.sum((2, 3)) / n.clamp_min(1), float("nan"))
+
+
+def attention_gain(model: OryxForecaster, x_BLC: torch.Tensor, lookahead: int = 0) -> torch.Tensor:
+    """`(B, T)` float64: how much lower each token's own forecast loss is all-attention than all-recurrent,
+    averaged with the next `lookahead` tokens' gains (as many as the window holds); NaN without a target.
+
+    Both are forwards of the frozen `model` over the whole window, one per mode.
+    """
+    gain = token_losses(model, x_BLC, 0.0) - token_losses(model, x_BLC, 1.0)
+    if lookahead == 0:
+        return gain
+    ok = ~torch.isnan(gain)
+    pad = lambda t: torch.cat([t, t.new_zeros(t.shape[0], lookahead)], 1).unfold(1, lookahead + 1, 1).sum(-1)  # noqa: E731
+    total, count = pad(torch.where(ok, gain, 0.0)), pad(ok.double())
+    return torch.where(ok, total / count.clamp_min(1), float("nan"))
+
+
+def gain_targets(gain_BT: torch.Tensor, fraction: float) -> torch.Tensor:
+    """`(B, T)` float32 router targets: 1 where the gain is among the `fraction` largest of the whole batch
+    (pooled: a window where attention never pays may hold no positive) and above zero.
+
+    Raises `ValueError` for a fraction outside (0, 1].
+    """
+    flat = gain_BT.reshape(1, -1)
+    ok = ~torch.isnan(flat[0])
+    hot = surprise_targets(torch.where(ok[None], flat, -torch.inf), ok, fraction=fraction)
+    return (hot.bool() & (flat > 0)).float().reshape(gain_BT.shape)
+
+
+def train_gain_router(model: OryxForecaster, values: np.ndarray | torch.Tensor, *, router: LearnedRouter | None = None,
+                      budget: BudgetConfig | None = None, progress: bool = True) -> RouterTrainResult:
+    """Fit a learned router to where attention pays on the frozen `model`, on the training part of a `(L, C)` stream.
+
+    Per batch of windows (`train.window_tokens`, drawn as `train_router` draws them): the router's
+    logits from causal features (`router_inputs`), a cross-entropy towards `gain_targets` of
+    `attention_gain` (the budget's `fraction`, default `model.config.budget`; `gain_lookahead`),
+    plus `surprise_weight` times the cross-entropy towards the surprise targets (`batch_targets`).
+    Settings from `router.config` when a router is given, else `model.config.router`. The forecaster
+    is not changed. Raises `ValueError` for a stream of the wrong shape or a fraction of 0.
+    """
+    config = model.config
+    rc, t = (router.config if router is not None else config.router), config.train
+    fraction = (budget or config.budget).fraction
+    if fraction <= 0:
+        raise ValueError("a router trained for a budget fraction of 0 would never route; give a fraction > 0")
+    values = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    if values.dim() != 2 or values.shape[1] != config.tokenizer.channels:
+        raise ValueError(f"expected a stream of shape (length, {config.tokenizer.channels}), got {tuple(values.shape)}")
+    P = config.tokenizer.patch_len
+    sampler = WindowSampler(values, t.window_tokens * P, stop=int(values.shape[0] * (1 - t.val_fraction)), align=P)
+    torch.manual_seed(rc.seed)
+    generator = torch.Generator().manual_seed(rc.seed)
+    router = router or LearnedRouter(config.block.d_model, rc)
+    router.train()
+    opt = torch.optim.AdamW(router.parameters(), lr=rc.lr, weight_decay=0.0)
+    was_training = model.training
+    model.eval()
+    result = RouterTrainResult(router=router)
+    try:
+        for step in tqdm(range(1, rc.steps + 1), desc="router (gain)", disable=not progress, dynamic_ncols=True):
+            x = sampler.windows_at(sampler.starts[torch.randint(len(sampler.starts), (rc.batch_size,), generator=generator)])
+            inputs = router_inputs(model, x)
+            targets = gain_targets(attention_gain(model, x, rc.gain_lookahead), fraction)
+            logits = router.logits(inputs)
+            gain_loss = F.binary_cross_entropy_with_logits(logits, targets)
+            loss = gain_loss
+            record = {"gain_loss": gain_loss.item(), "positives": targets.mean().item()}
+            if rc.surprise_weight > 0:
+                surprise_loss = F.binary_cross_entropy_with_logits(logits, batch_targets(inputs, fraction, rc.surprise_lookahead))
+                loss = loss + rc.surprise_weight * surprise_loss
+                record["surprise_loss"] = surprise_loss.item()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            result.history.append({"step": step, "rate": torch.sigmoid(logits).mean().item(), **record})
+    finally:
+        model.train(was_training)
+    router.eval()
+    return result

@@ -66,3 +66,69 @@ def test_the_supervised_router_fits_only_the_event_windows(monkeypatch):
     assert free.router is None and free.label_mask is None
     assert isinstance(supervised.router, LearnedRouter) and supervised.router.config.label_weight == 1.0
     assert np.array_equal(supervised.label_mask, mask_from_windows(windows[::2], 200))
+
+
+def test_token_losses_average_to_the_models_loss_and_the_gain_is_their_difference(monkeypatch):
+    import torch
+
+    model = random_model()
+    x = torch.randn(2, 20 * 8, model.config.tokenizer.channels).cumsum(1)
+    x[0, 30:34, 1] = float("nan")
+    for mode in (0.0, 1.0):
+        per_token = training.token_losses(model, x, mode)
+        assert torch.isnan(per_token[:, -1]).all() and not torch.isnan(per_token[:, :-1]).any()  # the last token has no target
+        pred, mean, std = model.forward_normalized(x, torch.full((2, 20), mode))
+        counts = (~torch.isnan(model.targets_normalized(x, mean, std))).sum((2, 3)).double()
+        pooled = (per_token.nan_to_num() * counts).sum() / counts.sum()
+        torch.testing.assert_close(pooled.float(), model.loss(x, torch.full((2, 20), mode)).detach(), rtol=1e-5, atol=1e-6)
+    fake = {0.0: torch.tensor([[3.0, 2.0, 5.0, float("nan")]], dtype=torch.float64),
+            1.0: torch.tensor([[1.0, 2.0, 1.0, float("nan")]], dtype=torch.float64)}
+    monkeypatch.setattr(training, "token_losses", lambda model, x, modes: fake[modes])
+    gain = training.attention_gain(None, None)
+    assert torch.allclose(gain[0, :3], torch.tensor([2.0, 0.0, 4.0], dtype=torch.float64)) and torch.isnan(gain[0, 3])
+    ahead = training.attention_gain(None, None, lookahead=1)  # each token's gain averaged with the next one's, where it has one
+    assert torch.allclose(ahead[0, :3], torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)) and torch.isnan(ahead[0, 3])
+
+
+def test_gain_targets_take_the_largest_positive_gains_of_the_whole_batch():
+    import torch
+
+    gain = torch.tensor([[0.5, -1.0, 0.1, float("nan")], [2.0, 0.3, -0.2, 0.0]], dtype=torch.float64)
+    assert training.gain_targets(gain, 0.25).tolist() == [[1, 0, 0, 0], [1, 0, 0, 0]]  # 2 of the 7 scored tokens
+    assert training.gain_targets(gain, 1.0).tolist() == [[1, 0, 1, 0], [1, 1, 0, 0]]  # never a gain <= 0 or a NaN
+    with pytest.raises(ValueError, match="fraction"):
+        training.gain_targets(gain, 0.0)
+
+
+def test_the_gain_router_fits_its_targets_and_leaves_the_forecaster_alone(monkeypatch):
+    import torch
+
+    model = random_model(train={"window_tokens": 16}, router={"steps": 30, "batch_size": 4, "target": "gain", "surprise_weight": 0.0},
+                         budget={"fraction": 0.2})
+    values = np.random.default_rng(0).normal(size=(3000, 4)).cumsum(0).astype(np.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = training.train_gain_router(model, values, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    losses = [h["gain_loss"] for h in result.history]
+    assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert all(0 < h["positives"] <= 0.2 + 1e-9 for h in result.history)
+    calls = []
+    monkeypatch.setattr(training, "train_gain_router", lambda model, values, progress=True: calls.append("gain") or result)
+    monkeypatch.setattr(training, "train_router", lambda model, values, router=None, label_mask=None, progress=True:
+                        calls.append(router.config.target) or result)
+    training.train_routers(model, values, [LabelWindow(10, 30, "spike")], ("spike",), progress=False)
+    assert calls == ["gain", "surprise"]  # the label-fitted router keeps the surprise objective
+
+
+def test_router_targets_are_validated_and_old_configs_load():
+    from oryx_ts.config import OryxConfig
+
+    for bad in ({"target": "labels"}, {"gain_lookahead": -1}):
+        with pytest.raises(ValueError, match="router"):
+            preset("debug", router=bad)
+    data = preset("debug").to_dict()
+    for key in ("target", "gain_lookahead"):
+        del data["router"][key]
+    del data["budget"]["hold"]
+    old = OryxConfig.from_dict(data)
+    assert old.router.target == "surprise" and old.router.gain_lookahead == 0 and old.budget.hold == 0
