@@ -265,6 +265,9 @@ def train(
 
     `max_seconds`: a time budget (see `fit`); how it went is in `TrainResult.time_budget`.
 
+    A 1-channel config trained on a `(L, C)` stream learns from each column as a series of its own
+    (channel-independent training: C times the windows; `validation.univariate`).
+
     Raises `ValueError` if the stream (or `val_values`) does not match the config's channel count
     or cannot train (see `check_trainable`: all missing, a missing or constant channel, too few
     rows, a horizon longer than a window holds).
@@ -272,11 +275,12 @@ def train(
     values = _as_stream(values)
     val = None if val_values is None else _as_stream(val_values)
     C = config.tokenizer.channels
-    if values.dim() != 2 or values.shape[1] != C:
+    if values.dim() != 2 or (values.shape[1] != C and C != 1):  # a 1-channel model learns from every column (`univariate`)
         raise ValueError(f"expected a stream of shape (length, {C}), got {tuple(values.shape)}")
     if data is not None and len(data.channels) != C:
         raise ValueError(f"data names {len(data.channels)} channels {list(data.channels)}, the stream has {C}")
-    check_trainable(values, config, data.channels if data is not None else None, val_values=val)
+    names = data.channels if data is not None and len(data.channels) == values.shape[1] else None
+    check_trainable(values, config, names, val_values=val)
     began = time.perf_counter()
     state, budget = fit(config, values, val_values=val, model=model, device=device, max_seconds=max_seconds,
                         probe_steps=probe_steps, progress=progress)

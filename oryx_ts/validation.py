@@ -12,13 +12,12 @@ train, saying what to change.
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from oryx_ts.config import OryxConfig
 from oryx_ts.datasets.windows import WindowSampler
 
-__all__ = ["Split", "check_trainable", "min_val_tokens", "rows_needed", "split_stream", "val_tokens"]
+__all__ = ["Split", "check_trainable", "min_val_tokens", "rows_needed", "split_stream", "univariate", "val_tokens"]
 
 
 @dataclass
@@ -142,6 +141,11 @@ def check_trainable(
     )
 
 
+def univariate(config: OryxConfig, values: torch.Tensor) -> bool:
+    """Whether a 1-channel model learns from every column of a wider stream, each column a series of its own."""
+    return config.tokenizer.channels == 1 and values.shape[1] > 1
+
+
 def split_stream(values: torch.Tensor, config: OryxConfig, val_values: torch.Tensor | None = None) -> Split:
     """The run's windows: from the head and the tail of `values`, or all of `values` and all of `val_values`.
 
@@ -150,14 +154,15 @@ def split_stream(values: torch.Tensor, config: OryxConfig, val_values: torch.Ten
     """
     P = config.tokenizer.patch_len
     window = config.train.window_tokens * P
+    per = univariate(config, values)
     if val_values is not None:
         T = val_tokens(val_values.shape[0], config)
-        val = WindowSampler(val_values, T * P, align=P)
-        return Split(WindowSampler(values, window, align=P), val, int(values.shape[0]),
+        val = WindowSampler(val_values, T * P, align=P, per_channel=per)
+        return Split(WindowSampler(values, window, align=P, per_channel=per), val, int(values.shape[0]),
                      {"source": "array", "rows": int(val_values.shape[0]), "windows": len(val), "window_tokens": T})
     rows = int(values.shape[0])
     split, first = _tail(rows, config)
     T = val_tokens(rows - first, config)
-    val = WindowSampler(values, T * P, start=split, align=P)
-    return Split(WindowSampler(values, window, stop=split, align=P), val, split,
+    val = WindowSampler(values, T * P, start=split, align=P, per_channel=per)
+    return Split(WindowSampler(values, window, stop=split, align=P, per_channel=per), val, split,
                  {"source": "tail", "start": split, "rows": rows - split, "windows": len(val), "window_tokens": T})

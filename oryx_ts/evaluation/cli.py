@@ -43,6 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--model", default=None, metavar="DIR", help="oryx checkpoint (default: train one on the rows before the test part)")
     p.add_argument("--preset", default="debug", choices=["debug", "small", "base"], help="preset to train (default debug)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config field of the trained model")
+    p.add_argument("--univariate", action="store_true",
+                   help="train a 1-channel model on every channel, each channel a series of its own (channel-independent)")
     p.add_argument("--train-steps", type=int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--max-minutes", type=float, default=None, help="oryx training time budget in minutes")
     p.add_argument("--router", default="surprise", help="none | all | fixed:K | surprise | learned (default surprise)")
@@ -89,7 +91,7 @@ def _spec(args: argparse.Namespace):
         channels=tuple(args.channels.split(",")) if args.channels else None,
         labels=tuple(args.labels) if args.labels else None, step=args.step, duplicates=args.duplicates, cache=args.cache,
         aggregate=aggregate, rows=args.rows if args.rows is not None else (QUICK["rows"] if quick else None),
-        split=args.split, horizon=args.horizon, model=args.model, preset=args.preset, overrides=tuple(args.set),
+        split=args.split, horizon=args.horizon, model=args.model, preset=args.preset, univariate=args.univariate, overrides=tuple(args.set),
         train_steps=args.train_steps if args.train_steps is not None else (QUICK["train_steps"] if quick else None),
         max_minutes=args.max_minutes, router=args.router, budget=args.budget, adaptation=args.adaptation == "on",
         peers=peers, peer_budget=budget, season=args.season,

@@ -32,7 +32,7 @@ from oryx_ts.datasets.labels import LabelWindow, TelemetryStream, windows_from_m
 from oryx_ts.evaluation.metrics import horizon_targets, score_forecasts, seasonal_scale
 from oryx_ts.evaluation.peers import PEERS, PeerBudget, freq_string, make_peer
 
-__all__ = ["BacktestSpec", "BacktestResult", "derive_labels", "load_stream", "run_backtest", "split_rows"]
+__all__ = ["BacktestSpec", "BacktestResult", "derive_labels", "fit_model", "load_stream", "run_backtest", "split_rows"]
 
 Path_ = Literal["engine", "prefill"]
 ROUTERS = ("none", "all", "fixed", "surprise", "learned")
@@ -56,6 +56,7 @@ class BacktestSpec:
     horizon: int = 24
     model: str | None = None  # checkpoint directory; None trains one
     preset: str = "debug"
+    univariate: bool = False  # train a 1-channel model on every column (each column a series of its own)
     overrides: tuple[str, ...] = ()
     train_steps: int | None = None
     max_minutes: float | None = None
@@ -209,7 +210,10 @@ def _routed(model, spec: BacktestSpec, train_values: np.ndarray, checkpoint: str
     return RoutedForecaster(model, router, budget), f"learned router ({how}), budget {spec.budget:g}"
 
 
-def _model(spec: BacktestSpec, stream: TelemetryStream, a: int, b: int, out: Path) -> tuple[Any, dict]:
+def fit_model(spec: BacktestSpec, stream: TelemetryStream, a: int, b: int, out: Path) -> tuple[Any, dict]:
+    """The oryx model of a backtest: `spec.model` loaded and checked against the data, else the preset (with
+    the data's channels, the horizon and `spec.overrides`) trained on rows `[0, b)` with validation tail
+    `[a, b)`, under `spec.max_minutes`; returns it and what the report says of it."""
     from oryx_ts.checkpoint import DataInfo, load
     from oryx_ts.config import parse_overrides, preset
     from oryx_ts.train import train
@@ -218,13 +222,13 @@ def _model(spec: BacktestSpec, stream: TelemetryStream, a: int, b: int, out: Pat
     if spec.model:
         model = load(spec.model)
         c = model.config
-        if c.tokenizer.channels != C:
+        if c.tokenizer.channels not in (1, C):  # a 1-channel model forecasts each column as its own series
             raise ValueError(f"the model reads {c.tokenizer.channels} channels, the data has {C} ({', '.join(stream.channels)})")
         if c.head.horizon < spec.horizon:
             raise ValueError(f"the model forecasts {c.head.horizon} steps, --horizon asks for {spec.horizon}")
         return model, {"source": spec.model, "preset": None, "config": c.to_dict()}
     val_fraction = (b - a) / b if b > a else 0.05
-    config = preset(spec.preset).replace(tokenizer={"channels": C}, head={"horizon": spec.horizon},
+    config = preset(spec.preset).replace(tokenizer={"channels": 1 if spec.univariate else C}, head={"horizon": spec.horizon},
                                          train={"val_fraction": val_fraction} | ({"steps": spec.train_steps} if spec.train_steps else {}))
     P = config.tokenizer.patch_len
     fits = max(1, min(config.train.window_tokens, (a - 1) // P))  # (a - 1): the split is int(b * (1 - val_fraction)), rounded
@@ -232,10 +236,10 @@ def _model(spec: BacktestSpec, stream: TelemetryStream, a: int, b: int, out: Pat
         config = config.replace(train={"window_tokens": fits})
     config = parse_overrides(config, list(spec.overrides))
     step = None if stream.step is None else int(stream.step / np.timedelta64(1, "s"))
-    data = DataInfo(channels=tuple(stream.channels), step_seconds=step, start=None if stream.start is None else str(stream.start))
+    data = DataInfo(channels=("value",) if spec.univariate else tuple(stream.channels), step_seconds=step, start=None if stream.start is None else str(stream.start))
     max_seconds = None if spec.max_minutes is None else 60 * spec.max_minutes
     result = train(config, stream.values[:b], out_dir=out / "model", progress=spec.progress, data=data, max_seconds=max_seconds)
-    info = {"source": "trained here on rows [0, b)", "preset": spec.preset, "overrides": list(spec.overrides),
+    info = {"source": "trained here on rows [0, b)", "preset": spec.preset, "overrides": list(spec.overrides), "univariate": spec.univariate,
             "steps": result.steps, "seconds": round(result.seconds, 1), "val_loss_first": result.val_losses[0],
             "val_loss_last": result.val_losses[-1], "best_step": result.validation["best_step"],
             "best_val_loss": result.validation["best_val_loss"], "checkpoint": str(result.checkpoint), "config": config.to_dict()}
@@ -243,16 +247,21 @@ def _model(spec: BacktestSpec, stream: TelemetryStream, a: int, b: int, out: Pat
 
 
 def _replay(routed, values_LC: np.ndarray, spec: BacktestSpec, windows: list[LabelWindow], s: int, b: int) -> tuple[dict, dict]:
-    """Oryx over rows `[s, s + T P)`: per token served and frozen forecasts, modes, FLOPs, allowance, state bytes."""
-    import torch
+    """Oryx over rows `[s, s + T P)`: per token served and frozen forecasts, modes, FLOPs, allowance, state bytes.
 
+    A 1-channel model on wider data replays each column as a series of its own; per token the forecasts
+    are then side by side, the mode is the share of columns in attention, and FLOPs, allowance and state
+    bytes are summed."""
     from oryx_ts.evaluation.backtest import backtest_streams
     from oryx_ts.streams.adapter import AdapterConfig
 
     P = routed.config.tokenizer.patch_len
     T = (len(values_LC) - s) // P
     x = values_LC[s : s + T * P]
-    labels = {"stream": [(max(0, w.start - s), w.end - s) for w in windows if w.end > s]}
+    # a 1-channel model forecasts each column as a series of its own, all in one engine (sharing its micro-batches)
+    streams = {"stream": x} if routed.config.tokenizer.channels == x.shape[1] else {str(c): x[:, c : c + 1] for c in range(x.shape[1])}
+    spans = [(max(0, w.start - s), w.end - s) for w in windows if w.end > s]
+    labels = {sid: spans for sid in streams}
     adapter = AdapterConfig(enabled=spec.adaptation)
     info: dict[str, Any] = {"path": spec.path, "tokens": T, "first_row": s}
     began = time.perf_counter()
@@ -262,11 +271,25 @@ def _replay(routed, values_LC: np.ndarray, spec: BacktestSpec, windows: list[Lab
             raise ValueError("path=prefill needs a router that reads no surprise (none, all, fixed:K); use path=engine")
         history = max(0, b - s) if spec.adaptation else len(x)
         info["history_rows"] = history
-    got = backtest_streams(routed, {"stream": x}, adapter=adapter, labels=labels, progress=spec.progress, desc="oryx replay",
-                           history=history)["stream"]
+    got = backtest_streams(routed, streams, adapter=adapter, labels=labels, progress=spec.progress, desc="oryx replay",
+                           history=history)
     info["seconds"] = time.perf_counter() - began
-    info["audit"] = {k: v for k, v in got.audit.items() if k != "state_bytes_history"}
-    run = {k: getattr(got, k) for k in ("forecasts_THzCQ", "frozen_THzCQ", "modes_T", "flops_T", "allowance_T", "state_bytes_T")}
+    if len(got) == 1:
+        one = got["stream"]
+        info["audit"] = {k: v for k, v in one.audit.items() if k != "state_bytes_history"}
+        run = {k: getattr(one, k) for k in ("forecasts_THzCQ", "frozen_THzCQ", "modes_T", "flops_T", "allowance_T", "state_bytes_T")}
+        return run, info
+    parts = [got[sid] for sid in streams]  # per token: forecasts side by side, the attention rate, FLOPs and state summed
+    run = {"forecasts_THzCQ": np.concatenate([p.forecasts_THzCQ for p in parts], axis=2),
+           "frozen_THzCQ": np.concatenate([p.frozen_THzCQ for p in parts], axis=2),
+           "modes_T": np.mean([p.modes_T for p in parts], axis=0),
+           **{k: np.sum([getattr(p, k) for p in parts], axis=0) for k in ("flops_T", "allowance_T", "state_bytes_T")}}
+    info["series"] = len(parts)
+    info["audit"] = {"per_series": {sid: {k: v for k, v in got[sid].audit.items() if k != "state_bytes_history"} for sid in streams}}
+    gains = [got[sid].audit.get("adaptation_gain") for sid in streams]
+    if all(g is not None for g in gains):
+        info["audit"]["adaptation_gain"] = float(np.mean(gains))
+    info["audit"]["adapter_rollbacks"] = int(sum(got[sid].audit.get("adapter_rollbacks", 0) for sid in streams))
     return run, info
 
 
@@ -319,7 +342,7 @@ def run_backtest(spec: BacktestSpec) -> BacktestResult:
     Raises `ValueError` for data, a split or a model that cannot backtest (e.g. a test part shorter
     than one horizon, a checkpoint of another width).
     """
-    from oryx_ts.evaluation.report import write_report
+    from oryx_ts.evaluation.report import targets, write_report
 
     began = time.perf_counter()
     out = Path(spec.out)
@@ -341,7 +364,7 @@ def run_backtest(spec: BacktestSpec) -> BacktestResult:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model, model_info = _model(spec, stream, a, b, out)
+    model, model_info = fit_model(spec, stream, a, b, out)
     if spec.retention is not None:  # a deployment setting: the same weights under another retention
         from oryx_ts.checkpoint import with_retention
         from oryx_ts.config import parse_retention
@@ -418,6 +441,7 @@ def run_backtest(spec: BacktestSpec) -> BacktestResult:
         "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.perf_counter() - began, 1)},
         "spec": {k: v for k, v in asdict(spec).items()},
     }
+    summary["targets"] = targets(scores)
     result = BacktestResult(summary=summary, stream=stream, ends_N=ends, target_NHzC=target, forecasts=forecasts,
                             windows=windows, tokens=tokens)
     result.files = write_report(result, out)

@@ -169,6 +169,49 @@ def _routing(result: BacktestResult, path: Path) -> Path:
     return path
 
 
+TARGET_VS_NAIVE = {"mase": 0.75, "crps": 0.55}  # the accuracy targets, as shares of seasonal naive's score
+
+
+def targets(scores: dict[str, Any], model: str = "oryx") -> list[dict[str, Any]]:
+    """`model` against the accuracy targets: MASE and CRPS at or below the best peer's, overall and inside
+    the windows, and at most `TARGET_VS_NAIVE` of seasonal naive's. Each row: `target`, `value`, `bound`,
+    `holds`, `margin` (value / bound - 1: negative holds, positive misses by that share), `peer`.
+    Peers are every scored model not named oryx*; rows whose scores are missing are left out."""
+    peers = {n: sc for n, sc in scores.items() if not n.startswith("oryx")}
+    if model not in scores or not peers:
+        return []
+    rows = []
+    for part, label in (("overall", ""), ("inside_windows", " in windows")):
+        mine = scores[model].get(part) or {}
+        for key in ("mase", "crps"):
+            got = {n: (sc.get(part) or {}).get(key) for n, sc in peers.items()}
+            got = {n: v for n, v in got.items() if v is not None and np.isfinite(v)}
+            if mine.get(key) is None or not got:
+                continue
+            best = min(got, key=got.get)
+            rows.append({"target": f"{key.upper()}{label} <= best peer", "value": mine[key], "bound": got[best], "peer": best})
+    naive = (scores.get("seasonal_naive") or {}).get("overall") or {}
+    for key, share in TARGET_VS_NAIVE.items():
+        if naive.get(key) and scores[model]["overall"].get(key) is not None:
+            rows.append({"target": f"{key.upper()} <= {share:g} x seasonal naive", "value": scores[model]["overall"][key],
+                         "bound": share * naive[key], "peer": "seasonal_naive"})
+    for r in rows:
+        r["holds"] = bool(r["value"] <= r["bound"])
+        r["margin"] = float(r["value"] / r["bound"] - 1) if r["bound"] else None
+    return rows
+
+
+def _targets_md(rows: list[dict[str, Any]], model: str) -> list[str]:
+    if not rows:
+        return []
+    lines = [f"Targets ({model}):", "", "| target | value | bound | | by |", "| --- | ---: | ---: | --- | ---: |"]
+    for r in rows:
+        verdict = "holds" if r["holds"] else "missed"
+        by = "" if r["margin"] is None else f"{r['margin']:+.1%}"
+        lines.append(f"| {r['target']} | {_fmt(r['value'])} | {_fmt(r['bound'])} ({r['peer']}) | {verdict} | {by} |")
+    return lines + [""]
+
+
 def _markdown(result: BacktestResult, files: dict[str, str]) -> str:
     s = result.summary
     d, sp, o = s["dataset"], s["split"], s["origins"]
@@ -179,12 +222,15 @@ def _markdown(result: BacktestResult, files: dict[str, str]) -> str:
             f"engine, with the first {replay['history_rows']:,} of the {replay['tokens'] * o['patch_len']:,} rows replayed "
             "prefilled in parallel chunks (`Engine.prefill`; the whole stream when adaptation is off)")
     model = s["oryx"]["model"]
+    per_series = replay.get("series")
     trained = (f"preset `{model['preset']}` trained here on rows [0, {sp['validation'][1]}) for {model['steps']} steps "
                f"({model['seconds']:.0f} s; validation loss {model['val_loss_first']:.3f} -> {model['val_loss_last']:.3f}"
                + (f", best {model['best_val_loss']:.3f} at step {model['best_step']}"
                   + (", whose weights are used)" if model["config"]["train"].get("keep_best", True) else ")")
                   if model.get("best_step") is not None else ")")
                if model.get("preset") else f"checkpoint `{model['source']}`")
+    if per_series:
+        trained = f"one 1-channel model for all {per_series} channels (each channel a series of its own in the engine), {trained}"
     lines += [
         "| setup | |", "| --- | --- |",
         f"| data | `{d['source']}`: {d['rows']:,} rows x {len(d['channels'])} channels"
@@ -217,7 +263,8 @@ def _markdown(result: BacktestResult, files: dict[str, str]) -> str:
         lines.append(f"| {name} | {_fmt(ov['mae'])} | {_fmt(ov['rmse'])} | {_fmt(ov['mase'])} | {_fmt(ov['crps'])} | "
                      f"{_fmt(ov.get('coverage'), 2)} | {_fmt(ins.get('mase'))} | {_fmt(outs.get('mase'))} | {_fmt(ins.get('crps'))} | "
                      f"{_fmt(naive[name]['mase'], 2)} | {_fmt(naive[name]['crps'], 2)} | {budget} |")
-    lines += ["", "MASE per channel:", "", "| model | " + " | ".join(d["channels"]) + " |",
+    lines += [""] + _targets_md(targets(s["scores"]), "oryx")
+    lines += ["MASE per channel:", "", "| model | " + " | ".join(d["channels"]) + " |",
               "| --- |" + " ---: |" * len(d["channels"])]
     for name, sc in s["scores"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(sc["per_channel"][c]["mase"]) for c in d["channels"]) + " |")
