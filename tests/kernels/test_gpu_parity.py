@@ -209,6 +209,44 @@ def _check_routed(fast, ref, leaves, rel, dtype):
     return g_fast
 
 
+# the backward's cases: head widths 64 and 128, few (2-5%) and many (60-100%) routed queries, lengths
+# off the 128-key and 32/128-query blocks, caches long enough that the key ranges are split into pieces
+# (S >= 2,048) and that the on-device searches take three levels (S > 16,384)
+ATT_BWD_SHAPES = [  # (label, B, T, H, K, V, routed fraction, bounded cache)
+    ("T2100-K64-few", 1, 2100, 2, 64, 64, 0.03, False),
+    ("T2100-K128-few", 2, 2100, 2, 128, 128, 0.05, False),
+    ("T3001-K64-many", 1, 3001, 2, 64, 64, 0.6, False),
+    ("T1500-K128-many", 1, 1500, 2, 128, 128, 1.0, False),
+    ("T1537-K128-few-bounded", 2, 1537, 2, 128, 128, 0.05, True),
+    ("T17000-K64-few", 1, 17000, 1, 64, 64, 0.02, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label,B,T,H,K,V,frac,bounded", ATT_BWD_SHAPES, ids=[s[0] for s in ATT_BWD_SHAPES])
+def test_routed_attention_backward(label, B, T, H, K, V, frac, bounded, dtype, rel):
+    """Output and every gradient against the fp32 reference (TOL: 2e-3 fp32, 2e-2 bf16); keys that no
+    routed query sees get exactly zero gradient (the kernels write every row of dk, dv)."""
+    q, k, v, kw = _routed_inputs(B, T, H, K, frac, bounded, dtype, seed=T + K, V=V)
+    scale = kw.pop("scale_H")
+    keep = kw["q_pos_Tq"] < T - 100  # the last 100 keys stay unseen
+    q, kw["q_pos_Tq"] = q[:, keep], kw["q_pos_Tq"][keep]
+    assert q.shape[1] > 0
+
+    def fast(q_, k_, v_, s_):
+        return dispatch.routed_attention(q_, k_, v_, scale_H=s_, backend="triton", **kw), s_
+
+    def ref(q_, k_, v_, s_):
+        return routed_attention(q_.float(), k_.float(), v_.float(), scale_H=s_, **kw), s_
+
+    g = _check_routed(fast, ref, [q, k, v, scale], rel, dtype)
+    unseen = (kw["k_pos_S"] > kw["q_pos_Tq"].max())[None].expand(B, -1)
+    if bounded:
+        unseen = unseen | ~kw["k_valid_BS"]
+    assert not g[1][unseen].any() and not g[2][unseen].any()
+    assert all(torch.isfinite(t).all() for t in g)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_routed_attention_keys_may_be_views_with_gaps(dtype, rel):
     # keys and values as the first S rows of longer buffers (as a cache slice is): the backward

@@ -9,18 +9,29 @@ T x T or (all tokens) x S is ever formed.
 Legend: B batch, Tq routed queries, S retained keys, H heads, K key dim, V value dim.
 
 Requirements: `q_pos` ascending along the routed queries and `k_pos` ascending along the cache, as
-the model produces them; each program finds its key (or query) range by a binary search on the
-device, so a call never waits on the host and launches one kernel per pass.
+the model produces them; each program finds its key (or query) range by a search on the device
+(`_count2`: FAN-ary, two or three dependent vector loads where a binary search needs up to 16), so
+a call never waits on the host.
 
-Long rows are split: when there are too few query blocks to fill the GPU, the key range of every
-query block is cut into NSPLIT pieces run by separate programs (forward: partial outputs merged by
-their log-sum-exp; dq: fp32 atomic adds), so the time is not set by the longest row alone.
+Passes. Forward: one kernel, plus a merge of partial outputs when the key ranges are split (too few
+query blocks to fill the GPU: each query block's keys are cut into NSPLIT pieces whose partial
+outputs are merged by their log-sum-exp). It also writes q times its temperature and log2(e)
+(`qs`), the operand every backward kernel reads as it is. Backward, three launches, no atomics:
+dq per (query block, key piece) into fp32 partials (its programs also compute
+delta = rowsum(o * do) for their rows); dk, dv per key block over the query blocks that see it
+(delta from the dq pass); then one pass that sums the dq partials, applies the temperature and
+writes each program's share of the temperature's gradient. Loops over keys (queries) are split in
+two: blocks every row can see run without the causal mask.
 
-Numerics: logits, softmax statistics and accumulators in fp32; `exp2` with log2(e) folded into the
-logits; the per-head temperature multiplies q in fp32 inside the kernels and its gradient is
-`sum(q * dq_scaled)`. A query that sees no key returns zeros (the reference returns NaN there).
+Numerics: logits, softmax statistics and accumulators in fp32; `exp2` with log2(e) folded into
+`qs`, so dk takes a factor ln(2) at the end; the temperature's gradient is `sum(q * dq_scaled)`.
+A query that sees no key returns zeros (the reference returns NaN there).
+
+Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, operand dtype and head width are in
+`TILES`, chosen by a sweep on an H200 (docs/BENCHMARKS.md); no autotuning at run time.
 """
 
+import math
 import os
 from functools import cache
 
@@ -30,15 +41,31 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MIN_SPLIT_KEYS = 1024  # below this many keys a split costs more than it balances
+_FAN = 16 if _INTERPRET else 128  # fan-out of the on-device searches
+
+# (pass, operands "16bit" | "fp32", head width class 64 | 128) -> (BLOCK_M, BLOCK_N, num_warps, num_stages);
+# fp32 tiles are smaller (4-byte operands, three tf32 products per dot)
+TILES: dict[tuple[str, str, int], tuple[int, int, int, int]] = {
+    # bf16, H200, B1 T32768 H8, 10% routed (one pass varied at a time; docs/BENCHMARKS.md)
+    ("fwd", "16bit", 64): (128, 64, 4, 3),
+    ("fwd", "16bit", 128): (64, 64, 4, 3),
+    ("dq", "16bit", 64): (128, 64, 4, 3),
+    ("dq", "16bit", 128): (64, 32, 4, 3),
+    ("dkdv", "16bit", 64): (32, 64, 4, 3),
+    ("dkdv", "16bit", 128): (64, 128, 8, 3),
+    ("fwd", "fp32", 64): (64, 32, 4, 2),
+    ("fwd", "fp32", 128): (64, 32, 4, 2),
+    ("dq", "fp32", 64): (64, 32, 4, 2),
+    ("dq", "fp32", 128): (64, 32, 4, 2),
+    ("dkdv", "fp32", 64): (32, 64, 4, 2),
+    ("dkdv", "fp32", 128): (32, 64, 4, 2),
+}
 
 
-def _blocks(dtype: torch.dtype) -> dict[str, tuple[int, int]]:
-    """(BLOCK_M, BLOCK_N) per kernel; fp32 tiles are smaller (4-byte operands, fp32 dot)."""
+def _tile(kernel: str, dtype: torch.dtype, width: int) -> tuple[int, int, int, int]:
     if _INTERPRET:
-        return dict(fwd=(16, 16), dkdv=(16, 16), dq=(16, 16))
-    if dtype == torch.float32:
-        return dict(fwd=(64, 32), dkdv=(32, 64), dq=(64, 32))
-    return dict(fwd=(128, 64), dkdv=(32, 128), dq=(128, 32))
+        return 16, 16, 4, 1
+    return TILES[(kernel, "fp32" if dtype == torch.float32 else "16bit", 64 if width <= 64 else 128)]
 
 
 def _head_blocks(K: int, V: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -50,26 +77,31 @@ def _head_blocks(K: int, V: int, dtype: torch.dtype) -> tuple[int, int]:
     return (max(bk, bv),) * 2 if dtype == torch.float32 else (bk, bv)
 
 
-def _configs(warps: list[int], stages: list[int]) -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
+def _levels(n: int) -> int:
+    """Vector loads `_count2` needs to search n sorted entries with fan-out _FAN."""
+    return max(1, math.ceil(math.log(max(n, 2)) / math.log(_FAN) - 1e-9))
 
 
 @triton.jit
-def _count2(P, n_p, x0, x1, LOG_N, STRICT: tl.constexpr):
-    """(#{j : P[j] <= x0}, #{j : P[j] <= x1}) over ascending P[0:n_p] (< instead of <= if STRICT)."""
-    two = tl.arange(0, 2)
+def _count2(P, n_p, x0, x1, LEVELS, STRICT: tl.constexpr, FAN: tl.constexpr):
+    """(#{j : P[j] <= x0}, #{j : P[j] <= x1}) over ascending P[0:n_p] (< instead of <= if STRICT).
+
+    Each level samples FAN evenly spaced entries of the window that holds the answer and narrows it
+    to the gap between two samples; FAN**LEVELS >= n_p leaves a window of width zero."""
+    two = tl.arange(0, 2)[:, None]
+    i = tl.arange(0, FAN)[None, :]
     x = tl.where(two == 0, x0, x1)
-    lo = tl.zeros([2], dtype=tl.int32)
-    hi = tl.zeros([2], dtype=tl.int32) + n_p
-    for _ in range(LOG_N):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        p = tl.load(P + mid, mask=active, other=0)
-        go = (p < x) if STRICT else (p <= x)
-        lo = tl.where(active & go, mid + 1, lo)
-        hi = tl.where(active & (go == 0), mid, hi)
+    lo = tl.zeros([2, 1], dtype=tl.int32)
+    width = tl.zeros([2, 1], dtype=tl.int32) + n_p  # the answer lies in [lo, lo + width]
+    for _ in range(LEVELS):
+        step = (width + FAN - 1) // FAN
+        inside = i * step < width
+        p = tl.load(P + lo + i * step, mask=inside, other=0)
+        below = inside & ((p < x) if STRICT else (p <= x))
+        m = tl.sum(below.to(tl.int32), 1)[:, None]
+        new_lo = tl.where(m > 0, lo + (m - 1) * step + 1, lo)
+        width = tl.minimum(lo + m * step, lo + width) - new_lo
+        lo = new_lo
     return tl.sum(tl.where(two == 0, lo, 0)), tl.sum(tl.where(two == 1, lo, 0))
 
 
@@ -89,16 +121,16 @@ def _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_va
 
 
 @triton.jit
-def _load_q(Q, SCALE, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK: tl.constexpr):
-    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qt + offs_k[None, :],
-                mask=m_mask[:, None] & (offs_k[None, :] < DK), other=0.0)
-    return (q.to(tl.float32) * tl.load(SCALE + h).to(tl.float32)).to(q.dtype)
+def _rows(P, b, h, offs_m, offs_x, m_mask, s_b, s_t, s_h, DX: tl.constexpr):
+    """A [BLOCK_M, BLOCK_X] tile of a [B, Tq, H, X] tensor (zeros outside)."""
+    return tl.load(P + b.to(tl.int64) * s_b + h * s_h + offs_m[:, None].to(tl.int64) * s_t + offs_x[None, :],
+                   mask=m_mask[:, None] & (offs_x[None, :] < DX), other=0.0)
 
 
 @triton.jit
 def _softmax_step(q, k, v, kpos, ok, qpos, m_i, l_i, acc, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr,
                   PREC: tl.constexpr):
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * 1.4426950408889634
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # log2 domain: q carries log2(e)
     if CAUSAL:
         qk = tl.where(ok[None, :] & (kpos[None, :] <= qpos[:, None]), qk, float("-inf"))
     elif HAS_VALID:
@@ -111,14 +143,13 @@ def _softmax_step(q, k, v, kpos, ok, qpos, m_i, l_i, acc, CAUSAL: tl.constexpr, 
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=_configs([4, 8], [3]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC", "SPLIT_OUT"])
 @triton.jit
-def _fwd_kernel(Q, Kc, Vc, O, LSE, OP, LP, SCALE, QPOS, KPOS, KVALID,
+def _fwd_kernel(Q, Kc, Vc, O, LSE, OP, LP, QS, SCALE, QPOS, KPOS, KVALID,
                 s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_ot, s_oh, s_valid_b,
-                B, H, TQ, S, SPLIT, LOG_S,
+                B, H, TQ, S, SPLIT, LEVELS_S,
                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
-                SPLIT_OUT: tl.constexpr):
+                SPLIT_OUT: tl.constexpr, STORE_QS: tl.constexpr, FAN: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -131,15 +162,20 @@ def _fwd_kernel(Q, Kc, Vc, O, LSE, OP, LP, SCALE, QPOS, KPOS, KVALID,
     # keys visible to some row (kend) and to every row (kfull) of this block; positions ascend
     q_first = tl.load(QPOS + pid_m * BLOCK_M)
     q_last = tl.load(QPOS + tl.minimum(pid_m * BLOCK_M + BLOCK_M, TQ) - 1)
-    kend, kfull = _count2(KPOS, S, q_last, q_first, LOG_S, False)
+    kend, kfull = _count2(KPOS, S, q_last, q_first, LEVELS_S, False, FAN)
     lo = pid_s * SPLIT
     hi = tl.minimum(lo + SPLIT, kend)
     n_full = tl.minimum((kfull // BLOCK_N) * BLOCK_N, hi)
+    scale = tl.load(SCALE + h).to(tl.float32) * 1.4426950408889634
+    q = (_rows(Q, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK).to(tl.float32) * scale).to(Q.dtype.element_ty)
+    if STORE_QS:
+        if pid_s == 0:  # the backward's operand, contiguous [B, Tq, H, K]
+            tl.store(QS + ((b * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :], q,
+                     mask=m_mask[:, None] & (offs_k[None, :] < DK))
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     if lo < hi:
-        q = _load_q(Q, SCALE, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK)
         qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
         Kp = Kc + b.to(tl.int64) * s_kb + h * s_kh
         Vp = Vc + b.to(tl.int64) * s_vb + h * s_vh
@@ -202,13 +238,95 @@ def _combine_kernel(OP, LP, O, LSE, s_ob, s_ot, s_oh, B, H, TQ, NSPLIT,
     tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=m_mask)
 
 
-@triton.autotune(configs=_configs([4, 8], [2]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC"])
 @triton.jit
-def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, SCALE, QPOS, KPOS, KVALID,
-                     s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dot, s_doh, s_valid_b,
-                     s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh, H, TQ, S, LOG_TQ,
+def _dq_step(q, do, k, v, kpos, ok, qpos, lse, delta, dq, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr,
+             PREC: tl.constexpr):
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if CAUSAL:
+        p = tl.where(ok[None, :] & (kpos[None, :] <= qpos[:, None]), tl.math.exp2(qk - lse[:, None]), 0.0)
+    elif HAS_VALID:
+        p = tl.where(ok[None, :], tl.math.exp2(qk - lse[:, None]), 0.0)
+    else:  # padded rows have lse = +inf, so p = 0 there
+        p = tl.math.exp2(qk - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
+def _bwd_dq_kernel(QS, Kc, Vc, O, DO, DQP, LSE, DELTA, QPOS, KPOS, KVALID,
+                   s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_ot, s_oh, s_dob, s_dot, s_doh, s_valid_b,
+                   B, H, TQ, S, SPLIT, LEVELS_S,
+                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+                   FAN: tl.constexpr):
+    """dq (with respect to the temperature-scaled q) of one key piece into fp32 partials DQP[piece]; delta of the rows."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.arange(0, BLOCK_V)
+    m_mask = offs_m < TQ
+    q_first = tl.load(QPOS + pid_m * BLOCK_M)
+    q_last = tl.load(QPOS + tl.minimum(pid_m * BLOCK_M + BLOCK_M, TQ) - 1)
+    kend, kfull = _count2(KPOS, S, q_last, q_first, LEVELS_S, False, FAN)
+    lo = pid_s * SPLIT
+    hi = tl.minimum(lo + SPLIT, kend)
+    n_full = tl.minimum((kfull // BLOCK_N) * BLOCK_N, hi)
+    if (pid_s == 0) | (lo < hi):
+        do = _rows(DO, b, h, offs_m, offs_v, m_mask, s_dob, s_dot, s_doh, DV)
+        o = _rows(O, b, h, offs_m, offs_v, m_mask, s_ob, s_ot, s_oh, DV)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        if pid_s == 0:
+            tl.store(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, delta, mask=m_mask)
+        if lo < hi:
+            q = _rows(QS, b, h, offs_m, offs_k, m_mask, TQ * H * DK, H * DK, DK, DK)
+            qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
+            lse = tl.load(LSE + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("inf"))
+            Kp = Kc + b.to(tl.int64) * s_kb + h * s_kh
+            Vp = Vc + b.to(tl.int64) * s_vb + h * s_vh
+            dq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            for start_n in range(lo, n_full, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
+                                            DK, DV, HAS_VALID)
+                dq = _dq_step(q, do, k, v, kpos, ok, qpos, lse, delta, dq, False, HAS_VALID, PREC)
+            for start_n in range(tl.maximum(lo, n_full), hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
+                                            DK, DV, HAS_VALID)
+                dq = _dq_step(q, do, k, v, kpos, ok, qpos, lse, delta, dq, True, HAS_VALID, PREC)
+            p_dq = DQP + (((pid_s * B + b) * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :]
+            tl.store(p_dq, dq, mask=m_mask[:, None] & (offs_k[None, :] < DK))
+
+
+@triton.jit
+def _dkdv_step(qs, do, k, v, kpos, ok, qpos, lse, delta, dk, dv, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr,
+               PREC: tl.constexpr):
+    qkT = tl.dot(k, tl.trans(qs), input_precision=PREC)
+    if CAUSAL:
+        pT = tl.where(ok[:, None] & (kpos[:, None] <= qpos[None, :]), tl.math.exp2(qkT - lse[None, :]), 0.0)
+    elif HAS_VALID:
+        pT = tl.where(ok[:, None], tl.math.exp2(qkT - lse[None, :]), 0.0)
+    else:  # padded query columns have lse = +inf; padded key rows are never stored
+        pT = tl.math.exp2(qkT - lse[None, :])
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(qs.dtype), qs, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(QS, Kc, Vc, DO, DK_, DV_, LSE, DELTA, QPOS, KPOS, KVALID,
+                     s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dot, s_doh, s_valid_b,
+                     s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh, H, TQ, S, LEVELS_TQ,
                      DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+                     FAN: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -222,28 +340,37 @@ def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, SCALE, QPOS, KPOS, KVA
                                 DK, DV, HAS_VALID)
     dk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    # the first routed query that can see a key of this block
-    k_first = tl.load(KPOS + tl.minimum(pid_n * BLOCK_N, S - 1))
-    q_lo, _ = _count2(QPOS, TQ, k_first, k_first, LOG_TQ, True)
+    # routed queries before the block's first key see none of it; from q_full on they see all of it
+    k_first = tl.load(KPOS + pid_n * BLOCK_N)
+    k_last = tl.load(KPOS + tl.minimum(pid_n * BLOCK_N + BLOCK_N, S) - 1)
+    q_lo, q_full = _count2(QPOS, TQ, k_first, k_last, LEVELS_TQ, True, FAN)
     q_lo = (q_lo // BLOCK_M) * BLOCK_M
+    q_mid = ((q_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     DOp = DO + b.to(tl.int64) * s_dob + h * s_doh
-    for start_m in range(q_lo, TQ, BLOCK_M):
+    QSp = QS + b.to(tl.int64) * TQ * H * DK + h * DK
+    for start_m in range(q_lo, q_mid, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_mask = offs_m < TQ
-        q = _load_q(Q, SCALE, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK)
+        qs = tl.load(QSp + offs_m[:, None].to(tl.int64) * (H * DK) + offs_k[None, :],
+                     mask=m_mask[:, None] & (offs_k[None, :] < DK), other=0.0)
         do = tl.load(DOp + offs_m[:, None].to(tl.int64) * s_dot + offs_v[None, :],
                      mask=m_mask[:, None] & (offs_v[None, :] < DV), other=0.0)
         qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("inf"))
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=0.0)
-        qkT = tl.dot(k, tl.trans(q), input_precision=PREC) * 1.4426950408889634
-        visible = ok[:, None] & (kpos[:, None] <= qpos[None, :])
-        pT = tl.where(visible, tl.math.exp2(qkT - lse[None, :]), 0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+        dk, dv = _dkdv_step(qs, do, k, v, kpos, ok, qpos, lse, delta, dk, dv, True, HAS_VALID, PREC)
+    for start_m in range(q_mid, TQ, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < TQ
+        qs = tl.load(QSp + offs_m[:, None].to(tl.int64) * (H * DK) + offs_k[None, :],
+                     mask=m_mask[:, None] & (offs_k[None, :] < DK), other=0.0)
+        do = tl.load(DOp + offs_m[:, None].to(tl.int64) * s_dot + offs_v[None, :],
+                     mask=m_mask[:, None] & (offs_v[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=0.0)
+        dk, dv = _dkdv_step(qs, do, k, v, kpos, ok, kpos, lse, delta, dk, dv, False, HAS_VALID, PREC)
     n_mask = offs_n < S
+    dk = dk * 0.6931471805599453  # qs carries log2(e)
     # dk, dv have their own (contiguous) strides: k and v may be views with gaps (a slice of a cache)
     tl.store(DK_ + b.to(tl.int64) * s_dkb + h * s_dkh + offs_n[:, None].to(tl.int64) * s_dks + offs_k[None, :],
              dk.to(DK_.dtype.element_ty), mask=n_mask[:, None] & (offs_k[None, :] < DK))
@@ -251,55 +378,31 @@ def _bwd_dkdv_kernel(Q, Kc, Vc, DO, DK_, DV_, LSE, DELTA, SCALE, QPOS, KPOS, KVA
              dv.to(DV_.dtype.element_ty), mask=n_mask[:, None] & (offs_v[None, :] < DV))
 
 
-@triton.autotune(configs=_configs([4, 8], [2]), key=["BLOCK_K", "BLOCK_V", "HAS_VALID", "PREC", "ATOMIC"],
-                 reset_to_zero=["DQ"])
 @triton.jit
-def _bwd_dq_kernel(Q, Kc, Vc, DO, DQ, LSE, DELTA, SCALE, QPOS, KPOS, KVALID,
-                   s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dot, s_doh, s_valid_b,
-                   H, TQ, S, SPLIT, LOG_S,
-                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
-                   ATOMIC: tl.constexpr):
-    """dq with respect to the temperature-scaled q, accumulated in fp32 (atomically when key ranges are split)."""
+def _bwd_dq_sum_kernel(DQP, Q, DQ, DSP, SCALE, QPOS, KPOS, s_qb, s_qt, s_qh, B, H, TQ, S, SPLIT, LEVELS_S,
+                       DK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, NEED_DSCALE: tl.constexpr,
+                       FAN: tl.constexpr):
+    """dq = (sum of the pieces' partials) * temperature, in q's dtype; this block's share of dscale."""
     pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_v = tl.arange(0, BLOCK_V)
     m_mask = offs_m < TQ
     q_last = tl.load(QPOS + tl.minimum(pid_m * BLOCK_M + BLOCK_M, TQ) - 1)
-    kend, _ = _count2(KPOS, S, q_last, q_last, LOG_S, False)
-    lo = pid_s * SPLIT
-    hi = tl.minimum(lo + SPLIT, kend)
-    if lo < hi:
-        q = _load_q(Q, SCALE, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK)
-        do = tl.load(DO + b.to(tl.int64) * s_dob + h * s_doh + offs_m[:, None].to(tl.int64) * s_dot + offs_v[None, :],
-                     mask=m_mask[:, None] & (offs_v[None, :] < DV), other=0.0)
-        qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=0.0)
-        Kp = Kc + b.to(tl.int64) * s_kb + h * s_kh
-        Vp = Vc + b.to(tl.int64) * s_vb + h * s_vh
-        dq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
-                                        DK, DV, HAS_VALID)
-            qk = tl.dot(q, tl.trans(k), input_precision=PREC) * 1.4426950408889634
-            visible = ok[None, :] & (kpos[None, :] <= qpos[:, None])
-            p = tl.where(visible, tl.math.exp2(qk - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        p_dq = DQ + ((b * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :]
-        dq_mask = m_mask[:, None] & (offs_k[None, :] < DK)
-        if ATOMIC:
-            tl.atomic_add(p_dq, dq, mask=dq_mask, sem="relaxed")
-        else:
-            tl.store(p_dq, dq, mask=dq_mask)
+    kend, _ = _count2(KPOS, S, q_last, q_last, LEVELS_S, False, FAN)
+    mask = m_mask[:, None] & (offs_k[None, :] < DK)
+    dq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for s in range(0, (kend + SPLIT - 1) // SPLIT):  # the pieces the dq pass wrote for this block
+        dq += tl.load(DQP + (((s * B + b) * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :],
+                      mask=mask, other=0.0)
+    scale = tl.load(SCALE + h).to(tl.float32)
+    tl.store(DQ + ((b * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+    if NEED_DSCALE:
+        q = _rows(Q, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK).to(tl.float32)
+        tl.store(DSP + pid_m * B * H + pid_bh, tl.sum(tl.sum(q * dq, 1), 0))
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -325,13 +428,14 @@ def _n_split(n_programs: int, S: int, block_n: int, device: torch.device) -> tup
 
 class _RoutedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, q_pos, k_pos, k_valid):
+    def forward(ctx, q, k, v, scale, q_pos, k_pos, k_valid, need_grad):
         B, Tq, H, K = q.shape
         S, V = k.shape[1], v.shape[-1]
-        BM, BN = _blocks(q.dtype)["fwd"]
+        BM, BN, warps, stages = _tile("fwd", q.dtype, max(K, V))
         BLOCK_K, BLOCK_V = _head_blocks(K, V, q.dtype)
         o = torch.empty(B, Tq, H, V, device=q.device, dtype=v.dtype)
         lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+        qs = torch.empty(B, Tq, H, K, device=q.device, dtype=q.dtype) if need_grad else lse
         n_mblocks = triton.cdiv(Tq, BM)
         has_valid = k_valid is not None
         valid = k_valid.to(torch.int8).contiguous() if has_valid else q_pos
@@ -342,53 +446,60 @@ class _RoutedAttention(torch.autograd.Function):
         else:
             op, lp = lse, lse
         _fwd_kernel[(n_mblocks, nsplit, B * H)](
-            q, k, v, o, lse, op, lp, scale, q_pos, k_pos, valid,
+            q, k, v, o, lse, op, lp, qs, scale, q_pos, k_pos, valid,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], valid.stride(0) if has_valid else 0,
-            B, H, Tq, S, piece, S.bit_length(),
+            B, H, Tq, S, piece, _levels(S),
             DK=K, DV=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, BLOCK_M=BM, BLOCK_N=BN, HAS_VALID=has_valid,
-            PREC=_prec(q.dtype), SPLIT_OUT=nsplit > 1,
+            PREC=_prec(q.dtype), SPLIT_OUT=nsplit > 1, STORE_QS=need_grad, FAN=_FAN, num_warps=warps, num_stages=stages,
         )
         if nsplit > 1:
             _combine_kernel[(triton.cdiv(Tq, 64), B * H)](
                 op, lp, o, lse, *o.stride()[:3], B, H, Tq, nsplit, DV=V, BLOCK_V=BLOCK_V, BLOCK_M=64,
             )
-        ctx.save_for_backward(q, k, v, scale, o, lse, q_pos, k_pos, valid)
-        ctx.has_valid = has_valid
+        if need_grad:
+            ctx.save_for_backward(q, qs, k, v, scale, o, lse, q_pos, k_pos, valid)
+            ctx.has_valid = has_valid
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, scale, o, lse, q_pos, k_pos, valid = ctx.saved_tensors
+        q, qs, k, v, scale, o, lse, q_pos, k_pos, valid = ctx.saved_tensors
         B, Tq, H, K = q.shape
         S, V = k.shape[1], v.shape[-1]
-        blocks = _blocks(q.dtype)
-        do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Tq]
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        BLOCK_K, BLOCK_V = _head_blocks(K, V, q.dtype)
+        common = dict(DK=K, DV=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, HAS_VALID=ctx.has_valid, PREC=_prec(q.dtype), FAN=_FAN)
+        s_kv = (*k.stride()[:3], *v.stride()[:3])
+        s_valid = valid.stride(0) if ctx.has_valid else 0
+        levels_s = _levels(S)
+        # dq pieces (and delta), then dk, dv, then the dq sum
+        BM, BN, warps, stages = _tile("dq", q.dtype, max(K, V))
+        n_mblocks = triton.cdiv(Tq, BM)
+        nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device)
+        dq_parts = torch.empty(nsplit, B, Tq, H, K, device=q.device, dtype=torch.float32)
+        delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+        _bwd_dq_kernel[(n_mblocks, nsplit, B * H)](
+            qs, k, v, o, do, dq_parts, lse, delta, q_pos, k_pos, valid, *s_kv, *o.stride()[:3], *do.stride()[:3],
+            s_valid, B, H, Tq, S, piece, levels_s, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common,
+        )
         # contiguous gradients, written with their own strides (empty_like would keep k's layout only when it is dense)
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
         dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-        BLOCK_K, BLOCK_V = _head_blocks(K, V, q.dtype)
-        common = dict(DK=K, DV=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, HAS_VALID=ctx.has_valid, PREC=_prec(q.dtype))
-        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-                   valid.stride(0) if ctx.has_valid else 0)
-        BM, BN = blocks["dkdv"]
-        n_nblocks = triton.cdiv(S, BN)
-        _bwd_dkdv_kernel[(n_nblocks, B * H)](
-            q, k, v, do, dk, dv, lse, delta, scale, q_pos, k_pos, valid, *strides, *dk.stride()[:3], *dv.stride()[:3],
-            H, Tq, S, Tq.bit_length(),
-            BLOCK_M=BM, BLOCK_N=BN, **common,
+        BMk, BNk, warps_k, stages_k = _tile("dkdv", q.dtype, max(K, V))
+        _bwd_dkdv_kernel[(triton.cdiv(S, BNk), B * H)](
+            qs, k, v, do, dk, dv, lse, delta, q_pos, k_pos, valid, *s_kv, *do.stride()[:3], s_valid,
+            *dk.stride()[:3], *dv.stride()[:3], H, Tq, S, _levels(Tq),
+            BLOCK_M=BMk, BLOCK_N=BNk, num_warps=warps_k, num_stages=stages_k, **common,
         )
-        BM, BN = blocks["dq"]
-        n_mblocks = triton.cdiv(Tq, BM)
-        nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device)
-        dq_s = torch.zeros(B, Tq, H, K, device=q.device, dtype=torch.float32)
-        _bwd_dq_kernel[(n_mblocks, nsplit, B * H)](
-            q, k, v, do, dq_s, lse, delta, scale, q_pos, k_pos, valid, *strides, H, Tq, S, piece, S.bit_length(),
-            BLOCK_M=BM, BLOCK_N=BN, ATOMIC=nsplit > 1, **common,
+        need_dscale = ctx.needs_input_grad[3]
+        dq = torch.empty(B, Tq, H, K, device=q.device, dtype=q.dtype)
+        dsp = torch.empty(n_mblocks, B, H, device=q.device, dtype=torch.float32) if need_dscale else lse
+        _bwd_dq_sum_kernel[(n_mblocks, B * H)](
+            dq_parts, q, dq, dsp, scale, q_pos, k_pos, *q.stride()[:3], B, H, Tq, S, piece, levels_s,
+            DK=K, BLOCK_K=BLOCK_K, BLOCK_M=BM, NEED_DSCALE=need_dscale, FAN=_FAN, num_warps=4,
         )
-        dscale = (q.float() * dq_s).sum((0, 1, 3)).to(scale.dtype) if ctx.needs_input_grad[3] else None
-        dq = (dq_s * scale.float()[None, None, :, None]).to(q.dtype)
-        return dq, dk, dv, dscale, None, None, None
+        dscale = dsp.sum((0, 1)).to(scale.dtype) if need_dscale else None
+        return dq, dk, dv, dscale, None, None, None, None
 
 
 def routed_attention_triton(
@@ -412,4 +523,5 @@ def routed_attention_triton(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_BTqHK, k_BSHK.to(dtype), v_BSHV.to(dtype)))
     q_pos = q_pos_Tq.to(torch.int64).contiguous()
     k_pos = k_pos_S.to(torch.int64).contiguous()
-    return _RoutedAttention.apply(q, k, v, scale_H, q_pos, k_pos, k_valid_BS).to(v_BSHV.dtype)
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, scale_H))
+    return _RoutedAttention.apply(q, k, v, scale_H, q_pos, k_pos, k_valid_BS, need_grad).to(v_BSHV.dtype)
