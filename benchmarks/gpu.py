@@ -264,6 +264,16 @@ def section_layer():
     oryx = OryxBlock(c).cuda().to(DT)
     gdn = PureGDNLayer(c).cuda().to(DT)
     att = PureAttentionLayer(c).cuda().to(DT)
+    eager = mock.patch.object(dispatch, "routed_inputs", partial(dispatch.routed_inputs, backend="torch"))
+    try:  # the first call of the compiled routed inputs compiles them; if that fails here, time the eager ops
+        kk = torch.randn(1, 64, 8, 64, device="cuda", dtype=DT, requires_grad=True)
+        idx, pos = torch.arange(0, 64, 2, device="cuda"), torch.arange(64, device="cuda")
+        dispatch.routed_inputs(kk, torch.randn(1, 64, 512, device="cuda", dtype=DT), idx, pos, rope_base=1e4)[1].sum().backward()
+        compiled = True
+    except Exception as e:
+        notes.append(f"layer: compiled routed inputs failed, eager instead: {type(e).__name__}: {str(e)[:200]}")
+        compiled = False
+        eager.start()
     for T in (2048, 8192, 32768):
         B = 1
         x = torch.randn(B, T, c.d_model, device="cuda", dtype=DT, requires_grad=True)
@@ -279,13 +289,15 @@ def section_layer():
             assert dispatch.last_backend["linear_chunk"] == "triton"
             if frac > 0:
                 assert dispatch.last_backend["routed_attention"] == "triton"
+                assert dispatch.last_backend["routed_inputs"] == ("triton" if compiled else "torch")
             ms = bench(lambda: oryx(x, m).backward(dy), rep=50)
             add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd", ms, base_gdn, "pure GDN layer",
                 vs_attention_layer=round(ms / base_att, 3))
-            if frac == 0.1:  # the same layer with the torch RoPE (fp32, eager): what the fused rotation saves
-                with mock.patch.object(dispatch, "rope", partial(dispatch.rope, backend="torch")):
+            if frac == 0.1 and compiled:  # the routed queries and keys' RoPE as eager ops (fla's rotation)
+                with eager:
                     ms_t = bench(lambda: oryx(x, m).backward(dy), rep=50)
-                add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd, torch RoPE", ms_t, ms, "same, fused RoPE")
+                add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd, eager routed inputs", ms_t, ms,
+                    "same, compiled routed inputs")
                 # modes that are not exactly 0/1 take the general mix m * o_att + (1 - m) * o_lin
                 m_soft = m * (1 - 2**-8)
                 ms_s = bench(lambda: oryx(x, m_soft).backward(dy), rep=50)
@@ -293,6 +305,8 @@ def section_layer():
                     "same, hard-mode shortcut")
         del x, dy
         torch.cuda.empty_cache()
+    if not compiled:
+        eager.stop()
 
 
 def section_profile():
@@ -320,7 +334,9 @@ def section_profile():
                 oryx(x, m).backward(dy)
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t) / 5 * 1e3
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+        if os.environ.get("ORYX_PROFILE_TRACE"):  # a timeline of the five steps (host launches, device gaps)
+            prof.export_chrome_trace(str(out / f"trace_layer_{int(frac * 100)}.json"))
         busy = sum(e.self_device_time_total for e in prof.key_averages()) / 5 / 1e3
         head = f"Oryx layer T={T} attention {frac:.0%}: wall {wall:.2f} ms per fwd+bwd, device busy {busy:.2f} ms"
         print(head + "\n" + table, flush=True)

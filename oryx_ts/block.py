@@ -221,10 +221,7 @@ class OryxMixer(nn.Module):
         flags = torch.cat([routed_T, hard[None]]).cpu()
         idx = flags[:-1].nonzero().squeeze(1).to(u_BTD.device)
         if idx.numel():
-            keys = dispatch.rope(k, pos_T, base=c.rope_base) if c.rope else k
-            q_att = _l2norm(att_q_all[:, idx].view(B, idx.numel(), H, c.head_dim_k))
-            if c.rope:
-                q_att = dispatch.rope(q_att, pos_T[idx], base=c.rope_base)
+            keys, q_att = dispatch.routed_inputs(k, att_q_all, idx, pos_T, rope_base=c.rope_base if c.rope else None)
             o_sel = dispatch.routed_attention(
                 q_att, keys, v, q_pos_Tq=pos_T[idx], k_pos_S=pos_T, scale_H=self.att_log_temp.exp(), k_until_BS=k_until_BT,
             ).to(o_lin.dtype)

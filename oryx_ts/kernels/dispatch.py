@@ -19,6 +19,8 @@ Fast paths (all Triton; imported on first use, so the CPU install never imports 
                   launch, from one projection of the token; twin `step_naive.naive_mixer_step`
     routed_attention  our routed-query kernel (`kernels.attention.routed_triton`); per-key eviction
                   positions (`k_until_BS`) still take the torch path
+    routed_inputs the parallel forward's routed queries (gather, L2 norm, RoPE) and rotated keys as one
+                  `torch.compile`d graph (Inductor's Triton kernels), forward and backward
     rms_norm      one launch per RMSNorm (`kernels.norm_triton`), twin `kernels.norm_naive`
     rope          fla's fused rotary kernel (one pass forward, one backward) with our fp32 tables
                   rounded to the input dtype
@@ -38,6 +40,7 @@ from typing import Literal
 import torch
 
 from oryx_ts.kernels.attention.naive import routed_attention as _routed_attention_torch
+from oryx_ts.kernels.attention.naive import routed_inputs as _routed_inputs_torch
 from oryx_ts.kernels.attention.rope import rope as _rope_torch
 from oryx_ts.kernels.attention.rope import rope_tables
 from oryx_ts.kernels.gdn.naive import gdn_step, naive_chunk_gdn
@@ -312,6 +315,43 @@ def routed_attention(
     return _routed_attention_torch(
         q_BTqHK, k_BSHK, v_BSHV, q_pos_Tq=q_pos_Tq, k_pos_S=k_pos_S, scale_H=scale_H, k_valid_BS=k_valid_BS, k_until_BS=k_until_BS
     )
+
+
+@cache
+def _routed_inputs_compiled():
+    # dynamic shapes: one graph for every count of routed tokens and every length
+    return torch.compile(_routed_inputs_torch, dynamic=True)
+
+
+def routed_inputs(
+    k_BTHK: torch.Tensor,
+    q_BTX: torch.Tensor,
+    idx_Tq: torch.Tensor,
+    pos_T: torch.Tensor,
+    *,
+    rope_base: float | None,
+    eps: float = 1e-6,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed attention's keys and queries in the parallel forward; see `kernels.attention.naive.routed_inputs`.
+
+    Fast path (CUDA, outside another `torch.compile`): that function under `torch.compile`, one
+    fused graph forward and one backward in place of about 30 eager ops, whose host launches bound
+    the layer at T=32k on the H200 VM (docs/BENCHMARKS.md). Torch path: the same ops eagerly, with
+    `rope` (fla's fused rotation on CUDA).
+    """
+    path = select_backend(k_BTHK, backend)
+    if path == "triton" and torch.compiler.is_compiling():
+        path = "torch"  # an enclosing compile traces the eager ops itself
+    last_backend["routed_inputs"] = path
+    if path == "triton":
+        return _routed_inputs_compiled()(k_BTHK, q_BTX, idx_Tq, pos_T, rope_base, eps)
+    B, T, H, K = k_BTHK.shape
+    q = q_BTX[:, idx_Tq].view(B, idx_Tq.numel(), H, K)
+    q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + eps)
+    if rope_base is None:
+        return k_BTHK, q
+    return rope(k_BTHK, pos_T, base=rope_base), rope(q, pos_T[idx_Tq], base=rope_base)
 
 
 def rope(x_BTHK: torch.Tensor, pos_T: torch.Tensor, *, base: float = 10000.0, backend: Backend = "auto") -> torch.Tensor:

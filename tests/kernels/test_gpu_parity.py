@@ -247,6 +247,37 @@ def test_routed_attention_backward(label, B, T, H, K, V, frac, bounded, dtype, r
     assert all(torch.isfinite(t).all() for t in g)
 
 
+@needs_fla
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_routed_inputs_compiled_matches_eager(dtype, rel):
+    """The compiled gather, L2 norm and RoPE of the routed queries (and the keys' RoPE) against the eager
+    ops (fla's rotation) and the fp32 reference: outputs and both input gradients, positions from a
+    million on, two counts of routed tokens through the one dynamic-shape graph."""
+    from oryx_ts.kernels.attention.naive import routed_inputs
+
+    B, T, H, K = 2, 300, 4, 64
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    k = torch.randn(B, T, H, K, generator=gen).to("cuda", dtype)
+    q_rows = torch.randn(B, T, H * K, generator=gen).to("cuda", dtype)
+    pos = torch.arange(10**6, 10**6 + T, device="cuda")
+    for n in (37, 120):
+        idx = torch.randperm(T, generator=gen)[:n].sort().values.cuda()
+        cot = [torch.randn(B, T, H, K, generator=gen).cuda(), torch.randn(B, n, H, K, generator=gen).cuda()]
+        out = {}
+        for backend in ("triton", "torch", "reference"):
+            leaves = [t.detach().clone().requires_grad_() for t in (k, q_rows)]
+            if backend == "reference":
+                ys = routed_inputs(leaves[0].float(), leaves[1].float(), idx, pos, 10000.0)
+            else:
+                ys = dispatch.routed_inputs(leaves[0], leaves[1], idx, pos, rope_base=10000.0, backend=backend)
+                assert dispatch.last_backend["routed_inputs"] == backend and all(y.dtype == dtype for y in ys)
+            grads = torch.autograd.grad(sum((y.float() * c).sum() for y, c in zip(ys, cot)), leaves)
+            out[backend] = [y.detach() for y in ys] + list(grads)
+        for name, a, b, c in zip(["keys", "q", "dk", "dq_rows"], out["triton"], out["torch"], out["reference"]):
+            _check(f"{name} (n={n}) vs reference", a, c, rel, dtype)
+            _check(f"{name} (n={n}) vs eager", a, b, rel, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_routed_attention_keys_may_be_views_with_gaps(dtype, rel):
     # keys and values as the first S rows of longer buffers (as a cache slice is): the backward

@@ -47,3 +47,27 @@ def routed_attention(
     p_BHTqS = torch.softmax(logits_BHTqS, dim=-1)
     o = torch.einsum("bhqs,bshv->bqhv", p_BHTqS, v_BSHV.float())
     return o.to(dtype)
+
+
+def routed_inputs(
+    k_BTHK: torch.Tensor,
+    q_BTX: torch.Tensor,
+    idx_Tq: torch.Tensor,
+    pos_T: torch.Tensor,
+    rope_base: float | None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed attention's inputs in a parallel forward, `(keys_BTHK, q_BTqHK)`.
+
+    The keys rotated at their positions `pos_T` (RoPE at `rope_base`; None: no rotation), and the
+    queries of the tokens at `idx_Tq`: rows of `q_BTX` (heads of width K side by side) gathered,
+    L2-normalized per head (the block's norm, `x * rsqrt(sum(x^2) + eps)`) and rotated.
+    """
+    from oryx_ts.kernels.attention.rope import rope
+
+    B, T, H, K = k_BTHK.shape
+    q = q_BTX[:, idx_Tq].view(B, idx_Tq.numel(), H, K)
+    q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + eps)
+    if rope_base is None:
+        return k_BTHK, q
+    return rope(k_BTHK, pos_T, base=rope_base), rope(q, pos_T[idx_Tq], base=rope_base)
