@@ -17,14 +17,19 @@ HANG_GUARD = 3600  # seconds; the work is bounded by the --quick sizes, this onl
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(default_threads()))}
 
 
+# the daily stream also runs the other target, hysteresis and a whole-segment budget window
+EXTRA = {"anomalies": [], "programs": [], "daily": ["--target", "surprise", "--hold", "2", "--window", "0"]}
+
+
 @pytest.mark.parametrize("stream", ["anomalies", "programs", "daily"])
 def test_quick_routing_benchmark_writes_a_full_table(tmp_path, stream):
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--quick", "--stream", stream, "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=HANG_GUARD, cwd=ROOT, env=ENV)
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--quick", "--stream", stream, "--out", str(tmp_path),
+                          *EXTRA[stream]], capture_output=True, text=True, timeout=HANG_GUARD, cwd=ROOT, env=ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
     routed = [(r["budget"], r["router"]) for r in result["rows"] if r["budget"] is not None]
     routers = ("fixed 1-in-k", "random", "surprise", "learned", "learned+labels", "oracle")
+    routers += () if stream == "daily" else ("learned (surprise)",)  # beside the gain target, the surprise one
     assert sorted(routed) == sorted((b, name) for b in (0.05, 0.10, 0.25) for name in routers)
     assert (result["controller"]["reserve"], result["controller"]["spike_z"]) in {(0.3, 2.0), (0.3, 3.0), (0.5, 2.0), (0.5, 3.0)}
     for r in result["rows"]:
@@ -37,6 +42,18 @@ def test_quick_routing_benchmark_writes_a_full_table(tmp_path, stream):
     assert further["seed"] == 3
     for name in ("learned", "surprise", "random"):
         assert 0 <= further[name]["recalled"] <= further[name]["windows"], further
+    assert result["router"]["target"] == ("surprise" if stream == "daily" else "gain")
+    assert result["controller"]["window"] == (160 if stream == "daily" else 128)  # --quick segments hold 160 tokens
+    effect = [(r["window"], r["hold"], r["router"]) for r in result["window_effect"]]
+    compared = ("learned", "oracle") if stream == "daily" else ("learned", "learned (surprise)", "oracle")
+    holds = (0, 2) if stream == "daily" else (0,)
+    assert effect == [(w, h, name) for w in (128, 1024, 160) for h in holds for name in compared]
+    for r in result["window_effect"]:
+        # a window of exactly the segment holds its total; a longer one may spend allowance of tokens past the segment's end
+        assert r["realized_over_budget"] <= 1.0 + 1e-9 or r["window"] != 160, r
+    targets = result["targets"]
+    assert [t["seed"] for t in targets] == [1, 3] and all(0 <= t["recalled"] <= t["windows"] for t in targets)
+    assert "Targets at 10%" in run.stdout and "| window (tokens) |" in run.stdout
     for name in ("routing.png", "stream.png", "model/config.json"):
         assert (tmp_path / name).stat().st_size > 0
 

@@ -10,7 +10,10 @@ segment (`flatten`). The first `WARMUP` tokens of every segment are left out of 
 while normalization settles (`scored_tokens`).
 """
 
+import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,16 +33,21 @@ from oryx_ts.routers import RoutedForecaster, Router
 __all__ = [
     "CONTROLLER_GRID",
     "WARMUP",
+    "REAL_STREAMS",
+    "RealStream",
     "attention_ceiling",
     "choose_controller",
     "event_mae",
     "flatten",
     "forced_forecast",
     "fresh_streams",
+    "real_routing",
+    "real_stream",
     "routing_scores",
     "run_router",
     "scored_tokens",
     "segments",
+    "target_gaps",
     "window_recall",
 ]
 
@@ -141,11 +149,12 @@ def routing_scores(modes_T: np.ndarray, forecasts_THzCQ: np.ndarray, values_LC: 
 
 
 def choose_controller(model: OryxForecaster, router: Router, scenario: Scenario, seg_tokens: int, n_seg: int, *,
-                      fraction: float = 0.10, seed: int = VALIDATION_SEED,
-                      grid: Sequence[tuple[float, float]] = CONTROLLER_GRID) -> tuple[tuple[float, float], list[dict]]:
+                      fraction: float = 0.10, seed: int = VALIDATION_SEED, grid: Sequence[tuple[float, float]] = CONTROLLER_GRID,
+                      budget: BudgetConfig | None = None) -> tuple[tuple[float, float], list[dict]]:
     """Pick `(reserve, spike_z)` from `grid` on a validation stream of `scenario` (`seed`), not the evaluation stream.
 
-    Runs `router` at `fraction` under each setting; the best recalls most event windows
+    Runs `router` at `fraction` under each setting (the rest of the budget, window and hold, from
+    `budget`, default `BudgetConfig()`); the best recalls most event windows
     (`window_recall`), the first listed among equals. Returns the best and, per setting,
     `{"reserve", "spike_z", "recalled", "windows"}`.
     """
@@ -154,7 +163,8 @@ def choose_controller(model: OryxForecaster, router: Router, scenario: Scenario,
     x = segments(values, seg_tokens, n_seg, P)
     best, best_hits, trials = grid[0], -1, []
     for reserve, spike_z in grid:
-        modes = run_router(model, x, router, BudgetConfig(fraction=fraction, reserve=reserve, spike_z=spike_z))[1]
+        trial = dataclasses.replace(budget or BudgetConfig(), fraction=fraction, reserve=reserve, spike_z=spike_z)
+        modes = run_router(model, x, router, trial)[1]
         hits, total = window_recall(modes, windows, P, scenario.events)
         trials.append({"reserve": reserve, "spike_z": spike_z, "recalled": hits, "windows": total})
         if hits > best_hits:
@@ -203,3 +213,90 @@ def attention_ceiling(model: OryxForecaster, scenario: Scenario, seed: int, seg_
         maes[mode] = event_mae(forced_forecast(model, x, modes), values, windows, config=config, seg_tokens=seg_tokens,
                                kinds=scenario.events)
     return maes
+
+
+def target_gaps(mae_rec: float, mae_att: float, mae_routed: float) -> dict[str, float]:
+    """How a routed forecaster's error inside event windows stands against the two references:
+    `below_rec`, its share below all-recurrent (`1 - routed / rec`); `over_att`, its share above
+    all-attention (`routed / att - 1`); `recovered`, the share of all-attention's gain over
+    all-recurrent that it keeps (`(rec - routed) / (rec - att)`, NaN when attention gains nothing)."""
+    gain = mae_rec - mae_att
+    return {"below_rec": 1.0 - mae_routed / mae_rec, "over_att": mae_routed / mae_att - 1.0,
+            "recovered": (mae_rec - mae_routed) / gain if gain > 0 else math.nan}
+
+
+REAL_STREAMS = ("nab", "household")
+HOUSEHOLD_TRAIN, HOUSEHOLD_EVAL = 1 << 19, 40_960  # minutes: about a year to train on, then 28 days to route
+
+
+@dataclass(frozen=True)
+class RealStream:
+    """Real telemetry to route: `train_values` for the forecaster and router (no labelled window in
+    them), `values` streamed as one series and scored against its `windows` (all kinds count)."""
+
+    name: str
+    train_values: np.ndarray  # (L_train, C) float32
+    values: np.ndarray  # (L, C) float32, L a multiple of the patch length
+    windows: list[LabelWindow]
+    label_source: str
+
+
+def real_stream(name: str, patch_len: int, cache: str | None = None) -> RealStream:
+    """One of `REAL_STREAMS` from the packaged data (`oryx_ts.datasets.load`).
+
+    - `nab`: NAB machine temperature (22,683 steps of 5 minutes, 4 labelled failure windows). The
+      forecaster trains on steps 5,000-15,000, between the second and third window; the whole
+      series is routed.
+    - `household`: UCI household power (7 channels, one-minute steps). The forecaster trains on the
+      first `HOUSEHOLD_TRAIN` minutes; the next `HOUSEHOLD_EVAL` are routed, with windows derived as
+      the backtests derive them (`evaluation.job.derive_labels`: outages where every channel is
+      missing, extremes outside the training part's 0.1-99.9% quantiles).
+    Raises `ValueError` for another name.
+    """
+    from oryx_ts.datasets import load
+
+    if name == "nab":
+        s = load("nab_machine_temperature", cache)
+        L = s.values.shape[0] // patch_len * patch_len
+        return RealStream(name, s.values[5000:15000].astype(np.float32), s.values[:L].astype(np.float32),
+                          [w for w in s.labels if w.start < L], "NAB labels (known failures)")
+    if name == "household":
+        from oryx_ts.evaluation.job import derive_labels
+
+        s = load("household_power", cache)
+        span = s.values[: HOUSEHOLD_TRAIN + HOUSEHOLD_EVAL].astype(np.float32)
+        derived = derive_labels(span, HOUSEHOLD_TRAIN)
+        windows = [LabelWindow(w.start - HOUSEHOLD_TRAIN, w.end - HOUSEHOLD_TRAIN, w.kind) for w in derived if w.start >= HOUSEHOLD_TRAIN]
+        return RealStream(name, span[:HOUSEHOLD_TRAIN], span[HOUSEHOLD_TRAIN:], windows,
+                          "derived: outage (every channel missing), extreme (outside the training 0.1-99.9% quantiles)")
+    raise ValueError(f"unknown real stream {name!r}; choose from {REAL_STREAMS}")
+
+
+def real_routing(model: OryxForecaster, routers: Mapping[str, Router], budgets: Iterable[BudgetConfig], stream: RealStream, *,
+                 first_tokens: int = 3) -> list[dict]:
+    """Each router under each budget on `stream.values` streamed as one series through the engine.
+
+    Per run: `recalled`/`windows` (an attention token among a window's first `first_tokens` tokens,
+    `window_recall`), the same per window kind (`by_kind`: kind -> [recalled, windows]), `first_attention` (per window, tokens from its start to its first attention
+    token inside it, None when none), attention rate, realized FLOPs over the allowance and the
+    attention surcharge spent over the surcharge allowed.
+    """
+    P = model.config.tokenizer.patch_len
+    x = torch.as_tensor(stream.values)[None]
+    kinds = {w.kind for w in stream.windows}
+    rec_T = mode_costs(model.config, 0, x.shape[1] // P).recurrent_T
+    rows = []
+    for budget in budgets:
+        for name, router in routers.items():
+            _, modes, flops, allow = run_router(model, x, router, budget)
+            hits, total = window_recall(modes, stream.windows, P, kinds, first_tokens)
+            by_kind = {k: list(window_recall(modes, stream.windows, P, (k,), first_tokens)) for k in sorted(kinds)}
+            firsts = []
+            for w in stream.windows:
+                on = np.flatnonzero(modes[w.start // P : -(-w.end // P)])
+                firsts.append(int(on[0]) if len(on) else None)
+            rows.append({"budget": budget.fraction, "router": name, "recalled": hits, "windows": total, "by_kind": by_kind,
+                         "first_attention": firsts,
+                         "attention_rate": float(modes.mean()), "realized_over_budget": float(flops.sum() / allow.sum()),
+                         "surcharge_over_budget": float((flops - rec_T).sum() / (allow - rec_T).sum())})
+    return rows

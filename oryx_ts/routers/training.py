@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from oryx_ts.config import BudgetConfig, OryxConfig, preset
+from oryx_ts.config import BudgetConfig, OryxConfig, RouterConfig, preset
 from oryx_ts.datasets.labels import LabelWindow, mask_from_windows
 from oryx_ts.datasets.recall import recall_stream
 from oryx_ts.datasets.windows import WindowSampler
@@ -36,7 +36,8 @@ from oryx_ts.routers.features import surprise_targets
 from oryx_ts.routers.learned import LearnedRouter
 from oryx_ts.train import RouterTrainResult, batch_targets, router_inputs, train, train_router
 
-__all__ = ["RECIPES", "ForecasterRecipe", "attention_gain", "gain_targets", "train_forecaster", "train_gain_router", "train_routers"]
+__all__ = ["RECIPES", "ForecasterRecipe", "attention_gain", "gain_targets", "train_forecaster", "train_gain_router", "train_label_free",
+           "train_routers"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,21 +81,29 @@ def train_forecaster(config: OryxConfig, train_values: np.ndarray, *, recall_ste
     return train(config, train_values, model=model, progress=progress).model
 
 
+def train_label_free(model: OryxForecaster, train_values: np.ndarray, *, router: RouterConfig | None = None,
+                     progress: bool = True) -> LearnedRouter:
+    """The label-free learned router for the frozen `model` on the `(L, C)` stream `train_values`, under
+    `router` (default `model.config.router`): `train_gain_router` when its `target` is `"gain"`, else
+    `train_router` (forecast loss plus the self-supervised surprise objective)."""
+    rc = router or model.config.router
+    fit = train_gain_router if rc.target == "gain" else train_router
+    torch.manual_seed(rc.seed)  # the router's initial weights, as the fit would draw them itself
+    return fit(model, train_values, router=LearnedRouter(model.config.block.d_model, rc), progress=progress).router
+
+
 def train_routers(model: OryxForecaster, train_values: np.ndarray, train_windows: Sequence[LabelWindow], events: Sequence[str], *,
-                  progress: bool = True) -> tuple[LearnedRouter, LearnedRouter]:
+                  router: RouterConfig | None = None, progress: bool = True) -> tuple[LearnedRouter, LearnedRouter]:
     """`(label-free, label-fitted)` learned routers for the frozen `model` on the `(L, C)` stream `train_values`.
 
-    The first is fitted under `model.config.router` without labels: by `train_gain_router` when its
-    `target` is `"gain"`, else by `train_router` (forecast loss plus the self-supervised surprise
-    objective); the second is `train_router` with `label_weight` 1, fitting also the tokens of
-    `train_windows` whose kind is in `events`.
+    The first is `train_label_free` under `router`; the second is `train_router` with `label_weight`
+    1 and the surprise objective, fitting also the tokens of `train_windows` whose kind is in `events`.
     """
-    fit = train_gain_router if model.config.router.target == "gain" else train_router
-    router = fit(model, train_values, progress=progress).router
+    free = train_label_free(model, train_values, router=router, progress=progress)
     labelled = model.config.replace(router={"label_weight": 1.0, "target": "surprise"})
     supervised = train_router(model, train_values, router=LearnedRouter(labelled.block.d_model, labelled.router),
                               label_mask=mask_from_windows(train_windows, len(train_values), kind=events), progress=progress).router
-    return router, supervised
+    return free, supervised
 
 
 def token_losses(model: OryxForecaster, x_BLC: torch.Tensor, modes: float) -> torch.Tensor:

@@ -63,7 +63,7 @@ def test_the_supervised_router_fits_only_the_event_windows(monkeypatch):
     windows = [LabelWindow(10, 30, "spike"), LabelWindow(50, 60, "regime_switch"), LabelWindow(190, 200, "fault")]
     assert train_routers(model, values, windows, ("spike", "fault"), progress=False) == ("router1", "router2")
     free, supervised = calls
-    assert free.router is None and free.label_mask is None
+    assert free.router.config == model.config.router and free.label_mask is None
     assert isinstance(supervised.router, LearnedRouter) and supervised.router.config.label_weight == 1.0
     assert np.array_equal(supervised.label_mask, mask_from_windows(windows[::2], 200))
 
@@ -113,7 +113,7 @@ def test_the_gain_router_fits_its_targets_and_leaves_the_forecaster_alone(monkey
     assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5])
     assert all(0 < h["positives"] <= 0.2 + 1e-9 for h in result.history)
     calls = []
-    monkeypatch.setattr(training, "train_gain_router", lambda model, values, progress=True: calls.append("gain") or result)
+    monkeypatch.setattr(training, "train_gain_router", lambda model, values, router=None, progress=True: calls.append(router.config.target) or result)
     monkeypatch.setattr(training, "train_router", lambda model, values, router=None, label_mask=None, progress=True:
                         calls.append(router.config.target) or result)
     training.train_routers(model, values, [LabelWindow(10, 30, "spike")], ("spike",), progress=False)
