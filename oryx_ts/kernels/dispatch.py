@@ -20,7 +20,8 @@ Fast paths (all Triton; imported on first use, so the CPU install never imports 
     routed_attention  our routed-query kernel (`kernels.attention.routed_triton`); per-key eviction
                   positions (`k_until_BS`) still take the torch path
     routed_inputs the parallel forward's routed queries (gather, L2 norm, RoPE) and rotated keys as one
-                  `torch.compile`d graph (Inductor's Triton kernels), forward and backward
+                  `torch.compile`d graph (Inductor's Triton kernels), forward and backward; under `auto`
+                  only with ORYX_COMPILE_ROUTED_INPUTS=1
     rms_norm      one launch per RMSNorm (`kernels.norm_triton`), twin `kernels.norm_naive`
     rope          fla's fused rotary kernel (one pass forward, one backward) with our fp32 tables
                   rounded to the input dtype
@@ -34,6 +35,7 @@ Legend: B batch, T tokens, H heads, K key dim, V value dim, S retained keys.
 """
 
 import importlib.util
+import os
 from functools import cache
 from typing import Literal
 
@@ -338,8 +340,12 @@ def routed_inputs(
     Fast path (CUDA, outside another `torch.compile`): that function under `torch.compile`, one
     fused graph forward and one backward in place of about 30 eager ops, whose host launches bound
     the layer at T=32k on the H200 VM (docs/BENCHMARKS.md). Torch path: the same ops eagerly, with
-    `rope` (fla's fused rotation on CUDA).
+    `rope` (fla's fused rotation on CUDA). `auto` takes the fast path only with
+    `ORYX_COMPILE_ROUTED_INPUTS=1`: it matches the eager ops on the GPU (tested) but its speed in
+    the layer is not measured yet, and its first call compiles for tens of seconds.
     """
+    if backend == "auto" and os.environ.get("ORYX_COMPILE_ROUTED_INPUTS") != "1":
+        backend = "torch"
     path = select_backend(k_BTHK, backend)
     if path == "triton" and torch.compiler.is_compiling():
         path = "torch"  # an enclosing compile traces the eager ops itself
