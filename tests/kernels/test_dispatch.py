@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from oryx_ts.kernels import dispatch
-from oryx_ts.kernels.attention.naive import routed_attention
+from oryx_ts.kernels.attention.naive import routed_attention, routed_inputs
 from oryx_ts.kernels.gdn.naive import gdn_step, naive_chunk_gdn
 from oryx_ts.kernels.mamba2.naive import naive_chunk_ssd, ssd_step
 
@@ -37,6 +37,18 @@ def test_cpu_takes_torch_path_and_matches_reference(mixer, backend, inputs, rel)
     ref1 = gdn_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0) if mixer == "gdn" else \
         ssd_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], h0)
     assert torch.equal(o1, ref1[0]) and torch.equal(s1, ref1[1])
+
+
+@pytest.mark.parametrize("rope_base", [10000.0, None])
+def test_routed_inputs_cpu_takes_torch_path(rope_base):
+    k, q_rows = torch.randn(2, 20, 2, 8), torch.randn(2, 20, 16)
+    idx, pos = torch.tensor([3, 7, 19]), torch.arange(20)
+    out = dispatch.routed_inputs(k, q_rows, idx, pos, rope_base=rope_base)
+    assert dispatch.last_backend["routed_inputs"] == "torch"
+    assert all(torch.equal(a, b) for a, b in zip(out, routed_inputs(k, q_rows, idx, pos, rope_base)))
+    assert out[1].shape == (2, 3, 2, 8) and (rope_base is not None or out[0] is k)
+    with pytest.raises(ValueError, match="cannot run"):
+        dispatch.routed_inputs(k, q_rows, idx, pos, rope_base=rope_base, backend="triton")
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
