@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from oryx_ts.config import PRESETS
 from oryx_ts.datasets.cli import add_parser as add_data_parser
 from oryx_ts.tune.cli import add_parser as add_sweep_parser
 from oryx_ts.service.cli import add_parser as add_serve_parser
@@ -381,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train on a CSV or Parquet file (numeric columns are channels)")
     tr.add_argument("--data", required=True, help="CSV or Parquet file")
     _add_reading(tr, defaults="all numeric, or those of --init")
-    tr.add_argument("--preset", default=None, choices=["debug", "small", "base"], help="model and training preset (default: debug)")
+    tr.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model and training preset (default: debug)")
     tr.add_argument("--config", default=None, help="JSON config file (instead of a preset)")
     tr.add_argument("--init", default=None, metavar="DIR",
                     help="resume or fine-tune from a checkpoint: its config is the base (--set applies), its weights the start")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from oryx_ts.config import PRESETS
+
 __all__ = ["add_parser"]
 
 QUICK = {"rows": 4000, "aggregate": 60, "peer_epochs": 1, "peer_batches": 5, "train_steps": 30, "warmup_tokens": 64}
@@ -41,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--split", type=_fractions, default=(0.7, 0.1, 0.2), help="train,validation,test fractions by time (default 0.7,0.1,0.2)")
     p.add_argument("--horizon", type=int, default=24, help="forecast steps (default 24)")
     p.add_argument("--model", default=None, metavar="DIR", help="oryx checkpoint (default: train one on the rows before the test part)")
-    p.add_argument("--preset", default="debug", choices=["debug", "small", "base"], help="preset to train (default debug)")
+    p.add_argument("--preset", default="debug", choices=sorted(PRESETS), help="preset to train (default debug)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config field of the trained model")
     p.add_argument("--univariate", action="store_true",
                    help="train a 1-channel model on every channel, each channel a series of its own (channel-independent)")
