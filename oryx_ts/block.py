@@ -208,8 +208,7 @@ class OryxMixer(nn.Module):
     ) -> torch.Tensor:
         """Mix T tokens of a stream from its start; bounded retention comes as `k_until_BT`."""
         c = self.config
-        B, T, _ = u_BTD.shape
-        H = c.n_heads
+        T = u_BTD.shape[1]
         q_lin, k, v, tails, att_q_all, z, gates_raw = self._projections(u_BTD)
         o_lin, rec = self._linear(u_BTD, q_lin, k, v, None, gates_raw)
 
