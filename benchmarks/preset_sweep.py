@@ -15,8 +15,8 @@ the chosen preset stays a fair test.
     python benchmarks/preset_sweep.py --dataset household_power --rows 200000 --horizon 60 --minutes 1.5
 
 `--merge earlier/preset_sweep.json` adds an earlier run's results (other candidates, same datasets)
-to the table. Writes `<out>/preset_sweep.{json,md,png}` (the PNG: validation CRPS and MASE per candidate, one bar
-group per dataset). Several datasets (`--dataset a,b` with one `--aggregate`, `--rows` and
+to the table. Writes `<out>/preset_sweep.{json,md,png}` (the PNG: validation CRPS and MASE per candidate as ratios
+to `debug`'s, one bar per dataset). Several datasets (`--dataset a,b` with one `--aggregate`, `--rows` and
 `--horizon` per dataset, comma-separated) share one table; the chosen candidate is the one with the
 lowest mean of its CRPS ratios to the `debug` candidate's over the datasets.
 """
@@ -148,24 +148,28 @@ def write_md(report: dict, path: Path) -> None:
 
 
 def plot(results: list[dict], labels: list[str], names: list[str], path: Path) -> None:
+    """Validation CRPS and MASE of every candidate as a ratio to the `debug` candidate's on the same dataset."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / max(1, len(labels))
     for j, label in enumerate(labels):
         rows = {r["candidate"]: r for r in results if r["dataset"] == label}
         x = np.arange(len(names)) + j * width
         for ax, key in zip(axes, ("crps", "mase")):
-            ax.bar(x, [rows[c][key] if c in rows else np.nan for c in names], width, label=label)
-    for ax, key in zip(axes, ("validation CRPS", "validation MASE")):
+            base = rows["debug"][key] if "debug" in rows else np.nan
+            ax.bar(x, [rows[c][key] / base if c in rows else np.nan for c in names], width, label=label)
+    for ax, key in zip(axes, ("validation CRPS / debug's", "validation MASE / debug's")):
+        ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(np.arange(len(names)) + width * (len(labels) - 1) / 2, names, rotation=30, ha="right")
         ax.set_ylabel(key)
+        ax.set_ylim(0.8, 1.15)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("preset candidates, same training time each, scored on the validation part")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("preset candidates, same training time each, scored on the validation part (below 1: better than debug)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
