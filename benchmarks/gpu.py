@@ -9,7 +9,8 @@ with `triton.testing.do_bench` (median, ms), prints one table and writes `gpu_be
     mixers     the linear mixers alone: fla GDN, mamba-ssm SSD, fla simple GLA
     layer      one Oryx layer (d_model 512, 8 heads of 64) forward+backward at attention
                fractions 0 / 0.1 / 0.25 / 1 vs a pure fla GDN layer and a pure SDPA layer; at 10% and
-               25% also with the routed inputs compiled (`dispatch.routed_inputs`, backend triton)
+               25% also with the routed inputs as eager ops (`dispatch.routed_inputs`, backend torch)
+               beside their compiled graph (the default on CUDA)
     step       `model.step` of a 4-layer model, 16,384 series, bounded cache 512, 0% and 10% attention:
                eager and CUDA-graphed, fp32 and bf16 recurrent state, the fused kernels alone and the
                general path, against the state-bytes floor; 1,024 series eager vs graphed
@@ -265,19 +266,30 @@ def section_layer():
     oryx = OryxBlock(c).cuda().to(DT)
     gdn = PureGDNLayer(c).cuda().to(DT)
     att = PureAttentionLayer(c).cuda().to(DT)
-    # the routed queries' gather, norm and RoPE as one compiled graph (opt-in, ORYX_COMPILE_ROUTED_INPUTS=1), timed
-    # beside the default eager ops; its first call compiles, and if that fails here only the eager rows are timed
-    compiled = mock.patch.object(dispatch, "routed_inputs", partial(dispatch.routed_inputs, backend="triton"))
+    # the routed queries' gather, norm and RoPE: one compiled graph by default on CUDA (ORYX_COMPILE_ROUTED_INPUTS=0:
+    # eager ops), timed beside the eager ops; its first call compiles, and if that fails here only eager rows are timed
+    compiled = os.environ.get("ORYX_COMPILE_ROUTED_INPUTS") != "0"
+    eager = mock.patch.object(dispatch, "routed_inputs", partial(dispatch.routed_inputs, backend="torch"))
     try:
-        kk = torch.randn(1, 64, 8, 64, device="cuda", dtype=DT, requires_grad=True)
-        rows = torch.randn(1, 64, 512, device="cuda", dtype=DT, requires_grad=True)
-        idx, pos = torch.arange(0, 64, 2, device="cuda"), torch.arange(64, device="cuda")
-        ys = dispatch.routed_inputs(kk, rows, idx, pos, rope_base=1e4, backend="triton")
-        (ys[0].float().sum() + ys[1].float().sum()).backward()
-        can_compile = True
+        if compiled:
+            kk = torch.randn(1, 64, 8, 64, device="cuda", dtype=DT, requires_grad=True)
+            rows = torch.randn(1, 64, 512, device="cuda", dtype=DT, requires_grad=True)
+            idx, pos = torch.arange(0, 64, 2, device="cuda"), torch.arange(64, device="cuda")
+            ys = dispatch.routed_inputs(kk, rows, idx, pos, rope_base=1e4, backend="triton")
+            (ys[0].float().sum() + ys[1].float().sum()).backward()
     except Exception as e:
-        notes.append(f"layer: compiled routed inputs failed: {type(e).__name__}: {str(e)[:200]}")
-        can_compile = False
+        notes.append(f"layer: compiled routed inputs failed, eager ops in every row: {type(e).__name__}: {str(e)[:200]}")
+        compiled = False
+        with eager:
+            _layer_rows(c, oryx, gdn, att, compiled)
+        return
+    _layer_rows(c, oryx, gdn, att, compiled)
+
+
+def _layer_rows(c, oryx, gdn, att, compiled):
+    from oryx_ts.kernels import dispatch
+
+    eager = mock.patch.object(dispatch, "routed_inputs", partial(dispatch.routed_inputs, backend="torch"))
     for T in (2048, 8192, 32768):
         B = 1
         x = torch.randn(B, T, c.d_model, device="cuda", dtype=DT, requires_grad=True)
@@ -293,16 +305,15 @@ def section_layer():
             assert dispatch.last_backend["linear_chunk"] == "triton"
             if frac > 0:
                 assert dispatch.last_backend["routed_attention"] == "triton"
-                assert dispatch.last_backend["routed_inputs"] == ("triton" if os.environ.get("ORYX_COMPILE_ROUTED_INPUTS") == "1"
-                                                                  else "torch")
+                assert dispatch.last_backend["routed_inputs"] == ("triton" if compiled else "torch")
             ms = bench(lambda: oryx(x, m).backward(dy), rep=50)
             add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd", ms, base_gdn, "pure GDN layer",
                 vs_attention_layer=round(ms / base_att, 3))
-            if frac in (0.1, 0.25) and can_compile:  # the routed queries and the keys' RoPE compiled
-                with compiled:
+            if frac in (0.1, 0.25) and compiled:  # the routed queries and the keys' RoPE as eager ops
+                with eager:
                     oryx(x, m).backward(dy)
                     ms_t = bench(lambda: oryx(x, m).backward(dy), rep=50)
-                add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd, compiled routed inputs", ms_t, base_gdn,
+                add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd, eager routed inputs", ms_t, base_gdn,
                     "pure GDN layer", vs_default=round(ms_t / ms, 3))
             if frac == 0.1:
                 # modes that are not exactly 0/1 take the general mix m * o_att + (1 - m) * o_lin

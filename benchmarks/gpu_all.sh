@@ -10,7 +10,8 @@
 #
 # What fits one 10-minute device call (H200, 16 cores): `parity bench=step` (parity on 6 pytest-xdist
 # workers, about 5-6 minutes, most of it tilelang and fla compiles; then the step section, about a
-# minute); then, in a second call, `bench=layer,attention,mixers profile` (about 6 minutes).
+# minute); then, in a second call, `bench=layer,attention,mixers profile` (about 6 minutes). Parity on 8
+# workers then `bench=layer` took 302 + 192 s (2026-12-01).
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
@@ -37,7 +38,8 @@ for step in "${steps[@]}"; do
       # the GPU tests live in three files (the rest of the suite needs the CPU extras, absent here);
       # fla's fp32 chunk_simple_gla takes about 2.5 minutes to compile on an H100, so the tests
       # run on pytest-xdist workers side by side (one process needs about 1,600 s)
-      python3 -m pytest -p no:cacheprovider -m gpu -o addopts="" --timeout 400 -q -rs -n "${PARITY_WORKERS:-6}" \
+      # PARITY_TIMEOUT_S (0: none) interrupts pytest (SIGINT), which still prints its summary line
+      timeout -s INT -k 30 "${PARITY_TIMEOUT_S:-0}" python3 -m pytest -p no:cacheprovider -m gpu -o addopts="" --timeout 400 -q -rs -n "${PARITY_WORKERS:-6}" \
         --junitxml "$OUT/parity.xml" tests/kernels/test_gpu_parity.py tests/kernels/test_gpu_step.py tests/test_train_gpu.py 2>&1 | tee "$OUT/parity.txt"
       rc=$((rc | ${PIPESTATUS[0]}))
       ;;

@@ -20,8 +20,8 @@ Fast paths (all Triton; imported on first use, so the CPU install never imports 
     routed_attention  our routed-query kernel (`kernels.attention.routed_triton`); per-key eviction
                   positions (`k_until_BS`) still take the torch path
     routed_inputs the parallel forward's routed queries (gather, L2 norm, RoPE) and rotated keys as one
-                  `torch.compile`d graph (Inductor's Triton kernels), forward and backward; under `auto`
-                  only with ORYX_COMPILE_ROUTED_INPUTS=1
+                  `torch.compile`d graph (Inductor's Triton kernels), forward and backward; `auto` takes it
+                  on CUDA unless ORYX_COMPILE_ROUTED_INPUTS=0
     rms_norm      one launch per RMSNorm (`kernels.norm_triton`), twin `kernels.norm_naive`
     rope          fla's fused rotary kernel (one pass forward, one backward) with our fp32 tables
                   rounded to the input dtype
@@ -339,12 +339,13 @@ def routed_inputs(
 
     Fast path (CUDA, outside another `torch.compile`): that function under `torch.compile`, one
     fused graph forward and one backward in place of about 30 eager ops, whose host launches bound
-    the layer at T=32k on the H200 VM (docs/BENCHMARKS.md). Torch path: the same ops eagerly, with
-    `rope` (fla's fused rotation on CUDA). `auto` takes the fast path only with
-    `ORYX_COMPILE_ROUTED_INPUTS=1`: it matches the eager ops on the GPU (tested) but its speed in
-    the layer is not measured yet, and its first call compiles for tens of seconds.
+    the layer on the H200 VM (docs/BENCHMARKS.md: the layer's fwd+bwd 1-31% faster at T = 2k-32k,
+    10% and 25% routed). Torch path: the same ops eagerly, with `rope` (fla's fused rotation on
+    CUDA). `auto` takes the fast path wherever it can run (CUDA); `ORYX_COMPILE_ROUTED_INPUTS=0`
+    keeps the eager ops there (the graph's first call compiles for tens of seconds). On the CPU
+    `auto` is always the torch path.
     """
-    if backend == "auto" and os.environ.get("ORYX_COMPILE_ROUTED_INPUTS") != "1":
+    if backend == "auto" and os.environ.get("ORYX_COMPILE_ROUTED_INPUTS") == "0":
         backend = "torch"
     path = select_backend(k_BTHK, backend)
     if path == "triton" and torch.compiler.is_compiling():

@@ -1,5 +1,6 @@
 """The dispatch point must take the torch path on CPU, refuse a demanded fast path there, and keep triton out of the CPU install."""
 
+import functools
 import subprocess
 import sys
 
@@ -49,6 +50,24 @@ def test_routed_inputs_cpu_takes_torch_path(rope_base):
     assert out[1].shape == (2, 3, 2, 8) and (rope_base is not None or out[0] is k)
     with pytest.raises(ValueError, match="cannot run"):
         dispatch.routed_inputs(k, q_rows, idx, pos, rope_base=rope_base, backend="triton")
+
+
+@pytest.mark.parametrize("env, path", [(None, "triton"), ("1", "triton"), ("0", "torch")])
+def test_routed_inputs_auto_compiles_where_the_fast_path_runs(monkeypatch, env, path):
+    # where the fast path can run (CUDA), `auto` takes the compiled graph unless ORYX_COMPILE_ROUTED_INPUTS=0;
+    # here the fast path is faked available and the "compiled" graph is the eager twin itself
+    if env is None:
+        monkeypatch.delenv("ORYX_COMPILE_ROUTED_INPUTS", raising=False)
+    else:
+        monkeypatch.setenv("ORYX_COMPILE_ROUTED_INPUTS", env)
+    monkeypatch.setattr(dispatch, "select_backend", lambda x, backend, *a, **kw: "torch" if backend == "torch" else "triton")
+    monkeypatch.setattr(dispatch, "_routed_inputs_compiled", lambda: routed_inputs)
+    monkeypatch.setattr(dispatch, "rope", functools.partial(dispatch.rope, backend="torch"))  # no fla on the CPU
+    k, q_rows = torch.randn(1, 20, 2, 8), torch.randn(1, 20, 16)
+    idx, pos = torch.tensor([3, 7, 19]), torch.arange(20)
+    out = dispatch.routed_inputs(k, q_rows, idx, pos, rope_base=10000.0)
+    assert dispatch.last_backend["routed_inputs"] == path
+    assert all(torch.allclose(a, b) for a, b in zip(out, routed_inputs(k, q_rows, idx, pos, 10000.0)))
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
