@@ -52,6 +52,7 @@ CANDIDATES: dict[str, list[str]] = {
     "uni": [],
     "uni-patch16": ["tokenizer.patch_len=16", "train.window_tokens=64"],
     "uni-deep": ["block.n_layers=4"],
+    "uni-patch16-phase": ["tokenizer.patch_len=16", "train.window_tokens=64", "train.any_phase=true"],
     "uni-wide": ["block.d_model=128", "block.head_dim_k=16", "block.head_dim_v=32"],
     "wide-deep": ["block.d_model=128", "block.head_dim_k=16", "block.head_dim_v=32", "block.n_layers=3"],
 }

@@ -122,6 +122,7 @@ class TrainConfig:
     val_every: int = 50  # optimizer steps between validation evaluations (also one before the first and one after the last)
     patience: int = 0  # early stopping: stop after this many evaluations in a row without a new best (after warm-up); 0 = off
     keep_best: bool = True  # the trained model gets the weights of its lowest validation loss (False: the last step's)
+    any_phase: bool = False  # training windows start at any step, not only on the patch grid (P times as many windows)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -323,12 +324,12 @@ PRESETS: dict[str, OryxConfig] = {
         train=TrainConfig(steps=300, batch_size=8, window_tokens=128),
     ),
     # real telemetry on a CPU, chosen by benchmarks/preset_sweep.py (docs/RESULTS.md), best trained univariate
-    # (`oryx-ts backtest --univariate`): `debug` with patches of 16 steps
+    # (`oryx-ts backtest --univariate`): `debug` with patches of 16 steps and training windows at any phase
     "telemetry": OryxConfig(
         tokenizer=TokenizerConfig(channels=4, patch_len=16),
         block=BlockConfig(d_model=64, n_layers=2, n_heads=4, head_dim_k=8, head_dim_v=16, chunk_size=16),
         head=HeadConfig(horizon=16, quantiles=(0.1, 0.5, 0.9)),
-        train=TrainConfig(steps=1000, batch_size=8, window_tokens=64),
+        train=TrainConfig(steps=1000, batch_size=8, window_tokens=64, any_phase=True),
     ),
     "small": OryxConfig(
         tokenizer=TokenizerConfig(channels=8, patch_len=16),

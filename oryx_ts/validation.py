@@ -155,14 +155,15 @@ def split_stream(values: torch.Tensor, config: OryxConfig, val_values: torch.Ten
     P = config.tokenizer.patch_len
     window = config.train.window_tokens * P
     per = univariate(config, values)
+    align = 1 if config.train.any_phase else P  # validation windows stay on the patch grid
     if val_values is not None:
         T = val_tokens(val_values.shape[0], config)
         val = WindowSampler(val_values, T * P, align=P, per_channel=per)
-        return Split(WindowSampler(values, window, align=P, per_channel=per), val, int(values.shape[0]),
+        return Split(WindowSampler(values, window, align=align, per_channel=per), val, int(values.shape[0]),
                      {"source": "array", "rows": int(val_values.shape[0]), "windows": len(val), "window_tokens": T})
     rows = int(values.shape[0])
     split, first = _tail(rows, config)
     T = val_tokens(rows - first, config)
     val = WindowSampler(values, T * P, start=split, align=P, per_channel=per)
-    return Split(WindowSampler(values, window, stop=split, align=P, per_channel=per), val, split,
+    return Split(WindowSampler(values, window, stop=split, align=align, per_channel=per), val, split,
                  {"source": "tail", "start": split, "rows": rows - split, "windows": len(val), "window_tokens": T})

@@ -70,3 +70,17 @@ def test_univariate_backtest_equals_each_column_alone(tmp_path):
     expect = score_forecasts(pred, target, (0.1, 0.5, 0.9), scale_C=seasonal_scale(values[: int(round(L * 0.6))], 32))
     assert summary["scores"]["oryx"]["overall"]["crps"] == pytest.approx(expect["crps"], rel=1e-5)
     assert summary["scores"]["oryx"]["overall"]["mase"] == pytest.approx(expect["mase"], rel=1e-5)
+
+
+def test_any_phase_training_windows_start_anywhere_validation_on_the_grid():
+    from oryx_ts.validation import split_stream
+
+    values = torch.randn(3000, 2)
+    base = preset("debug").replace(tokenizer={"channels": 2})
+    grid = split_stream(values, base)
+    anywhere = split_stream(values, base.replace(train={"any_phase": True}))
+    P = base.tokenizer.patch_len
+    assert (grid.train.starts % P == 0).all() and not (anywhere.train.starts % P == 0).all()
+    last = int(anywhere.train.starts[-1])  # every step up to the last window that fits
+    assert torch.equal(anywhere.train.starts, torch.arange(last + 1)) and 0 <= last - int(grid.train.starts[-1]) < P
+    assert torch.equal(anywhere.val.starts, grid.val.starts)  # validation windows unchanged
