@@ -329,7 +329,7 @@ PRESETS: dict[str, OryxConfig] = {
         tokenizer=TokenizerConfig(channels=4, patch_len=16),
         block=BlockConfig(d_model=64, n_layers=2, n_heads=4, head_dim_k=8, head_dim_v=16, chunk_size=16),
         head=HeadConfig(horizon=16, quantiles=(0.1, 0.5, 0.9)),
-        train=TrainConfig(steps=1000, batch_size=8, window_tokens=64, any_phase=True),
+        train=TrainConfig(steps=5000, batch_size=8, window_tokens=64, any_phase=True),  # with --max-minutes: fitted to the budget
     ),
     "small": OryxConfig(
         tokenizer=TokenizerConfig(channels=8, patch_len=16),
