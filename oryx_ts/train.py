@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from oryx_ts.checkpoint import DataInfo, fingerprint, save
-from oryx_ts.config import BudgetConfig, OryxConfig
+from oryx_ts.config import BudgetConfig, OryxConfig, RouterConfig
 from oryx_ts.datasets.windows import WindowSampler
 from oryx_ts.loop_state import LOOP_FILE, LOOP_TENSORS, LoopState, lr_factor, new_loop_state
 from oryx_ts.model import OryxForecaster
@@ -37,7 +37,7 @@ from oryx_ts.routers.runtime import forecast_steps
 from oryx_ts.validation import check_trainable, rows_needed, split_stream
 
 __all__ = ["LOOP_FILE", "LOOP_TENSORS", "LoopState", "TrainResult", "check_trainable", "fit", "fixed_schedule", "lr_factor",
-           "new_loop_state", "rows_needed", "sample_modes", "train", "train_router", "validation_loss"]
+           "new_loop_state", "router_windows", "rows_needed", "sample_modes", "train", "train_router", "validation_loss"]
 
 
 @dataclass
@@ -344,6 +344,24 @@ def batch_targets(inputs: RouterInputs, fraction: float, lookahead: int = 0) -> 
     return mark_lookahead(hot, lookahead)  # within each window: the windows are separate streams
 
 
+def router_windows(model: OryxForecaster, values: np.ndarray | torch.Tensor, router: LearnedRouter | None,
+                   budget: BudgetConfig | None) -> tuple[RouterConfig, float, WindowSampler]:
+    """What a router's training starts from: its settings (`router.config`, else the model's), the budget
+    fraction (`budget`, else the model's) and the training windows of a `(L, C)` stream (the part before
+    `train.val_fraction`, on the patch grid). Raises `ValueError` for a fraction of 0 or a stream of the
+    wrong shape."""
+    config = model.config
+    rc, t = (router.config if router is not None else config.router), config.train
+    fraction = (budget or config.budget).fraction
+    if fraction <= 0:
+        raise ValueError("a router trained for a budget fraction of 0 would never route; give a fraction > 0")
+    values = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    if values.dim() != 2 or values.shape[1] != config.tokenizer.channels:
+        raise ValueError(f"expected a stream of shape (length, {config.tokenizer.channels}), got {tuple(values.shape)}")
+    P = config.tokenizer.patch_len
+    return rc, fraction, WindowSampler(values, t.window_tokens * P, stop=int(values.shape[0] * (1 - t.val_fraction)), align=P)
+
+
 def train_router(
     model: OryxForecaster,
     values: np.ndarray | torch.Tensor,
@@ -372,17 +390,7 @@ def train_router(
     Raises `ValueError` for a stream of the wrong shape.
     """
     config = model.config
-    rc, t = (router.config if router is not None else config.router), config.train
-    fraction = (budget or config.budget).fraction
-    if fraction <= 0:
-        raise ValueError("a router trained for a budget fraction of 0 would never route; give a fraction > 0")
-    values = torch.as_tensor(np.asarray(values, dtype=np.float32))
-    if values.dim() != 2 or values.shape[1] != config.tokenizer.channels:
-        raise ValueError(f"expected a stream of shape (length, {config.tokenizer.channels}), got {tuple(values.shape)}")
-    P = config.tokenizer.patch_len
-    window = t.window_tokens * P
-    split = int(values.shape[0] * (1 - t.val_fraction))
-    sampler = WindowSampler(values, window, stop=split, align=P)
+    rc, fraction, sampler = router_windows(model, values, router, budget)
     labels = None if label_mask is None or rc.label_weight == 0 else torch.as_tensor(np.asarray(label_mask, dtype=bool))
 
     torch.manual_seed(rc.seed)
@@ -415,7 +423,8 @@ def train_router(
                 loss = loss + rc.surprise_weight * surprise_loss
                 record["surprise_loss"] = surprise_loss.item()
             if labels is not None:
-                token_labels = torch.stack([labels[s : s + window].reshape(-1, P).any(1) for s in starts.tolist()])
+                token_labels = torch.stack([labels[s : s + sampler.window].reshape(-1, config.tokenizer.patch_len).any(1)
+                                            for s in starts.tolist()])
                 loss = loss + rc.label_weight * router.label_loss(logits, token_labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()

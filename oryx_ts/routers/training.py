@@ -30,11 +30,10 @@ from tqdm.auto import tqdm
 from oryx_ts.config import BudgetConfig, OryxConfig, RouterConfig, preset
 from oryx_ts.datasets.labels import LabelWindow, mask_from_windows
 from oryx_ts.datasets.recall import recall_stream
-from oryx_ts.datasets.windows import WindowSampler
 from oryx_ts.model import OryxForecaster
 from oryx_ts.routers.features import surprise_targets
 from oryx_ts.routers.learned import LearnedRouter
-from oryx_ts.train import RouterTrainResult, batch_targets, router_inputs, train, train_router
+from oryx_ts.train import RouterTrainResult, batch_targets, router_inputs, router_windows, train, train_router
 
 __all__ = ["RECIPES", "ForecasterRecipe", "attention_gain", "gain_targets", "train_forecaster", "train_gain_router", "train_label_free",
            "train_routers"]
@@ -160,15 +159,7 @@ def train_gain_router(model: OryxForecaster, values: np.ndarray | torch.Tensor, 
     is not changed. Raises `ValueError` for a stream of the wrong shape or a fraction of 0.
     """
     config = model.config
-    rc, t = (router.config if router is not None else config.router), config.train
-    fraction = (budget or config.budget).fraction
-    if fraction <= 0:
-        raise ValueError("a router trained for a budget fraction of 0 would never route; give a fraction > 0")
-    values = torch.as_tensor(np.asarray(values, dtype=np.float32))
-    if values.dim() != 2 or values.shape[1] != config.tokenizer.channels:
-        raise ValueError(f"expected a stream of shape (length, {config.tokenizer.channels}), got {tuple(values.shape)}")
-    P = config.tokenizer.patch_len
-    sampler = WindowSampler(values, t.window_tokens * P, stop=int(values.shape[0] * (1 - t.val_fraction)), align=P)
+    rc, fraction, sampler = router_windows(model, values, router, budget)
     torch.manual_seed(rc.seed)
     generator = torch.Generator().manual_seed(rc.seed)
     router = router or LearnedRouter(config.block.d_model, rc)
