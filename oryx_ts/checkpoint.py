@@ -46,7 +46,8 @@ def fingerprint(values: np.ndarray | torch.Tensor) -> str:
 class DataInfo:
     """What a checkpoint knows of the data it was trained on.
 
-    channels: the column names, in the model's channel order.
+    channels: the column names, in the model's channel order; with `univariate`, the columns a 1-channel
+        model learned from, each as a series of its own (it forecasts any of them the same way).
     step_seconds: the grid step in seconds; None when the clock is a row or step index.
     timestamp: the timestamp column (None: the row order was the clock).
     start: the first timestamp (ISO 8601) or None.
@@ -63,6 +64,7 @@ class DataInfo:
     train_rows: int = 0
     fingerprint: str = ""
     normalization: dict = field(default_factory=dict)
+    univariate: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(str(c) for c in self.channels))
@@ -80,7 +82,12 @@ class DataInfo:
 
     def check(self, channels: list[str] | tuple[str, ...], step_seconds: int | None, *, source: str = "the data") -> None:
         """Raise `ValueError` when a file's columns or step differ from the training data's, naming both."""
-        if tuple(channels) != self.channels:
+        if self.univariate:
+            unknown = [c for c in channels if c not in self.channels]
+            if unknown or not channels:
+                raise ValueError(f"{source} has channels {list(channels)}; this univariate model was trained on the columns "
+                                 f"{list(self.channels)}, each on its own (pick any of them with --channels)")
+        elif tuple(channels) != self.channels:
             raise ValueError(f"{source} has channels {list(channels)}, the model was trained on {list(self.channels)} "
                              "(same names in the same order; pick them with --channels)")
         if step_seconds != self.step_seconds:

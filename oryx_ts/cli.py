@@ -337,7 +337,11 @@ def _cmd_forecast(args: argparse.Namespace) -> int:
                          f"the model reads {model.config.tokenizer.channels}")
     P = model.config.tokenizer.patch_len
     origins = _resolve_origins(args.origins or ["-1"], stream, P)
-    forecasts = forecast_at(model, stream.values, origins, attention_every=args.attention_every, context=args.context)
+    # a univariate model (`DataInfo.univariate`) forecasts each column as a series of its own
+    columns = ([stream.values] if stream.n_channels == model.config.tokenizer.channels
+               else [stream.values[:, c : c + 1] for c in range(stream.n_channels)])
+    forecasts = np.concatenate([forecast_at(model, v, origins, attention_every=args.attention_every, context=args.context)
+                                for v in columns], axis=2)
     frame = _forecast_frame(forecasts, origins, stream, model.config.head.quantiles)
     if out is None:
         sys.stdout.write(frame.write_csv())

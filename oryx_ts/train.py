@@ -277,7 +277,7 @@ def train(
     C = config.tokenizer.channels
     if values.dim() != 2 or (values.shape[1] != C and C != 1):  # a 1-channel model learns from every column (`univariate`)
         raise ValueError(f"expected a stream of shape (length, {C}), got {tuple(values.shape)}")
-    if data is not None and len(data.channels) != C:
+    if data is not None and len(data.channels) != (values.shape[1] if data.univariate else C):
         raise ValueError(f"data names {len(data.channels)} channels {list(data.channels)}, the stream has {C}")
     names = data.channels if data is not None and len(data.channels) == values.shape[1] else None
     check_trainable(values, config, names, val_values=val)

@@ -236,7 +236,7 @@ def fit_model(spec: BacktestSpec, stream: TelemetryStream, a: int, b: int, out: 
         config = config.replace(train={"window_tokens": fits})
     config = parse_overrides(config, list(spec.overrides))
     step = None if stream.step is None else int(stream.step / np.timedelta64(1, "s"))
-    data = DataInfo(channels=("value",) if spec.univariate else tuple(stream.channels), step_seconds=step, start=None if stream.start is None else str(stream.start))
+    data = DataInfo(channels=tuple(stream.channels), univariate=spec.univariate, step_seconds=step, start=None if stream.start is None else str(stream.start))
     max_seconds = None if spec.max_minutes is None else 60 * spec.max_minutes
     result = train(config, stream.values[:b], out_dir=out / "model", progress=spec.progress, data=data, max_seconds=max_seconds)
     info = {"source": "trained here on rows [0, b)", "preset": spec.preset, "overrides": list(spec.overrides), "univariate": spec.univariate,

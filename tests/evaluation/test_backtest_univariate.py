@@ -84,3 +84,41 @@ def test_any_phase_training_windows_start_anywhere_validation_on_the_grid():
     last = int(anywhere.train.starts[-1])  # every step up to the last window that fits
     assert torch.equal(anywhere.train.starts, torch.arange(last + 1)) and 0 <= last - int(grid.train.starts[-1]) < P
     assert torch.equal(anywhere.val.starts, grid.val.starts)  # validation windows unchanged
+
+
+def test_a_univariate_checkpoint_forecasts_each_named_column(tmp_path, capsys):
+    """`backtest --univariate` records every column it learned from; `forecast` then forecasts any of them, each alone."""
+    import polars as pl
+
+    from oryx_ts import load
+    from oryx_ts.checkpoint import read_data
+    from oryx_ts.cli import forecast_at
+
+    data = tmp_path / "telemetry.parquet"
+    to_parquet(data, 2400, 3, seed=6, config=SyntheticConfig().with_coverage(anomaly=0.05))
+    assert main(["backtest", "--dataset", str(data), "--univariate", "--train-steps", "2", "--set", "train.batch_size=2",
+                 "--horizon", "16", "--peers", "none", "--router", "fixed:4", "--season", "32", "--out", str(tmp_path / "bt"),
+                 "--quiet", "--threads", "1"]) == 0
+    ckpt = tmp_path / "bt" / "model"
+    info = read_data(ckpt)
+    stream = read(str(data))
+    assert info.univariate and info.channels == stream.channels and load(ckpt).config.tokenizer.channels == 1
+    out = tmp_path / "f.csv"
+    assert main(["forecast", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--origins", "-1", "1000"]) == 0
+    frame = pl.read_csv(out)
+    assert sorted(set(frame["channel"])) == sorted(stream.channels)
+    model = load(ckpt)
+    qs = [f"q{q:g}" for q in model.config.head.quantiles]
+    for c, name in enumerate(stream.channels):  # each column's forecast is that column's alone
+        rows = list(dict.fromkeys(frame["origin_row"].to_list()))  # the origins in the file's order
+        alone = forecast_at(model, stream.values[:, c : c + 1], rows)[:, :, 0]  # (N, Hz, Q)
+        assert main(["forecast", "--model", str(ckpt), "--data", str(data), "--channels", name, "--out", str(tmp_path / f"{c}.csv"),
+                     "--origins", "-1", "1000"]) == 0
+        one = pl.read_csv(tmp_path / f"{c}.csv")
+        mine = frame.filter(pl.col("channel") == name)
+        assert set(one["channel"]) == {name} and len(mine) == len(one) == alone.shape[0] * alone.shape[1]
+        assert np.allclose(mine.select(qs).to_numpy(), alone.reshape(-1, len(qs)), rtol=1e-5, atol=1e-6)
+        assert np.allclose(one.select(qs).to_numpy(), alone.reshape(-1, len(qs)), rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    assert main(["forecast", "--model", str(ckpt), "--data", str(data), "--channels", "ch0,nope", "--out", str(out)]) != 0
+    assert "nope" in capsys.readouterr().err
