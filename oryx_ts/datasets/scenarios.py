@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from oryx_ts.datasets.labels import LabelWindow
-from oryx_ts.datasets.synthetic import ANOMALY_KINDS, KINDS, SyntheticConfig, generate
+from oryx_ts.datasets.synthetic import ANOMALY_KINDS, KINDS, SyntheticConfig, SyntheticStream, generate
 
 __all__ = [
     "EVALUATION_SEED",
@@ -34,6 +34,7 @@ __all__ = [
     "VALIDATION_SEED",
     "Scenario",
     "labelled_stream",
+    "repeat_pairs",
 ]
 
 TRAIN_SEED, EVALUATION_SEED, VALIDATION_SEED = 0, 1, 2
@@ -49,12 +50,29 @@ def labelled_stream(length: int, channels: int, seed: int,
     Windows are `[start, end)` in steps, sorted by start, every one inside `[0, length)`.
     The same arguments give the same stream, bit for bit.
     """
+    s = _generate(length, channels, seed, recurring)
+    return s.values, list(s.labels)
+
+
+def repeat_pairs(length: int, channels: int, seed: int, recurring: Mapping[str, Any] | None = None) -> list[tuple[LabelWindow, LabelWindow]]:
+    """`(earlier, repeat)` per repeat window of `labelled_stream(length, channels, seed, recurring)`:
+    `earlier` is the play of the same waveform just before it (the first play or the previous
+    repeat), as long as the repeat. Sorted by the repeat's start."""
+    s = _generate(length, channels, seed, recurring)
+    plays: dict[LabelWindow, list[LabelWindow]] = {}
+    for first, repeat in s.recurrences:
+        plays.setdefault(first, [first]).append(repeat)
+    ordered = [sorted(seq, key=lambda w: w.start) for seq in plays.values()]
+    pairs = [(a, b) for seq in ordered for a, b in zip(seq, seq[1:])]
+    return sorted(pairs, key=lambda p: p[1].start)
+
+
+def _generate(length: int, channels: int, seed: int, recurring: Mapping[str, Any] | None) -> SyntheticStream:
     recurring = recurring or {"recurring_rate": 0.0}
     cfg = SyntheticConfig(
         level_shift_length=(16, 96), variance_burst_length=(16, 96), fault_length=(16, 96), drift_length=(96, 288), **recurring,
     ).with_coverage(anomaly=0.03)
-    s = generate(length, channels, seed=seed, config=cfg)
-    return s.values, list(s.labels)
+    return generate(length, channels, seed=seed, config=cfg)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +95,10 @@ class Scenario:
     def stream(self, length: int, channels: int, seed: int) -> tuple[np.ndarray, list[LabelWindow]]:
         """An evaluation stream `(values (L, C) float32, windows)` of this scenario."""
         return labelled_stream(length, channels, seed=seed, recurring=self.recurring)
+
+    def repeats(self, length: int, channels: int, seed: int) -> list[tuple[LabelWindow, LabelWindow]]:
+        """`(earlier play, repeat)` pairs of the evaluation stream `stream(length, channels, seed)` (`repeat_pairs`)."""
+        return repeat_pairs(length, channels, seed=seed, recurring=self.recurring)
 
     def train_stream(self, channels: int, length: int | None = None, seed: int = TRAIN_SEED) -> tuple[np.ndarray, list[LabelWindow]]:
         """The forecaster's training stream `(values (L, C) float32, windows)`: `train_length` steps unless `length` is given."""

@@ -37,10 +37,14 @@ __all__ = [
     "RealStream",
     "attention_ceiling",
     "choose_controller",
+    "copy_forecast",
     "event_mae",
     "flatten",
     "forced_forecast",
     "fresh_streams",
+    "lookup",
+    "lookup_share",
+    "lookup_tokens",
     "real_routing",
     "real_stream",
     "routing_scores",
@@ -223,6 +227,74 @@ def target_gaps(mae_rec: float, mae_att: float, mae_routed: float) -> dict[str, 
     gain = mae_rec - mae_att
     return {"below_rec": 1.0 - mae_routed / mae_rec, "over_att": mae_routed / mae_att - 1.0,
             "recovered": (mae_rec - mae_routed) / gain if gain > 0 else math.nan}
+
+
+def lookup_tokens(pairs: Sequence[tuple[LabelWindow, LabelWindow]], seg_tokens: int, n_seg: int, patch_len: int,
+                  warmup: int = WARMUP) -> np.ndarray:
+    """Int `(T,)`: per token (segments laid out as `flatten` lays them out) the index in `pairs` of the
+    repeat its patch overlaps, -1 for none. Only tokens that can look the earlier play up count: scored
+    (`scored_tokens`) and in the segment that holds the whole earlier play."""
+    T = seg_tokens * n_seg
+    owner = np.full(T, -1, dtype=np.int64)
+    scored = scored_tokens(seg_tokens, n_seg, warmup)
+    for i, (earlier, repeat) in enumerate(pairs):
+        for g in range(repeat.start // patch_len, min(T, -(-repeat.end // patch_len))):
+            seg_start = g // seg_tokens * seg_tokens * patch_len
+            if scored[g] and earlier.start >= seg_start:
+                owner[g] = i
+    return owner
+
+
+def copy_forecast(values_LC: np.ndarray, pairs: Sequence[tuple[LabelWindow, LabelWindow]], owner_T: np.ndarray,
+                  fallback_THzC: np.ndarray, patch_len: int) -> np.ndarray:
+    """Point forecasts `(T, Hz, C)` of an exact copy of each repeat's earlier play.
+
+    At a token that `owner_T` (`lookup_tokens`) gives a repeat, every horizon step inside that repeat
+    is the value `lag = repeat.start - earlier.start` steps before it, shifted per channel by the mean
+    of `x[u] - x[u - lag]` over the token's own steps `u` inside the repeat (the level the two plays
+    differ by, observed by then; NaN steps skipped). Other steps and tokens keep `fallback_THzC`.
+    """
+    out = np.array(fallback_THzC, dtype=np.float64, copy=True)
+    Hz, L = out.shape[1], values_LC.shape[0]
+    for g in np.flatnonzero(owner_T >= 0):
+        earlier, repeat = pairs[owner_T[g]]
+        lag = repeat.start - earlier.start
+        seen = np.arange(max(g * patch_len, repeat.start), min((g + 1) * patch_len, repeat.end))
+        diff = values_LC[seen] - values_LC[seen - lag]
+        seen_C = (~np.isnan(diff)).sum(0)
+        shift = np.where(seen_C > 0, np.nansum(diff, 0) / np.maximum(seen_C, 1), 0.0)
+        steps = (g + 1) * patch_len + np.arange(Hz)
+        inside = (steps >= repeat.start) & (steps < min(repeat.end, L))
+        out[g, inside] = values_LC[steps[inside] - lag] + shift
+    return out
+
+
+def lookup_share(mae_rec: float, mae_att: float, mae_copy: float) -> float:
+    """The share of an exact copy's gain over recurrence that attention recovers:
+    `(rec - att) / (rec - copy)`; NaN when the copy gains nothing."""
+    gain = mae_rec - mae_copy
+    return (mae_rec - mae_att) / gain if gain > 0 else math.nan
+
+
+def lookup(model: OryxForecaster, scenario: Scenario, seed: int, seg_tokens: int, n_seg: int) -> dict:
+    """The look-up on one stream of `scenario`: MAE inside repeats (`lookup_tokens`) of the forecaster
+    all-recurrent (`rec`), all-attention (`att`) and of the exact copy of the earlier play
+    (`copy_forecast`, all-recurrent where it has nothing to copy), the share of the copy's gain that
+    attention recovers (`share`, `lookup_share`) and the counts of `repeats` and `tokens` scored."""
+    config = model.config
+    P, C, mid = config.tokenizer.patch_len, config.tokenizer.channels, config.head.median_index
+    length = seg_tokens * n_seg * P + 64
+    values, _ = scenario.stream(length, C, seed=seed)
+    pairs = scenario.repeats(length, C, seed=seed)
+    x = segments(values, seg_tokens, n_seg, P)
+    owner = lookup_tokens(pairs, seg_tokens, n_seg, P)
+    sel = owner >= 0
+    target = horizon_targets(values, np.arange(len(owner)) * P + P - 1, config.head.horizon)
+    rec, att = (forced_forecast(model, x, mode)[..., mid] for mode in (0.0, 1.0))
+    copy = copy_forecast(values, pairs, owner, rec, P)
+    maes = {name: mae(f[sel], target[sel]) for name, f in (("rec", rec), ("att", att), ("copy", copy))}
+    return {**maes, "share": lookup_share(maes["rec"], maes["att"], maes["copy"]), "repeats": len(set(owner[sel].tolist())),
+            "tokens": int(sel.sum())}
 
 
 REAL_STREAMS = ("nab", "household")

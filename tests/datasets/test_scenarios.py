@@ -73,3 +73,25 @@ def test_a_scenario_rejects_unknown_event_kinds():
         Scenario(events=("spike", "outage"), recurring={}, train_recurring={}, train_length=100)
     with pytest.raises(ValueError, match="train_length"):
         Scenario(events=("spike",), recurring={}, train_recurring={}, train_length=0)
+
+
+@pytest.mark.parametrize("name", ["programs", "daily"])
+def test_each_repeat_pairs_with_the_play_just_before_it_of_the_same_waveform(name):
+    scenario = SCENARIOS[name]
+    values, windows = scenario.stream(4 * LENGTH, C, seed=EVALUATION_SEED)
+    pairs = scenario.repeats(4 * LENGTH, C, seed=EVALUATION_SEED)
+    repeats = [w for w in windows if w.kind == "recurring_repeat"]
+    assert [r for _, r in pairs] == repeats  # one pair per repeat window, in order
+    plays = [w for w in windows if w.kind in RECURRING]
+    for earlier, repeat in pairs:
+        assert earlier in plays and len(earlier) == len(repeat) and earlier.end <= repeat.start
+    # the previous play, not always the first: every waveform plays three or more times
+    assert any(e.kind == "recurring_repeat" for e, _ in pairs)
+    if name == "daily":  # a daily job adds its waveform to the stream: both plays add the same, away from other events
+        plain, _ = labelled_stream(4 * LENGTH, C, seed=EVALUATION_SEED)
+        others = mask_from_windows([w for w in windows if w.kind not in RECURRING], 4 * LENGTH)
+        for earlier, repeat in pairs:
+            clear = ~others[earlier.start : earlier.end] & ~others[repeat.start : repeat.end]
+            a = (values - plain)[earlier.start : earlier.end][clear]
+            b = (values - plain)[repeat.start : repeat.end][clear]
+            np.testing.assert_allclose(a, b, atol=1e-4)
