@@ -101,8 +101,9 @@ def forced_forecast(model: OryxForecaster, x_BLC: torch.Tensor, modes: float | n
         modes_BT = torch.full((B, T), float(modes))
     else:
         modes_BT = torch.as_tensor(np.asarray(modes, dtype=np.float32)).reshape(B, T)
+    device = next(model.parameters()).device  # the forecaster may live on a GPU; the forecasts come back to the host
     with torch.no_grad():
-        return flatten(model(x_BLC, modes_BT))
+        return flatten(model(x_BLC.to(device), modes_BT.to(device)))
 
 
 def run_router(model: OryxForecaster, x_BLC: torch.Tensor, router: Router, budget: BudgetConfig) -> tuple[np.ndarray, ...]:

@@ -8,6 +8,11 @@
 - `daily`: the `debug` forecaster with 16 key dims and RoPE base 100 for 3,000 mixed-mode steps,
   half the chunks in attention mode, on telemetry whose jobs cover 30% of the steps.
 
+`LOOKUP_RECIPES` are the larger forecasters trained on a GPU for the look-up (`benchmarks/train_lookup.py`):
+the same tokenizer and head, a wider and deeper block, a time budget instead of a step count, and
+for the program runs a curriculum of plays among distractors, some repeating on part of the
+channels only, that goes on inside the telemetry phase (`mix`), so that the look-up survives it.
+
 The router's target from the forecaster itself (`RouterConfig.target = "gain"`): `attention_gain`
 runs the frozen forecaster over a window both all-recurrent and all-attention and takes, per
 token, how much lower its own forecast loss is in attention; `gain_targets` turns that into
@@ -35,8 +40,10 @@ from oryx_ts.routers.features import surprise_targets
 from oryx_ts.routers.learned import LearnedRouter
 from oryx_ts.train import RouterTrainResult, batch_targets, router_inputs, router_windows, train, train_router
 
-__all__ = ["RECIPES", "ForecasterRecipe", "attention_gain", "gain_targets", "train_forecaster", "train_gain_router", "train_label_free",
-           "train_routers"]
+__all__ = ["LOOKUP_RECIPES", "RECIPES", "ForecasterRecipe", "attention_gain", "gain_targets", "mix_streams", "train_forecaster",
+           "train_gain_router", "train_label_free", "train_routers"]
+
+DEFAULT_RECALL: Mapping[str, Any] = {"period": 128, "repeats": 8}  # the curriculum's `recall_stream`: plays back to back
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,14 +53,32 @@ class ForecasterRecipe:
     block: Mapping[str, Any] = field(default_factory=dict)  # changes to the `debug` preset's block
     train: Mapping[str, Any] = field(default_factory=dict)  # changes to the `debug` preset's training
     recall_steps: int = 0  # all-attention steps on `recall_stream` before the telemetry (0: none)
+    recall: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_RECALL))  # that curriculum's `recall_stream` settings
+    mix: float = 0.0  # share of the telemetry phase's stream replaced by curriculum blocks (`mix_streams`)
+    mix_recall: Mapping[str, Any] | None = None  # `recall_stream` settings of those blocks (None: `recall`'s)
+    seconds: float | None = None  # a time budget for both phases together, split by their steps (None: the step counts)
 
     def __post_init__(self) -> None:
         if self.recall_steps < 0:
             raise ValueError(f"recall_steps must be >= 0, got {self.recall_steps}")
+        if not 0.0 <= self.mix < 1.0:
+            raise ValueError(f"mix must be in [0, 1), got {self.mix}")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ValueError(f"seconds must be > 0, got {self.seconds}")
 
     def config(self, *, block: Mapping[str, Any] | None = None, train: Mapping[str, Any] | None = None) -> OryxConfig:
         """The `debug` preset with this recipe's changes, then `block` and `train` on top of them."""
         return preset("debug", block={**self.block, **(block or {})}, train={**self.train, **(train or {})})
+
+    def fit(self, train_values: np.ndarray, *, config: OryxConfig | None = None, seconds: float | None = None,
+            device: str | torch.device | None = None, progress: bool = True) -> tuple[OryxForecaster, dict]:
+        """`train_forecaster` under this recipe (`config`, default `self.config()`; `seconds`, default
+        `self.seconds`); returns the model and what ran (`train_forecaster`'s record)."""
+        record: dict = {}
+        model = train_forecaster(config or self.config(), train_values, recall_steps=self.recall_steps, recall=self.recall, mix=self.mix,
+                                 mix_recall=self.mix_recall, max_seconds=self.seconds if seconds is None else seconds, device=device,
+                                 progress=progress, record=record)
+        return model, record
 
 
 RECIPES: dict[str, ForecasterRecipe] = {
@@ -65,19 +90,85 @@ RECIPES: dict[str, ForecasterRecipe] = {
 }
 
 
-def train_forecaster(config: OryxConfig, train_values: np.ndarray, *, recall_steps: int = 0, progress: bool = True) -> OryxForecaster:
+# the larger forecaster for the look-up: 4 layers of width 128, key and value heads of 32 (equal widths: the routed
+# attention kernel's fp32 backward), trained on a GPU in 32-window batches; about 3.4 MB of fp32 weights
+_LOOKUP_BLOCK = {"d_model": 128, "n_layers": 4, "n_heads": 4, "head_dim_k": 32, "head_dim_v": 32, "chunk_size": 64}
+_LOOKUP_TRAIN = {"steps": 50_000, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100, "val_every": 250, "attention_fraction": 0.5,
+                 "full_mode_fraction": 0.3}
+# plays of 128 steps among 0-384 steps of distractors, half the blocks repeating on part of the channels
+_DISTRACTED = {"period": 128, "repeats": 4, "max_gap": 384, "gap_step": 8, "partial": 0.5}
+LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
+    # content look-up without positions: curriculum among distractors (gaps up to 128 steps first), then
+    # telemetry with 30% curriculum blocks (gaps up to 384); a third of the time in the curriculum
+    "programs": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train=_LOOKUP_TRAIN, recall_steps=25_000,
+                                 recall={**_DISTRACTED, "max_gap": 128}, mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
+    # the same with half the telemetry phase in curriculum blocks and three quarters of its chunks in attention
+    "programs-mix50": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "attention_fraction": 0.75},
+                                       recall_steps=25_000, recall={**_DISTRACTED, "max_gap": 128}, mix=0.5, mix_recall=_DISTRACTED,
+                                       seconds=240.0),
+    # wider and shallower: 3 layers of 192 (about 7.5 MB)
+    "programs-wide": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False, "d_model": 192, "n_layers": 3, "head_dim_k": 48,
+                                             "head_dim_v": 48}, train=_LOOKUP_TRAIN, recall_steps=25_000,
+                                      recall={**_DISTRACTED, "max_gap": 128}, mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
+    # the daily job repeats one day (36 tokens) later: keys that resolve that distance (RoPE base 100), telemetry only
+    "daily": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope_base": 100.0}, train=_LOOKUP_TRAIN, seconds=240.0),
+}
+MIX_BLOCK = 8192  # steps per block of `mix_streams`: 8 training windows of the `debug` tokenizer
+
+
+def mix_streams(values_LC: np.ndarray, other_LC: np.ndarray, share: float, *, block: int = MIX_BLOCK, seed: int = 0) -> np.ndarray:
+    """`values_LC` with about `share` of its blocks of `block` steps replaced by the same steps of
+    `other_LC` (as long, as many channels), the blocks drawn at random (`seed`). `share=0`: a copy."""
+    if values_LC.shape != other_LC.shape:
+        raise ValueError(f"streams must have the same shape, got {values_LC.shape} and {other_LC.shape}")
+    if not 0.0 <= share <= 1.0 or block < 1:
+        raise ValueError(f"need share in [0, 1] and block >= 1, got {share}, {block}")
+    out = np.array(values_LC, copy=True)
+    n = -(-len(out) // block)
+    for b in np.flatnonzero(np.random.default_rng(seed).random(n) < share):
+        out[b * block : (b + 1) * block] = other_LC[b * block : (b + 1) * block]
+    return out
+
+
+def train_forecaster(config: OryxConfig, train_values: np.ndarray, *, recall_steps: int = 0, recall: Mapping[str, Any] | None = None,
+                     mix: float = 0.0, mix_recall: Mapping[str, Any] | None = None, max_seconds: float | None = None,
+                     device: str | torch.device | None = None, progress: bool = True, record: dict | None = None) -> OryxForecaster:
     """Train a forecaster on the `(L, C)` telemetry `train_values` under `config`.
 
     With `recall_steps > 0`, the recall curriculum first: that many all-attention steps on a
-    `recall_stream` as long as `train_values` (period 128, 8 plays, seed 5); then the mixed-mode
-    training of `config` on the telemetry, from those weights.
+    `recall_stream` as long as `train_values` (settings `recall`, default period 128 and 8 plays
+    back to back; seed 5); then the mixed-mode training of `config` on the telemetry, from those
+    weights. With `mix > 0`, that share of the telemetry is replaced by blocks of another
+    curriculum stream (`mix_recall`, default `recall`'s settings; seed 6; `mix_streams`).
+    `max_seconds`: a time budget for both phases, shared in proportion to their steps (each phase
+    then stops at its share, `train`'s `max_seconds`). `device`: where it trains; the model is
+    returned there. `record`, when given, receives what each phase ran (`steps`, `seconds`,
+    `time_budget`, `best_val_loss`), so that the run can be repeated by its step counts.
     """
-    model = None
+    model, C = None, config.tokenizer.channels
+    phases = recall_steps + config.train.steps
+    share = (lambda steps: None) if max_seconds is None else (lambda steps: max_seconds * steps / phases)  # noqa: E731
+    settings = dict(recall or DEFAULT_RECALL)
     if recall_steps:
-        recall = config.replace(train={"steps": recall_steps, "attention_fraction": 1.0, "full_mode_fraction": 0.0})
-        values = recall_stream(len(train_values), config.tokenizer.channels, period=128, repeats=8, seed=5)
-        model = train(recall, values, progress=progress).model
-    return train(config, train_values, model=model, progress=progress).model
+        curriculum = config.replace(train={"steps": recall_steps, "attention_fraction": 1.0, "full_mode_fraction": 0.0})
+        result = train(curriculum, recall_stream(len(train_values), C, **settings, seed=5), progress=progress, device=device,
+                       max_seconds=share(recall_steps))
+        model = result.model
+        if record is not None:
+            record["recall"] = _phase(result)
+    values = train_values
+    if mix > 0:
+        values = mix_streams(np.asarray(train_values, np.float32), recall_stream(len(train_values), C, **dict(mix_recall or settings), seed=6),
+                             mix, seed=7)
+    result = train(config, values, model=model, progress=progress, device=device, max_seconds=share(config.train.steps))
+    if record is not None:
+        record["telemetry"] = _phase(result)
+    return result.model
+
+
+def _phase(result) -> dict:
+    return {"steps": result.steps, "seconds": round(result.seconds, 1), "time_budget": result.time_budget,
+            "best_val_loss": result.validation.get("best_val_loss")}
 
 
 def train_label_free(model: OryxForecaster, train_values: np.ndarray, *, router: RouterConfig | None = None,

@@ -1,6 +1,7 @@
 """The routing benchmarks' training recipes decide what the routers are compared on: each scenario's
 forecaster config, the recall curriculum before the telemetry and the labels the supervised router fits."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +13,7 @@ from oryx_ts.datasets.scenarios import SCENARIOS
 from oryx_ts.datasets.recall import recall_stream
 from oryx_ts.routers import LearnedRouter
 from oryx_ts.routers import training
-from oryx_ts.routers.training import RECIPES, ForecasterRecipe, train_forecaster, train_routers
+from oryx_ts.routers.training import LOOKUP_RECIPES, MIX_BLOCK, RECIPES, ForecasterRecipe, train_forecaster, train_routers
 from tests.conftest import random_model
 
 
@@ -28,9 +29,10 @@ def test_every_scenario_has_a_recipe_and_later_changes_win():
 
 
 def _recording_train(calls):
-    def fake_train(config, values, *, model=None, progress=True):
-        calls.append(SimpleNamespace(config=config, values=np.asarray(values), model=model))
-        return SimpleNamespace(model=f"model{len(calls)}")
+    def fake_train(config, values, *, model=None, progress=True, device=None, max_seconds=None):
+        calls.append(SimpleNamespace(config=config, values=np.asarray(values), model=model, device=device, max_seconds=max_seconds))
+        return SimpleNamespace(model=f"model{len(calls)}", steps=config.train.steps, seconds=1.0, time_budget=None,
+                               validation={"best_val_loss": 0.5})
     return fake_train
 
 
@@ -48,6 +50,47 @@ def test_recall_curriculum_trains_all_attention_first_then_the_telemetry_from_it
 
     calls.clear()
     assert train_forecaster(config, telemetry, progress=False) == "model1" and calls[0].model is None  # no curriculum
+
+
+def test_lookup_recipes_share_a_time_budget_by_steps_and_mix_the_curriculum_into_the_telemetry(monkeypatch):
+    calls = []
+    monkeypatch.setattr(training, "train", _recording_train(calls))
+    recipe = LOOKUP_RECIPES["programs"]
+    config = recipe.config(train={"steps": 200})
+    C = config.tokenizer.channels
+    telemetry = np.full((3 * MIX_BLOCK, C), 7.0, np.float32)
+    recipe = dataclasses.replace(recipe, recall_steps=100, mix=0.5)
+    model, record = recipe.fit(telemetry, config=config, seconds=30.0, device="cuda", progress=False)
+    assert model == "model2" and record["recall"]["steps"] == 100 and record["telemetry"]["steps"] == 200
+    curriculum, main = calls
+    assert [c.max_seconds for c in calls] == [pytest.approx(10.0), pytest.approx(20.0)] and {c.device for c in calls} == {"cuda"}
+    assert np.array_equal(curriculum.values, recall_stream(len(telemetry), C, **recipe.recall, seed=5))
+    # the telemetry phase: whole blocks of it replaced by a curriculum stream with the mixed-in settings
+    blocks = main.values.reshape(3, MIX_BLOCK, C)
+    replaced = [not np.all(b == 7.0) for b in blocks]
+    other = recall_stream(len(telemetry), C, **recipe.mix_recall, seed=6).reshape(3, MIX_BLOCK, C)
+    assert all(np.array_equal(b, o) for b, o, r in zip(blocks, other, replaced) if r)
+    assert np.array_equal(main.values, training.mix_streams(telemetry, other.reshape(-1, C), 0.5, seed=7))
+
+
+def test_mix_streams_replaces_whole_blocks_at_about_the_share():
+    a, b = np.zeros((100 * 16, 2)), np.ones((100 * 16, 2))
+    mixed = training.mix_streams(a, b, 0.3, block=16, seed=1)
+    per_block = mixed.reshape(100, 16, 2).mean((1, 2))
+    assert set(per_block.tolist()) <= {0.0, 1.0} and 15 <= per_block.sum() <= 45
+    assert np.array_equal(training.mix_streams(a, b, 0.0, block=16), a) and np.array_equal(training.mix_streams(a, b, 1.0, block=16), b)
+    with pytest.raises(ValueError):
+        training.mix_streams(a, b[:-1], 0.5)
+
+
+@pytest.mark.parametrize("name", sorted(LOOKUP_RECIPES))
+def test_lookup_checkpoints_fit_the_repository(name):
+    from oryx_ts.model import OryxForecaster
+
+    config = LOOKUP_RECIPES[name].config()
+    assert config.tokenizer == preset("debug").tokenizer and config.head == preset("debug").head  # scored on the same streams
+    params = sum(p.numel() for p in OryxForecaster(config).parameters())
+    assert 4 * params < 10 * 2**20, params  # fp32 safetensors under 10 MB
 
 
 def test_the_supervised_router_fits_only_the_event_windows(monkeypatch):

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: the look-up forecasters of benchmarks/train_lookup.py, side by side on one GPU.
+#
+#   bash benchmarks/train_lookup_gpu.sh [SECONDS] [RECIPES...]
+#
+# Installs the carried wheels as benchmarks/gpu_all.sh does, trains each recipe (default: the three
+# program-run variants and the daily one) for SECONDS (default 200) in its own process, then writes
+# under $OUT (default runs/lookup-gpu): one <recipe>.tar per recipe (its checkpoint and lookup.json)
+# and logs.tgz. QUICK=1 runs the --quick sizes (a smoke test on any machine).
+set -u
+OUT=${OUT:-runs/lookup-gpu}
+mkdir -p "$OUT"
+seconds=${1:-200}
+shift || true
+recipes=("$@")
+[ ${#recipes[@]} -eq 0 ] && recipes=(programs programs-mix50 programs-wide daily)
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "installing the wheels from .whl/ failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+# the GPU image has no polars (oryx_ts.datasets imports it for file IO, which training does not use)
+if ! python3 -c "import polars" 2>/dev/null; then
+  mkdir -p /tmp/stubs/polars && echo '# placeholder: polars is not installed here' > /tmp/stubs/polars/__init__.py
+  export PYTHONPATH=$PYTHONPATH:/tmp/stubs
+fi
+# the routed inputs' compiled graph recompiles as the number of attention tokens changes from batch to batch
+export ORYX_COMPILE_ROUTED_INPUTS=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+work=$(mktemp -d)
+for r in "${recipes[@]}"; do
+  python3 benchmarks/train_lookup.py --recipe "$r" --out "$work" --seconds "$seconds" --threads 3 ${QUICK:+--quick --seeds 1} \
+    > "$work/$r.log" 2>&1 &
+done
+wait
+for r in "${recipes[@]}"; do
+  tail -n 12 "$work/$r.log"
+  [ -d "$work/$r" ] && tar -cf "$OUT/$r.tar" -C "$work" "$r"
+done
+tar -czf "$OUT/logs.tgz" -C "$work" $(cd "$work" && ls *.log)
