@@ -28,6 +28,33 @@ ATTENTION_LOGITS = 1 << 24  # `OryxMixer.prefill`: most attention logits compute
 
 
 
+def _routing_flags(m_BT: torch.Tensor):
+    """On the host: which tokens any series routes to attention, and (last entry) whether the modes are
+    hard (0/1) and equal across series, where the output can take attention's rows as they are.
+
+    Returns `(flags, done)`. On CUDA the copy is only queued (pinned memory) and `done` is its event:
+    call `done.synchronize()` before reading the flags, as late as possible, so the host keeps
+    launching the layer's first kernels meanwhile instead of draining the device (None: ready)."""
+    routed_T = (m_BT != 0).any(0)
+    hard = ((m_BT == 0) | (m_BT == 1)).all() & (m_BT == m_BT[:1]).all()
+    flags = torch.cat([routed_T, hard[None]])
+    if not flags.is_cuda or torch.compiler.is_compiling():
+        return flags.cpu(), None
+    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+    host.copy_(flags, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _routed_index(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The positions of the routed tokens (`flags[:-1]` set) on `device`, copied without a host sync."""
+    idx = flags[:-1].nonzero().squeeze(1)
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return idx.pin_memory().to(device, non_blocking=True)
+    return idx.to(device)
+
+
 def _merge_routed(o_lin: torch.Tensor, idx: torch.Tensor, o_sel: torch.Tensor, m_BT: torch.Tensor, *, every_row: bool) -> torch.Tensor:
     """The mixer output: attention's rows `o_sel` at token positions `idx`, recurrence elsewhere. When not
     every row routes the token at a position (`every_row` False), the per-row modes `m_BT` blend the two."""
@@ -92,6 +119,10 @@ class SwiGLU(nn.Module):
         # one matmul for both input projections: on CPU the call overhead of a small matmul counts
         gate, up = F.linear(x, torch.cat([self.gate.weight, self.up.weight])).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for the streaming step (no autograd): the activation is one launch on CUDA (`dispatch.swiglu`)."""
+        return self.down(dispatch.swiglu(F.linear(x, torch.cat([self.gate.weight, self.up.weight]))))
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -209,16 +240,15 @@ class OryxMixer(nn.Module):
         """Mix T tokens of a stream from its start; bounded retention comes as `k_until_BT`."""
         c = self.config
         T = u_BTD.shape[1]
+        # the routing flags go to the host while the projections and the linear mixer are launched
+        flags, done = _routing_flags(m_BT)
         q_lin, k, v, tails, att_q_all, z, gates_raw = self._projections(u_BTD)
         o_lin, rec = self._linear(u_BTD, q_lin, k, v, None, gates_raw)
 
         pos_T = torch.arange(T, device=u_BTD.device)
-        # one host sync per layer: which tokens any series routes to attention, and whether the modes
-        # are hard (0/1) and equal across series, where the output can take o_att rows as they are
-        routed_T = (m_BT != 0).any(0)
-        hard = ((m_BT == 0) | (m_BT == 1)).all() & (m_BT == m_BT[:1]).all()
-        flags = torch.cat([routed_T, hard[None]]).cpu()
-        idx = flags[:-1].nonzero().squeeze(1).to(u_BTD.device)
+        if done is not None:
+            done.synchronize()
+        idx = _routed_index(flags, u_BTD.device)
         if idx.numel():
             keys, q_att = dispatch.routed_inputs(k, att_q_all, idx, pos_T, rope_base=c.rope_base if c.rope else None)
             o_sel = dispatch.routed_attention(
@@ -240,16 +270,16 @@ class OryxMixer(nn.Module):
         c = self.config
         B, T, _ = u_BTD.shape
         H, K = c.n_heads, c.head_dim_k
+        flags, done = _routing_flags(m_BT)
         q_lin, k, v, tails, att_q_all, z, gates_raw = self._projections(u_BTD, st)
         o_lin, rec = self._linear(u_BTD, q_lin, k, v, st, gates_raw)
         # RoPE at each series' own positions: the (series, token) pairs stand in for the token axis of `rope`
         at = lambda x, pos: dispatch.rope(x.reshape(1, -1, *x.shape[2:]), pos.reshape(-1), base=c.rope_base).view(x.shape)  # noqa: E731
         keys = at(k, plan.pos_BT) if c.rope else k
 
-        routed_T = (m_BT != 0).any(0)
-        hard = ((m_BT == 0) | (m_BT == 1)).all() & (m_BT == m_BT[:1]).all()
-        flags = torch.cat([routed_T, hard[None]]).cpu()
-        idx = flags[:-1].nonzero().squeeze(1).to(u_BTD.device)
+        if done is not None:
+            done.synchronize()
+        idx = _routed_index(flags, u_BTD.device)
         if idx.numel():
             S = plan.old_valid_BS.shape[1]
             t_T = torch.arange(T, device=u_BTD.device)
@@ -390,10 +420,24 @@ class OryxBlock(nn.Module):
         x_BTD = x_BTD + self.mixer.prefill(self.mixer_norm(x_BTD), m_BT, st, plan)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
-    def step(self, x_B1D, m_B, st: LayerState, pos_B, plan: SlotPlan, att_rows) -> torch.Tensor:
-        """One token per series; see `OryxMixer.step`."""
-        x_B1D = x_B1D + self.mixer.step(self.mixer_norm(x_B1D), m_B, st, pos_B, plan, att_rows)
-        return x_B1D + self.mlp(self.mlp_norm(x_B1D))
+    def step(
+        self, x_B1D, m_B, st: LayerState, pos_B, plan: SlotPlan, att_rows, *,
+        normed_B1D: torch.Tensor | None = None, next_norm: RMSNorm | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per series; see `OryxMixer.step`. Returns `(x_B1D, next_norm(x_B1D))`, the second None
+        without `next_norm` (the next block's `mixer_norm` or the model's final norm).
+
+        `normed_B1D` is `self.mixer_norm(x_B1D)` when the caller has it (the previous block's second
+        output). Each residual add and the norm after it are one op (`dispatch.add_rms_norm`: one
+        launch on CUDA), with `forward`'s arithmetic.
+        """
+        n = self.mixer_norm
+        h = dispatch.rms_norm(x_B1D, n.weight, n.eps) if normed_B1D is None else normed_B1D
+        x_B1D, h = dispatch.add_rms_norm(x_B1D, self.mixer.step(h, m_B, st, pos_B, plan, att_rows), self.mlp_norm.weight, self.mlp_norm.eps)
+        y = self.mlp.step(h)
+        if next_norm is None:
+            return x_B1D + y, None
+        return dispatch.add_rms_norm(x_B1D, y, next_norm.weight, next_norm.eps)
 
     def mode_specific_parameters(self) -> dict[str, int]:
         """Parameter counts of the attention-only, linear-only and shared parts."""

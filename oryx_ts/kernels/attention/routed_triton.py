@@ -13,15 +13,20 @@ the model produces them; each program finds its key (or query) range by a search
 (`_count2`: FAN-ary, two or three dependent vector loads where a binary search needs up to 16), so
 a call never waits on the host.
 
-Passes. Forward: one kernel, plus a merge of partial outputs when the key ranges are split (too few
-query blocks to fill the GPU: each query block's keys are cut into NSPLIT pieces whose partial
-outputs are merged by their log-sum-exp). It also writes q times its temperature and log2(e)
-(`qs`), the operand every backward kernel reads as it is. Backward, three launches, no atomics:
-dq per (query block, key piece) into fp32 partials (its programs also compute
-delta = rowsum(o * do) for their rows); dk, dv per key block over the query blocks that see it
-(delta from the dq pass); then one pass that sums the dq partials, applies the temperature and
-writes each program's share of the temperature's gradient. Loops over keys (queries) are split in
-two: blocks every row can see run without the causal mask.
+Passes. Forward: one kernel. When too few query blocks fill the GPU, each block's keys are cut
+into NSPLIT pieces, one program each; a piece writes its partial output and log-sum-exp, and the
+last piece of a block to finish (a counter per block, reset by that program) merges them by their
+log-sum-exp and writes the output, so no second launch. It also writes q times its temperature
+and log2(e) (`qs`), the operand every backward kernel reads as it is. Backward, two launches, no
+atomic sums: dq per (query block, key piece) (its programs also compute delta = rowsum(o * do)
+for their rows; the last piece of a block sums the pieces' fp32 partials, applies the
+temperature and writes dq and the block's share of the temperature's gradient); then dk, dv per
+key block over the query blocks that see it (delta from the dq pass). Loops over keys (queries)
+are split in two: blocks every row can see run without the causal mask. Query blocks run last
+first within a head and piece (they see the most keys), so the grid's tail is the short work.
+
+Counters: one int32 buffer per device, zero between calls (each block's last program resets its
+entry), so calls on one device must not overlap on two streams.
 
 Numerics: logits, softmax statistics and accumulators in fp32; `exp2` with log2(e) folded into
 `qs`, so dk takes a factor ln(2) at the end; the temperature's gradient is `sum(q * dq_scaled)`.
@@ -31,6 +36,7 @@ Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, operand dtype and head
 `TILES`, chosen by a sweep on an H200 (docs/BENCHMARKS.md); no autotuning at run time.
 """
 
+import json
 import math
 import os
 from functools import cache
@@ -42,6 +48,9 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MIN_SPLIT_KEYS = 1024  # below this many keys a split costs more than it balances
 _FAN = 16 if _INTERPRET else 128  # fan-out of the on-device searches
+_SPLIT_WAVES = 8  # split key ranges until the grid holds this many programs per SM
+_REVERSE_M = True  # query blocks last first (the longest key ranges start first)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 # (pass, operands "16bit" | "fp32", head width class 64 | 128) -> (BLOCK_M, BLOCK_N, num_warps, num_stages);
 # fp32 tiles are smaller (4-byte operands, three tf32 products per dot)
@@ -60,6 +69,21 @@ TILES: dict[tuple[str, str, int], tuple[int, int, int, int]] = {
     ("dkdv", "fp32", 64): (32, 64, 4, 2),
     ("dkdv", "fp32", 128): (32, 64, 4, 2),
 }
+
+
+def _tune_from_env() -> None:
+    """Benchmark sweeps only: `ORYX_ROUTED_TUNE` (JSON) replaces tiles and the two knobs above, e.g.
+    {"tiles": {"fwd,16bit,128": [64, 64, 4, 3]}, "split_waves": 8, "reverse_m": true}."""
+    global _SPLIT_WAVES, _REVERSE_M
+    tune = json.loads(os.environ.get("ORYX_ROUTED_TUNE") or "{}")
+    for key, tile in tune.get("tiles", {}).items():
+        kernel, dtype, width = key.split(",")
+        TILES[(kernel, dtype, int(width))] = tuple(tile)
+    _SPLIT_WAVES = int(tune.get("split_waves", _SPLIT_WAVES))
+    _REVERSE_M = bool(tune.get("reverse_m", _REVERSE_M))
+
+
+_tune_from_env()
 
 
 def _tile(kernel: str, dtype: torch.dtype, width: int) -> tuple[int, int, int, int]:
@@ -144,13 +168,35 @@ def _softmax_step(q, k, v, kpos, ok, qpos, m_i, l_i, acc, CAUSAL: tl.constexpr, 
 
 
 @triton.jit
-def _fwd_kernel(Q, Kc, Vc, O, LSE, OP, LP, QS, SCALE, QPOS, KPOS, KVALID,
+def _store_out(O, LSE, o, lse, b, h, pid_bh, offs_m, offs_v, m_mask, s_ob, s_ot, s_oh, TQ, DV: tl.constexpr):
+    """The final output rows and their log2-sum-exp (+inf for rows that see nothing, so the backward gives them p = 0)."""
+    tl.store(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_ot + offs_v[None, :],
+             o.to(O.dtype.element_ty), mask=m_mask[:, None] & (offs_v[None, :] < DV))
+    tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, tl.where(lse > float("-inf"), lse, float("inf")), mask=m_mask)
+
+
+@triton.jit
+def _last_piece(CNT, cidx, n_act):
+    """Whether this program is the last of its block's n_act pieces to finish (after its partials are stored);
+    the last one resets the block's counter for the next call."""
+    tl.debug_barrier()  # every thread's partial stores precede the release below
+    last = tl.atomic_add(CNT + cidx, 1, sem="acq_rel", scope="gpu") == n_act - 1
+    if last:
+        tl.store(CNT + cidx, 0)
+    return last
+
+
+@triton.jit
+def _fwd_kernel(Q, Kc, Vc, O, LSE, OP, LP, QS, SCALE, QPOS, KPOS, KVALID, CNT,
                 s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_ot, s_oh, s_valid_b,
                 B, H, TQ, S, SPLIT, LEVELS_S,
                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
-                SPLIT_OUT: tl.constexpr, STORE_QS: tl.constexpr, FAN: tl.constexpr):
+                STORE_QS: tl.constexpr, REVERSE_M: tl.constexpr, FAN: tl.constexpr):
+    n_mb = tl.num_programs(0)
     pid_m = tl.program_id(0)
+    if REVERSE_M:
+        pid_m = n_mb - 1 - pid_m
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b = pid_bh // H
@@ -163,79 +209,69 @@ def _fwd_kernel(Q, Kc, Vc, O, LSE, OP, LP, QS, SCALE, QPOS, KPOS, KVALID,
     q_first = tl.load(QPOS + pid_m * BLOCK_M)
     q_last = tl.load(QPOS + tl.minimum(pid_m * BLOCK_M + BLOCK_M, TQ) - 1)
     kend, kfull = _count2(KPOS, S, q_last, q_first, LEVELS_S, False, FAN)
-    lo = pid_s * SPLIT
-    hi = tl.minimum(lo + SPLIT, kend)
-    n_full = tl.minimum((kfull // BLOCK_N) * BLOCK_N, hi)
-    scale = tl.load(SCALE + h).to(tl.float32) * 1.4426950408889634
-    q = (_rows(Q, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK).to(tl.float32) * scale).to(Q.dtype.element_ty)
-    if STORE_QS:
-        if pid_s == 0:  # the backward's operand, contiguous [B, Tq, H, K]
-            tl.store(QS + ((b * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :], q,
-                     mask=m_mask[:, None] & (offs_k[None, :] < DK))
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-    if lo < hi:
-        qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
-        Kp = Kc + b.to(tl.int64) * s_kb + h * s_kh
-        Vp = Vc + b.to(tl.int64) * s_vb + h * s_vh
-        # keys every row of this block can see: no causal mask
-        for start_n in range(lo, n_full, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
-                                        DK, DV, HAS_VALID)
-            m_i, l_i, acc = _softmax_step(q, k, v, kpos, ok, qpos, m_i, l_i, acc, False, HAS_VALID, PREC)
-        # keys near the diagonal: causal mask per row
-        for start_n in range(tl.maximum(lo, n_full), hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
-                                        DK, DV, HAS_VALID)
-            m_i, l_i, acc = _softmax_step(q, k, v, kpos, ok, qpos, m_i, l_i, acc, True, HAS_VALID, PREC)
+    n_act = tl.maximum((kend + SPLIT - 1) // SPLIT, 1)  # pieces with keys (one, empty, if none)
+    if pid_s < n_act:
+        lo = pid_s * SPLIT
+        hi = tl.minimum(lo + SPLIT, kend)
+        n_full = tl.minimum((kfull // BLOCK_N) * BLOCK_N, hi)
+        scale = tl.load(SCALE + h).to(tl.float32) * 1.4426950408889634
+        q = (_rows(Q, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK).to(tl.float32) * scale).to(Q.dtype.element_ty)
+        if STORE_QS:
+            if pid_s == 0:  # the backward's operand, contiguous [B, Tq, H, K]
+                tl.store(QS + ((b * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :], q,
+                         mask=m_mask[:, None] & (offs_k[None, :] < DK))
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+        if lo < hi:
+            qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
+            Kp = Kc + b.to(tl.int64) * s_kb + h * s_kh
+            Vp = Vc + b.to(tl.int64) * s_vb + h * s_vh
+            # keys every row of this block can see: no causal mask
+            for start_n in range(lo, n_full, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
+                                            DK, DV, HAS_VALID)
+                m_i, l_i, acc = _softmax_step(q, k, v, kpos, ok, qpos, m_i, l_i, acc, False, HAS_VALID, PREC)
+            # keys near the diagonal: causal mask per row
+            for start_n in range(tl.maximum(lo, n_full), hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
+                                            DK, DV, HAS_VALID)
+                m_i, l_i, acc = _softmax_step(q, k, v, kpos, ok, qpos, m_i, l_i, acc, True, HAS_VALID, PREC)
 
-    has_keys = l_i > 0.0
-    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    if SPLIT_OUT:
-        # partial result of this key range: normalized output and its log2-sum-exp (-inf if empty)
+        has_keys = l_i > 0.0
+        o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        # log2-domain log-sum-exp of this key range, -inf where a row saw none of it
         lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        row = (pid_s * B * H + pid_bh).to(tl.int64) * TQ + offs_m
-        tl.store(OP + row[:, None] * BLOCK_V + offs_v[None, :], o, mask=m_mask[:, None])
-        tl.store(LP + row, lse, mask=m_mask)
-    else:
-        tl.store(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_ot + offs_v[None, :],
-                 o.to(O.dtype.element_ty), mask=m_mask[:, None] & (offs_v[None, :] < DV))
-        # log2-domain log-sum-exp; +inf for rows that see nothing, so the backward gives them p = 0
-        lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
-        tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=m_mask)
-
-
-@triton.jit
-def _combine_kernel(OP, LP, O, LSE, s_ob, s_ot, s_oh, B, H, TQ, NSPLIT,
-                    DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_v = tl.arange(0, BLOCK_V)
-    m_mask = offs_m < TQ
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in range(0, NSPLIT):
-        lp = tl.load(LP + (s * B * H + pid_bh).to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("-inf"))
-        m_i = tl.maximum(m_i, lp)
-    seen = m_i > float("-inf")
-    m_safe = tl.where(seen, m_i, 0.0)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-    for s in range(0, NSPLIT):
-        row = (s * B * H + pid_bh).to(tl.int64) * TQ + offs_m
-        w = tl.math.exp2(tl.load(LP + row, mask=m_mask, other=float("-inf")) - m_safe)
-        acc += w[:, None] * tl.load(OP + row[:, None] * BLOCK_V + offs_v[None, :], mask=m_mask[:, None], other=0.0)
-        l_i += w
-    o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_ot + offs_v[None, :],
-             o.to(O.dtype.element_ty), mask=m_mask[:, None] & (offs_v[None, :] < DV))
-    lse = tl.where(seen, m_safe + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
-    tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=m_mask)
+        if n_act == 1:
+            _store_out(O, LSE, o, lse, b, h, pid_bh, offs_m, offs_v, m_mask, s_ob, s_ot, s_oh, TQ, DV)
+        else:
+            row = (pid_s * B * H + pid_bh).to(tl.int64) * TQ + offs_m
+            tl.store(OP + row[:, None] * BLOCK_V + offs_v[None, :], o, mask=m_mask[:, None])
+            tl.store(LP + row, lse, mask=m_mask)
+            if _last_piece(CNT, pid_bh * n_mb + pid_m, n_act):
+                # merge the pieces by their log-sum-exp (this program's own from its registers)
+                m_all = lse
+                for s in range(0, n_act):
+                    r = (s * B * H + pid_bh).to(tl.int64) * TQ + offs_m
+                    lp = tl.load(LP + r, mask=m_mask, other=float("-inf"), cache_modifier=".cg")
+                    m_all = tl.maximum(m_all, tl.where(s == pid_s, lse, lp))
+                seen = m_all > float("-inf")
+                m_safe = tl.where(seen, m_all, 0.0)
+                l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+                acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+                for s in range(0, n_act):
+                    r = (s * B * H + pid_bh).to(tl.int64) * TQ + offs_m
+                    lp = tl.load(LP + r, mask=m_mask, other=float("-inf"), cache_modifier=".cg")
+                    op = tl.load(OP + r[:, None] * BLOCK_V + offs_v[None, :], mask=m_mask[:, None], other=0.0,
+                                 cache_modifier=".cg")
+                    w = tl.math.exp2(tl.where(s == pid_s, lse, lp) - m_safe)
+                    acc += w[:, None] * tl.where(s == pid_s, o, op)
+                    l_all += w
+                o = acc / tl.where(seen, l_all, 1.0)[:, None]
+                lse = tl.where(seen, m_safe + tl.math.log2(tl.where(seen, l_all, 1.0)), float("-inf"))
+                _store_out(O, LSE, o, lse, b, h, pid_bh, offs_m, offs_v, m_mask, s_ob, s_ot, s_oh, TQ, DV)
 
 
 @triton.jit
@@ -254,14 +290,31 @@ def _dq_step(q, do, k, v, kpos, ok, qpos, lse, delta, dq, CAUSAL: tl.constexpr, 
 
 
 @triton.jit
-def _bwd_dq_kernel(QS, Kc, Vc, O, DO, DQP, LSE, DELTA, QPOS, KPOS, KVALID,
-                   s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_ot, s_oh, s_dob, s_dot, s_doh, s_valid_b,
+def _store_dq(DQ, DSP, SCALE, Q, dq, b, h, pid_m, pid_bh, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, B, H, TQ,
+              DK: tl.constexpr, NEED_DSCALE: tl.constexpr):
+    """dq = dq_scaled * temperature in q's dtype; this block's share of dscale, sum(q * dq_scaled)."""
+    mask = m_mask[:, None] & (offs_k[None, :] < DK)
+    scale = tl.load(SCALE + h).to(tl.float32)
+    tl.store(DQ + ((b * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+    if NEED_DSCALE:
+        q = _rows(Q, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK).to(tl.float32)
+        tl.store(DSP + pid_m * B * H + pid_bh, tl.sum(tl.sum(q * dq, 1), 0))
+
+
+@triton.jit
+def _bwd_dq_kernel(QS, Q, Kc, Vc, O, DO, DQ, DQP, DSP, SCALE, LSE, DELTA, QPOS, KPOS, KVALID, CNT,
+                   s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_ot, s_oh, s_dob, s_dot, s_doh, s_valid_b,
                    B, H, TQ, S, SPLIT, LEVELS_S,
                    DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
-                   FAN: tl.constexpr):
-    """dq (with respect to the temperature-scaled q) of one key piece into fp32 partials DQP[piece]; delta of the rows."""
+                   NEED_DSCALE: tl.constexpr, REVERSE_M: tl.constexpr, FAN: tl.constexpr):
+    """dq of one key piece (with respect to the temperature-scaled q); the block's last piece sums the
+    pieces' fp32 partials DQP and writes dq; the first piece writes delta of the rows."""
+    n_mb = tl.num_programs(0)
     pid_m = tl.program_id(0)
+    if REVERSE_M:
+        pid_m = n_mb - 1 - pid_m
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b = pid_bh // H
@@ -273,22 +326,23 @@ def _bwd_dq_kernel(QS, Kc, Vc, O, DO, DQP, LSE, DELTA, QPOS, KPOS, KVALID,
     q_first = tl.load(QPOS + pid_m * BLOCK_M)
     q_last = tl.load(QPOS + tl.minimum(pid_m * BLOCK_M + BLOCK_M, TQ) - 1)
     kend, kfull = _count2(KPOS, S, q_last, q_first, LEVELS_S, False, FAN)
-    lo = pid_s * SPLIT
-    hi = tl.minimum(lo + SPLIT, kend)
-    n_full = tl.minimum((kfull // BLOCK_N) * BLOCK_N, hi)
-    if (pid_s == 0) | (lo < hi):
+    n_act = tl.maximum((kend + SPLIT - 1) // SPLIT, 1)
+    if pid_s < n_act:
+        lo = pid_s * SPLIT
+        hi = tl.minimum(lo + SPLIT, kend)
+        n_full = tl.minimum((kfull // BLOCK_N) * BLOCK_N, hi)
         do = _rows(DO, b, h, offs_m, offs_v, m_mask, s_dob, s_dot, s_doh, DV)
         o = _rows(O, b, h, offs_m, offs_v, m_mask, s_ob, s_ot, s_oh, DV)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         if pid_s == 0:
             tl.store(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, delta, mask=m_mask)
+        dq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         if lo < hi:
             q = _rows(QS, b, h, offs_m, offs_k, m_mask, TQ * H * DK, H * DK, DK, DK)
             qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
             lse = tl.load(LSE + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("inf"))
             Kp = Kc + b.to(tl.int64) * s_kb + h * s_kh
             Vp = Vc + b.to(tl.int64) * s_vb + h * s_vh
-            dq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
             for start_n in range(lo, n_full, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
@@ -299,8 +353,21 @@ def _bwd_dq_kernel(QS, Kc, Vc, O, DO, DQP, LSE, DELTA, QPOS, KPOS, KVALID,
                 k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
                                             DK, DV, HAS_VALID)
                 dq = _dq_step(q, do, k, v, kpos, ok, qpos, lse, delta, dq, True, HAS_VALID, PREC)
-            p_dq = DQP + (((pid_s * B + b) * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :]
-            tl.store(p_dq, dq, mask=m_mask[:, None] & (offs_k[None, :] < DK))
+        if n_act == 1:
+            _store_dq(DQ, DSP, SCALE, Q, dq, b, h, pid_m, pid_bh, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, B, H, TQ,
+                      DK, NEED_DSCALE)
+        else:
+            mask = m_mask[:, None] & (offs_k[None, :] < DK)
+            p_dq = DQP + ((b * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :]
+            piece = (B * TQ * H).to(tl.int64) * DK  # elements per piece of DQP [NSPLIT, B, Tq, H, K]
+            tl.store(p_dq + pid_s.to(tl.int64) * piece, dq, mask=mask)
+            if _last_piece(CNT, pid_bh * n_mb + pid_m, n_act):
+                total = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+                for s in range(0, n_act):  # in piece order, whichever program came last
+                    part = tl.load(p_dq + s * piece, mask=mask, other=0.0, cache_modifier=".cg")
+                    total += tl.where(s == pid_s, dq, part)
+                _store_dq(DQ, DSP, SCALE, Q, total, b, h, pid_m, pid_bh, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh,
+                          B, H, TQ, DK, NEED_DSCALE)
 
 
 @triton.jit
@@ -378,33 +445,6 @@ def _bwd_dkdv_kernel(QS, Kc, Vc, DO, DK_, DV_, LSE, DELTA, QPOS, KPOS, KVALID,
              dv.to(DV_.dtype.element_ty), mask=n_mask[:, None] & (offs_v[None, :] < DV))
 
 
-@triton.jit
-def _bwd_dq_sum_kernel(DQP, Q, DQ, DSP, SCALE, QPOS, KPOS, s_qb, s_qt, s_qh, B, H, TQ, S, SPLIT, LEVELS_S,
-                       DK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, NEED_DSCALE: tl.constexpr,
-                       FAN: tl.constexpr):
-    """dq = (sum of the pieces' partials) * temperature, in q's dtype; this block's share of dscale."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < TQ
-    q_last = tl.load(QPOS + tl.minimum(pid_m * BLOCK_M + BLOCK_M, TQ) - 1)
-    kend, _ = _count2(KPOS, S, q_last, q_last, LEVELS_S, False, FAN)
-    mask = m_mask[:, None] & (offs_k[None, :] < DK)
-    dq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for s in range(0, (kend + SPLIT - 1) // SPLIT):  # the pieces the dq pass wrote for this block
-        dq += tl.load(DQP + (((s * B + b) * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :],
-                      mask=mask, other=0.0)
-    scale = tl.load(SCALE + h).to(tl.float32)
-    tl.store(DQ + ((b * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=mask)
-    if NEED_DSCALE:
-        q = _rows(Q, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK).to(tl.float32)
-        tl.store(DSP + pid_m * B * H + pid_bh, tl.sum(tl.sum(q * dq, 1), 0))
-
-
 def _prec(dtype: torch.dtype) -> str:
     # fp32 operands: three tf32 products (near-fp32 accuracy on the tensor cores); "ieee" would
     # lower to scalar FMAs that take minutes to compile at these tile sizes
@@ -419,11 +459,19 @@ def _sm_count(index: int) -> int:
 def _n_split(n_programs: int, S: int, block_n: int, device: torch.device) -> tuple[int, int]:
     """How many pieces to cut each key range into so the grid fills the GPU; returns (NSPLIT, keys per piece)."""
     sms = 4 if _INTERPRET else _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    n = max(1, min(triton.cdiv(S, _MIN_SPLIT_KEYS), triton.cdiv(8 * sms, n_programs)))
+    n = max(1, min(triton.cdiv(S, _MIN_SPLIT_KEYS), triton.cdiv(_SPLIT_WAVES * sms, n_programs)))
     if _INTERPRET:
         n = max(1, min(triton.cdiv(S, 32), 3))  # exercise the split path on small inputs
     piece = triton.cdiv(triton.cdiv(S, n), block_n) * block_n
     return triton.cdiv(S, piece), piece
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """The device's per-block piece counters (int32, zero between calls), at least n of them."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), device=device, dtype=torch.int32)
+    return buf
 
 
 class _RoutedAttention(torch.autograd.Function):
@@ -446,16 +494,12 @@ class _RoutedAttention(torch.autograd.Function):
         else:
             op, lp = lse, lse
         _fwd_kernel[(n_mblocks, nsplit, B * H)](
-            q, k, v, o, lse, op, lp, qs, scale, q_pos, k_pos, valid,
+            q, k, v, o, lse, op, lp, qs, scale, q_pos, k_pos, valid, _counters(q.device, n_mblocks * B * H),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], valid.stride(0) if has_valid else 0,
             B, H, Tq, S, piece, _levels(S),
             DK=K, DV=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, BLOCK_M=BM, BLOCK_N=BN, HAS_VALID=has_valid,
-            PREC=_prec(q.dtype), SPLIT_OUT=nsplit > 1, STORE_QS=need_grad, FAN=_FAN, num_warps=warps, num_stages=stages,
+            PREC=_prec(q.dtype), STORE_QS=need_grad, REVERSE_M=_REVERSE_M, FAN=_FAN, num_warps=warps, num_stages=stages,
         )
-        if nsplit > 1:
-            _combine_kernel[(triton.cdiv(Tq, 64), B * H)](
-                op, lp, o, lse, *o.stride()[:3], B, H, Tq, nsplit, DV=V, BLOCK_V=BLOCK_V, BLOCK_M=64,
-            )
         if need_grad:
             ctx.save_for_backward(q, qs, k, v, scale, o, lse, q_pos, k_pos, valid)
             ctx.has_valid = has_valid
@@ -471,16 +515,20 @@ class _RoutedAttention(torch.autograd.Function):
         common = dict(DK=K, DV=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, HAS_VALID=ctx.has_valid, PREC=_prec(q.dtype), FAN=_FAN)
         s_kv = (*k.stride()[:3], *v.stride()[:3])
         s_valid = valid.stride(0) if ctx.has_valid else 0
-        levels_s = _levels(S)
-        # dq pieces (and delta), then dk, dv, then the dq sum
+        # dq (and delta, the pieces summed by each block's last one), then dk, dv
         BM, BN, warps, stages = _tile("dq", q.dtype, max(K, V))
         n_mblocks = triton.cdiv(Tq, BM)
         nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device)
-        dq_parts = torch.empty(nsplit, B, Tq, H, K, device=q.device, dtype=torch.float32)
+        need_dscale = ctx.needs_input_grad[3]
+        dq = torch.empty(B, Tq, H, K, device=q.device, dtype=q.dtype)
+        dq_parts = torch.empty(nsplit, B, Tq, H, K, device=q.device, dtype=torch.float32) if nsplit > 1 else lse
+        dsp = torch.empty(n_mblocks, B, H, device=q.device, dtype=torch.float32) if need_dscale else lse
         delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
         _bwd_dq_kernel[(n_mblocks, nsplit, B * H)](
-            qs, k, v, o, do, dq_parts, lse, delta, q_pos, k_pos, valid, *s_kv, *o.stride()[:3], *do.stride()[:3],
-            s_valid, B, H, Tq, S, piece, levels_s, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common,
+            qs, q, k, v, o, do, dq, dq_parts, dsp, scale, lse, delta, q_pos, k_pos, valid,
+            _counters(q.device, n_mblocks * B * H), *q.stride()[:3], *s_kv, *o.stride()[:3], *do.stride()[:3],
+            s_valid, B, H, Tq, S, piece, _levels(S), BLOCK_M=BM, BLOCK_N=BN, NEED_DSCALE=need_dscale,
+            REVERSE_M=_REVERSE_M, num_warps=warps, num_stages=stages, **common,
         )
         # contiguous gradients, written with their own strides (empty_like would keep k's layout only when it is dense)
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
@@ -490,13 +538,6 @@ class _RoutedAttention(torch.autograd.Function):
             qs, k, v, do, dk, dv, lse, delta, q_pos, k_pos, valid, *s_kv, *do.stride()[:3], s_valid,
             *dk.stride()[:3], *dv.stride()[:3], H, Tq, S, _levels(Tq),
             BLOCK_M=BMk, BLOCK_N=BNk, num_warps=warps_k, num_stages=stages_k, **common,
-        )
-        need_dscale = ctx.needs_input_grad[3]
-        dq = torch.empty(B, Tq, H, K, device=q.device, dtype=q.dtype)
-        dsp = torch.empty(n_mblocks, B, H, device=q.device, dtype=torch.float32) if need_dscale else lse
-        _bwd_dq_sum_kernel[(n_mblocks, B * H)](
-            dq_parts, q, dq, dsp, scale, q_pos, k_pos, *q.stride()[:3], B, H, Tq, S, piece, levels_s,
-            DK=K, BLOCK_K=BLOCK_K, BLOCK_M=BM, NEED_DSCALE=need_dscale, FAN=_FAN, num_warps=4,
         )
         dscale = dsp.sum((0, 1)).to(scale.dtype) if need_dscale else None
         return dq, dk, dv, dscale, None, None, None, None
