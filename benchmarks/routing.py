@@ -65,6 +65,7 @@ from oryx_ts.evaluation.routing import (
     choose_controller,
     forced_forecast,
     fresh_streams,
+    lookup,
     real_routing,
     real_stream,
     routing_scores,
@@ -130,6 +131,9 @@ def main() -> None:
 
     if args.checkpoint:
         model = oryx_ts.load(args.checkpoint)
+        if (model.config.tokenizer, model.config.head) != (config.tokenizer, config.head):
+            raise SystemExit(f"{args.checkpoint}: its tokenizer and head differ from the {args.stream} recipe's, so its scores would not compare")
+        config = model.config  # scores and FLOPs of the model that runs
     else:
         model = train_forecaster(config, train_values, recall_steps=recall_steps)
     router_config = dataclasses.replace(model.config.router, target=args.target, gain_lookahead=args.gain_lookahead)
@@ -203,12 +207,21 @@ def main() -> None:
     for r in further:
         cells = " | ".join(f"{r[n]['recalled']}/{r[n]['windows']} | {r[n]['mae_in']:.3f}" for n in names)
         print(f"| {r['seed']} | {r['all-recurrent']['mae_in']:.3f} | {r['all-attention']['mae_in']:.3f} | {cells} |")
+    looked_up = []
+    if "recurring_repeat" in events:
+        print("\nThe look-up inside repeats (MAE all-recurrent, all-attention, exact copy of the earlier play; share of the copy's gain):")
+        print("| seed | repeats | all-recurrent | all-attention | exact copy | share recovered |\n|" + "---|" * 6)
+        for seed in (EVALUATION_SEED, *seeds):
+            r = {"seed": seed, **lookup(model, scenario, seed, seg_tokens, n_seg)}
+            looked_up.append(r)
+            print(f"| {seed} | {r['repeats']} | {r['rec']:.3f} | {r['att']:.3f} | {r['copy']:.3f} | {r['share']:.1%} |")
     recalled = window_recall(decisions[(0.10, "learned")], windows, P, events)
     targets = print_targets(rows, further, args.stream, EVALUATION_SEED, recalled)
     (out / "results.json").write_text(json.dumps({
         "rows": rows, "controller": {"reserve": reserve, "spike_z": spike_z, "window": window, "hold": args.hold},
         "router": {"target": args.target, "gain_lookahead": args.gain_lookahead}, "window_effect": effect,
-        "further_streams": further, "targets": targets, "seconds": time.time() - started}, indent=2))
+        "further_streams": further, "targets": targets, "lookup": looked_up, "checkpoint": args.checkpoint,
+        "seconds": time.time() - started}, indent=2))
     plot_summary(out / "routing.png", rows)
     plot_stream(out / "stream.png", values, windows, decisions[(0.10, "learned")], P, seg_tokens)
     print(f"\nwrote {out / 'results.json'}, {out / 'routing.png'}, {out / 'stream.png'} ({time.time() - started:.0f}s)")

@@ -19,6 +19,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "installing the wheels from .whl/ failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
+  mkdir -p /tmp/z3 && xz -dc .whl/libz3.so.xz > /tmp/z3/libz3.so && export LD_LIBRARY_PATH=/tmp/z3:${LD_LIBRARY_PATH:-}
 else
   export PYTHONPATH=$PWD
 fi
