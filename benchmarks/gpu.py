@@ -400,11 +400,8 @@ def _step_state(model, N, S, state_dtype):
     """A steady state for N series: random contents, every slot holding a token, staggered positions."""
     state = model.init_state(N, state_dtype=state_dtype)
     for ls in state.layers:
-        ls.k_cache_BSHK.normal_(0, 0.125)
-        ls.v_cache_BSHV.normal_()
-        ls.rec_BHKV.normal_(0, 0.1)
-        for t in (ls.conv_k_BWX, ls.conv_v_BWX, ls.conv_q_BWX):
-            t.normal_()
+        for t, std in ((ls.k_cache_BSHK, 0.125), (ls.v_cache_BSHV, 1), (ls.rec_BHKV, 0.1), (ls.conv_k_BWX, 1), (ls.conv_v_BWX, 1), (ls.conv_q_BWX, 1)):
+            t.normal_(0, std)
     state.n_tokens_B.copy_(10_000 + torch.randint(0, 5_000, (N,), device="cuda"))
     state.slots.pos_BS.copy_(torch.arange(S, device="cuda").expand(N, S))
     state.slots.mode_BS.copy_(torch.rand(N, S, device="cuda") < 0.1)
@@ -412,12 +409,54 @@ def _step_state(model, N, S, state_dtype):
     return state
 
 
+def _step_parts(model, state, m, c, floor):
+    """The step's parts on the model's tensors, each x4 layers: the mixer prologue, the layer step, the
+    GEMMs (step projection, o_proj, SwiGLU gate|up and down), and the layer steps and the GEMMs side by
+    side on two streams. Returns the GEMMs' time and their FLOP floor (ms)."""
+    from oryx_ts.kernels import step_triton as st
+
+    b, N, mx = model.config.block, m.shape[0], model.blocks[0].mixer
+    u = torch.randn(N, b.d_model, device="cuda", dtype=DT)
+    proj, plan = F.linear(u, mx._step_weight()), state.plan_step(m, b.window, b.pinned)
+    pro = dict(conv_weights=(mx.k_conv.weight, mx.v_conv.weight, mx.lin_q_conv.weight), a_log_H=mx.lin_A_log,
+               conv_biases=(mx.k_conv.bias, mx.v_conv.bias, mx.lin_q_conv.bias), dt_bias_H=mx.lin_dt_bias,
+               pos_B=state.n_tokens_B, rope_base=b.rope_base)
+    lay = dict(write_slot_B=plan.write_slot_B, valid_BS=plan.valid_BS, route_B=m, scale_H=mx.att_log_temp.exp(),
+               pin_B=plan.pin_B, pin_slot_B=plan.pin_slot_B)
+    prologues = lambda: [st.mixer_prologue("gdn", proj, ls.rec_BHKV, tails=(ls.conv_k_BWX, ls.conv_v_BWX, ls.conv_q_BWX), **pro)  # noqa: E731
+                         for ls in state.layers]
+    ins = prologues()
+    layer_steps = lambda: [st.gated_layer_step("gdn", x, ls.rec_BHKV, proj, mx.o_norm.weight, mx.o_norm.eps,  # noqa: E731
+                                               k_cache_BSHK=ls.k_cache_BSHK, v_cache_BSHV=ls.v_cache_BSHV, **lay)
+                           for ls, x in zip(state.layers, ins, strict=True)]
+    ws = [(bl.mixer._step_weight(), bl.mixer.o_proj.weight, torch.cat([bl.mlp.gate.weight, bl.mlp.up.weight]), bl.mlp.down.weight)
+          for bl in model.blocks]
+    o_in, h_in = torch.randn(N, b.d_model, device="cuda", dtype=DT), torch.randn(N, ws[0][3].shape[1], device="cuda", dtype=DT)
+    gemms = lambda: [(F.linear(u, a), F.linear(o_in, o), F.linear(u, g), F.linear(h_in, d)) for a, o, g, d in ws]  # noqa: E731
+    flop = sum(2 * N * w.shape[0] * w.shape[1] for group in ws for w in group)
+    side, cur = torch.cuda.Stream(), torch.cuda.current_stream()
+
+    def side_by_side():
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            gemms()
+        layer_steps()
+        cur.wait_stream(side)
+
+    t = {name: bench(fn) for name, fn in (("prologue", prologues), ("layer", layer_steps), ("gemm", gemms), ("both", side_by_side))}
+    add("step", c, "mixer prologue kernels alone x4", t["prologue"])
+    add("step", c, f"layer step + output gate ({st.LAUNCH['output_gate']}) alone x4", t["layer"], floor, "state-bytes floor",
+        share_of_floor=round(floor / t["layer"], 3))
+    add("step", c, "GEMMs alone x4: step projection, o_proj, MLP gate|up, down", t["gemm"], flop_floor_ms(flop),
+        "FLOP floor at the measured matmul rate", gflop=round(flop / 1e9, 1))
+    add("step", c, "layer steps and GEMMs on two streams, x4", t["both"], t["layer"] + t["gemm"], "the two one after the other")
+    return t["gemm"], flop_floor_ms(flop)
+
+
 def section_step():
-    """The streaming step of a 4-layer model through `model.step`, 16,384 series, bounded cache of
-    512 slots (window 448 + 64 pinned), bf16 weights and cache, every series at its own position:
-    eager and replayed from a CUDA graph (`GraphedStep`), recurrent state in fp32 and in bf16
-    (`state_dtype`), against the state-bytes floor; the fused mixer-step kernels alone, the
-    general path (the block's eager ops), and 1,024 series eager vs graphed."""
+    """`model.step` of a 4-layer model, 16,384 series at their own positions, bounded cache of 512 slots (448 + 64
+    pinned), bf16 weights and cache: eager and from a CUDA graph (`GraphedStep`), fp32 and bf16 state, against the
+    state-bytes floor; its parts (`_step_parts`), the bounds if its GEMMs overlap nothing; 1,024 series."""
     from oryx_ts.config import preset
     from oryx_ts.model import OryxForecaster
     from oryx_ts.step_graph import GraphedStep
@@ -426,8 +465,7 @@ def section_step():
     cfg = preset("base", block=dict(n_layers=4, n_heads=8, head_dim_k=64, head_dim_v=64, mixer="gdn",
                                     retention="bounded", window=W, pinned=PIN),
                  tokenizer=dict(channels=8, patch_len=16), head=dict(horizon=16, quantiles=(0.1, 0.5, 0.9)))
-    b = cfg.block
-    L, H, K, V, S = b.n_layers, b.n_heads, b.head_dim_k, b.head_dim_v, W + PIN
+    L, H, K, V, S = (b := cfg.block).n_layers, b.n_heads, b.head_dim_k, b.head_dim_v, W + PIN
     torch.manual_seed(0)
     model = OryxForecaster(cfg).cuda().to(DT).eval()
     with torch.no_grad():
@@ -437,7 +475,7 @@ def section_step():
     cache_row = S * H * (K + V) * 2  # one series' bf16 cache, one layer
     tails = L * N * 3 * (b.conv_size - 1) * H * K * 2 * 2  # bf16 conv tails read and written (K == V here)
     writes = L * N * H * (K + V) * 2 + tails
-    results = {}
+    results, parts, floors = {}, {}, {}
     for sd, sd_name in ((None, "fp32 state"), (torch.bfloat16, "bf16 state")):
         rec_bytes = L * N * H * K * V * (4 if sd is None else 2) * 2  # recurrent state read and written
         add("step", case, f"state bytes per step (GB), {sd_name}: recurrent r+w / writes + conv tails r+w", 0.0,
@@ -451,52 +489,22 @@ def section_step():
                 c = f"{case}, {frac:.0%} attention ({n_routed} series)"
                 model.step(patch, state, m)
                 assert _dispatch.last_backend["mixer_step"] == "triton"
-                ms = bench(lambda: model.step(patch, state, m))
-                results[(sd_name, frac, "eager")] = ms
+                results[(sd_name, frac, "eager")] = ms = bench(lambda: model.step(patch, state, m))
                 add("step", c, f"model.step, {sd_name}", ms, floor, "state-bytes floor",
                     share_of_floor=round(floor / ms, 3), floor_ms=round(floor, 3))
                 graphed = GraphedStep(model, state)
-                gms = bench(lambda: graphed(patch, m))
-                results[(sd_name, frac, "graph")] = gms
+                results[(sd_name, frac, "graph")] = gms = bench(lambda: graphed(patch, m))
                 add("step", c, f"model.step, {sd_name}, CUDA graph", gms, floor, "state-bytes floor",
                     share_of_floor=round(floor / gms, 3), graph_over_eager=round(gms / ms, 3))
                 del graphed
-                if sd is None and frac == 0.0:
-                    # the fused mixer-step kernels alone on the model's tensors (what the projections,
-                    # norms, MLPs, tokenizer and head add), then the general path of the same model
-                    blk = model.blocks[0].mixer
-                    u = torch.randn(N, b.d_model, device="cuda", dtype=DT)
-                    proj = F.linear(u, blk._step_weight())
-                    plan = state.plan_step(m, W, PIN)
-                    pos = state.n_tokens_B
-                    kw = dict(conv_weights=(blk.k_conv.weight, blk.v_conv.weight, blk.lin_q_conv.weight),
-                              conv_biases=(blk.k_conv.bias, blk.v_conv.bias, blk.lin_q_conv.bias),
-                              a_log_H=blk.lin_A_log, dt_bias_H=blk.lin_dt_bias, o_norm_weight_V=blk.o_norm.weight,
-                              o_norm_eps=blk.o_norm.eps, pos_B=pos, rope_base=b.rope_base,
-                              write_slot_B=plan.write_slot_B, valid_BS=plan.valid_BS, route_B=m,
-                              scale_H=blk.att_log_temp.exp(), pin_B=plan.pin_B, pin_slot_B=plan.pin_slot_B)
-
-                    def kernels_only():
-                        for ls in state.layers:
-                            _dispatch.mixer_step("gdn", proj, ls.rec_BHKV, tails=(ls.conv_k_BWX, ls.conv_v_BWX, ls.conv_q_BWX),
-                                                 k_cache_BSHK=ls.k_cache_BSHK, v_cache_BSHV=ls.v_cache_BSHV, **kw)
-
-                    kms = bench(kernels_only)
-                    add("step", c, "fused mixer-step kernels alone x4", kms, floor, "state-bytes floor",
-                        share_of_floor=round(floor / kms, 3))
-                    with mock.patch.object(_dispatch, "use_layer_step", lambda *a: False):
-                        model.step(patch, state, m)
-                        gen_ms = bench(lambda: model.step(patch, state, m), rep=50)
-                    add("step", c, "model.step, general path (eager ops), fp32 state", gen_ms, ms, "fused model.step")
-            if sd is None and os.environ.get("ORYX_PROFILE_STEP"):  # where model.step's time goes
-                from torch.profiler import ProfilerActivity, profile
-
-                m = (torch.rand(N, device="cuda") < 0.1).float()
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                if frac == 0.0:
+                    parts[sd_name], floors[sd_name] = _step_parts(model, state, m, c, floor), floor
+            if sd is None and os.environ.get("ORYX_PROFILE_STEP"):  # where model.step's time goes, 0% attention
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     for _ in range(3):
-                        model.step(patch, state, m)
+                        model.step(patch, state, torch.zeros(N, device="cuda"))
                     torch.cuda.synchronize()
-                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=80)
                 print(table, flush=True)
                 Path(os.environ.get("OUT", "runs/bench"), "profile_step.txt").write_text(table)
             del state
@@ -506,18 +514,22 @@ def section_step():
             results[("fp32 state", 0.0, mode)], "0%")
         add("step", case, f"model.step bf16 state / fp32 state, 0%, {mode}", results[("bf16 state", 0.0, mode)],
             results[("fp32 state", 0.0, mode)], "fp32 state")
+    # what the step could reach if the GEMMs overlap nothing (the row above shows they do not): state floor + GEMMs
+    f32, f16 = floors["fp32 state"], floors["bf16 state"]
+    for label, g in zip(("as measured", "at the measured matmul rate"), parts["fp32 state"], strict=True):
+        add("step", case, f"bound, 0%: fp32 state floor + GEMMs {label}", f32 + g, share_of_floor=round(f32 / (f32 + g), 3))
+        add("step", case, f"bound, 0%: bf16 / fp32 state, floors + GEMMs {label}", f16 + g, f32 + g, "fp32 state bound")
     # a small batch, where the host bounds the eager step
     n_small = 1024
     with torch.no_grad():
-        state = _step_state(model, n_small, S, None)
-        p_small = patch[:n_small]
+        state, p_small = _step_state(model, n_small, S, None), patch[:n_small]
         model.step(p_small, state, None)
         ms = bench(lambda: model.step(p_small, state, None))
         graphed = GraphedStep(model, state)
         gms = bench(lambda: graphed(p_small, None))
-    add("step", f"{n_small} series, {L} layers, bounded cache {S}, 0% attention", "model.step, fp32 state", ms)
-    add("step", f"{n_small} series, {L} layers, bounded cache {S}, 0% attention", "model.step, fp32 state, CUDA graph",
-        gms, ms, "eager")
+    small = f"{n_small} series, {L} layers, bounded cache {S}, 0% attention"
+    add("step", small, "model.step, fp32 state", ms)
+    add("step", small, "model.step, fp32 state, CUDA graph", gms, ms, "eager")
     del state, graphed, model
     torch.cuda.empty_cache()
 

@@ -120,6 +120,10 @@ class SwiGLU(nn.Module):
         gate, up = F.linear(x, torch.cat([self.gate.weight, self.up.weight])).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for the streaming step (no autograd): the activation is one launch on CUDA (`dispatch.swiglu`)."""
+        return self.down(dispatch.swiglu(F.linear(x, torch.cat([self.gate.weight, self.up.weight]))))
+
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
@@ -416,10 +420,24 @@ class OryxBlock(nn.Module):
         x_BTD = x_BTD + self.mixer.prefill(self.mixer_norm(x_BTD), m_BT, st, plan)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
-    def step(self, x_B1D, m_B, st: LayerState, pos_B, plan: SlotPlan, att_rows) -> torch.Tensor:
-        """One token per series; see `OryxMixer.step`."""
-        x_B1D = x_B1D + self.mixer.step(self.mixer_norm(x_B1D), m_B, st, pos_B, plan, att_rows)
-        return x_B1D + self.mlp(self.mlp_norm(x_B1D))
+    def step(
+        self, x_B1D, m_B, st: LayerState, pos_B, plan: SlotPlan, att_rows, *,
+        normed_B1D: torch.Tensor | None = None, next_norm: RMSNorm | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per series; see `OryxMixer.step`. Returns `(x_B1D, next_norm(x_B1D))`, the second None
+        without `next_norm` (the next block's `mixer_norm` or the model's final norm).
+
+        `normed_B1D` is `self.mixer_norm(x_B1D)` when the caller has it (the previous block's second
+        output). Each residual add and the norm after it are one op (`dispatch.add_rms_norm`: one
+        launch on CUDA), with `forward`'s arithmetic.
+        """
+        n = self.mixer_norm
+        h = dispatch.rms_norm(x_B1D, n.weight, n.eps) if normed_B1D is None else normed_B1D
+        x_B1D, h = dispatch.add_rms_norm(x_B1D, self.mixer.step(h, m_B, st, pos_B, plan, att_rows), self.mlp_norm.weight, self.mlp_norm.eps)
+        y = self.mlp.step(h)
+        if next_norm is None:
+            return x_B1D + y, None
+        return dispatch.add_rms_norm(x_B1D, y, next_norm.weight, next_norm.eps)
 
     def mode_specific_parameters(self) -> dict[str, int]:
         """Parameter counts of the attention-only, linear-only and shared parts."""

@@ -255,11 +255,14 @@ class OryxForecaster(nn.Module):
         # fused CUDA step reads the modes on the device
         fused = dispatch.use_layer_step(x_B1D, b.head_dim_k, b.head_dim_v)
         att_rows = None if torch.compiler.is_compiling() or fused else (m_B != 0).nonzero().squeeze(1)
-        for block, layer_state in zip(self.blocks, state.layers, strict=True):
-            x_B1D = block.step(x_B1D, m_B, layer_state, pos_B, plan, att_rows)
+        # each block hands the next its normed input: a residual add and the norm after it are one launch on CUDA
+        h_B1D = None
+        norms = [blk.mixer_norm for blk in self.blocks[1:]] + [self.norm]
+        for block, layer_state, norm in zip(self.blocks, state.layers, norms, strict=True):
+            x_B1D, h_B1D = block.step(x_B1D, m_B, layer_state, pos_B, plan, att_rows, normed_B1D=h_B1D, next_norm=norm)
         state.norm_stats_B3C = embedded.stats_B3C
         state.n_tokens_B = state.n_tokens_B + 1
-        pred = self.head(dispatch.rms_norm(x_B1D, self.norm.weight, self.norm.eps))
+        pred = self.head(h_B1D)
         return self.tokenizer.denormalize(pred, embedded.mean_BTC, embedded.std_BTC)[:, 0], state
 
     def normalization(self, state: State) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,14 +15,15 @@ Fast paths (all Triton; imported on first use, so the CPU install never imports 
                   recurrent update, slot plan on the KV cache, attention for the series whose mode
                   is nonzero, mode mix), no host sync; its twin is `kernels.step_naive`
     mixer_step    the model's streaming step of a mixer: `layer_step` with its prologue (short convs
-                  over the tails, activations, L2 norms, gates, RoPE) and output gate in the same
-                  launch, from one projection of the token; twin `step_naive.naive_mixer_step`
+                  over the tails, activations, L2 norms, gates, RoPE) and output gate, three launches
+                  from one projection of the token; twin `step_naive.naive_mixer_step`
     routed_attention  our routed-query kernel (`kernels.attention.routed_triton`); per-key eviction
                   positions (`k_until_BS`) still take the torch path
     routed_inputs the parallel forward's routed queries (gather, L2 norm, RoPE) and rotated keys as one
                   `torch.compile`d graph (Inductor's Triton kernels), forward and backward; `auto` takes it
                   on CUDA unless ORYX_COMPILE_ROUTED_INPUTS=0
-    rms_norm      one launch per RMSNorm (`kernels.norm_triton`), twin `kernels.norm_naive`
+    rms_norm      one launch per RMSNorm (`kernels.norm_triton`), twin `kernels.norm_naive`;
+                  `add_rms_norm` the residual add with the norm after it, `swiglu` SwiGLU's activation
     rope          fla's fused rotary kernel (one pass forward, one backward) with our fp32 tables
                   rounded to the input dtype
 
@@ -238,7 +239,7 @@ def layer_step(mixer: Mixer, *args, backend: Backend = "auto", **kwargs) -> torc
 def mixer_step(mixer: Mixer, proj_BN: torch.Tensor, state_BHKV: torch.Tensor, *, backend: Backend = "auto", **kwargs) -> torch.Tensor:
     """One streaming step of a mixer from the token's projections; see `step_naive.naive_mixer_step`.
 
-    The fast path is one Triton launch (`step_triton.fused_mixer_step`); the torch path is the twin.
+    The fast path is three Triton launches (`step_triton.fused_mixer_step`); the torch path is the twin.
     Both update the conv tails, the recurrent state and the KV cache in place and return the gated
     output `(B, H * V)`.
     """
@@ -262,24 +263,56 @@ def mixer_step(mixer: Mixer, proj_BN: torch.Tensor, state_BHKV: torch.Tensor, *,
     return naive_mixer_step(mixer, proj_BN, state_BHKV, **kwargs)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: Backend = "auto") -> torch.Tensor:
-    """RMSNorm over the last axis (`norm_naive.rms_norm`); the fast path is one Triton launch.
-
-    `auto` takes it on CUDA outside `torch.compile` when the weight does not widen x's dtype.
-    """
+def _norm_path(op: str, x: torch.Tensor, weight: torch.Tensor, backend: Backend) -> str:
     path = "torch" if backend == "auto" and torch.compiler.is_compiling() else select_backend(x, backend)
     if path == "triton" and torch.promote_types(x.dtype, weight.dtype) != x.dtype:
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run: weight {weight.dtype} widens x {x.dtype}")
         path = "torch"
-    last_backend["rms_norm"] = path
-    if path == "triton":
+    last_backend[op] = path
+    return path
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: Backend = "auto") -> torch.Tensor:
+    """RMSNorm over the last axis (`norm_naive.rms_norm`); the fast path is one Triton launch.
+
+    `auto` takes it on CUDA outside `torch.compile` when the weight does not widen x's dtype.
+    """
+    if _norm_path("rms_norm", x, weight, backend) == "triton":
         from oryx_ts.kernels.norm_triton import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps)
     from oryx_ts.kernels.norm_naive import rms_norm as _rms_norm_torch
 
     return _rms_norm_torch(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, res: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: Backend = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the RMSNorm after it, `(x + res, rms_norm(x + res))` (`norm_naive.add_rms_norm`);
+    the fast path is one Triton launch, taken as `rms_norm`'s is."""
+    if _norm_path("add_rms_norm", x, weight, backend) == "triton":
+        from oryx_ts.kernels.norm_triton import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, res, weight, eps)
+    from oryx_ts.kernels.norm_naive import add_rms_norm as _add_rms_norm_torch
+
+    return _add_rms_norm_torch(x, res, weight, eps)
+
+
+def swiglu(gate_up: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
+    """SwiGLU's activation `silu(gate) * up` of `[gate | up]` (`norm_naive.swiglu`); the fast path is one
+    Triton launch (no autograd: the streaming step), taken on CUDA outside `torch.compile`."""
+    path = "torch" if backend == "auto" and torch.compiler.is_compiling() else select_backend(gate_up, backend)
+    last_backend["swiglu"] = path
+    if path == "triton":
+        from oryx_ts.kernels.norm_triton import swiglu_triton
+
+        return swiglu_triton(gate_up)
+    from oryx_ts.kernels.norm_naive import swiglu as _swiglu_torch
+
+    return _swiglu_torch(gate_up)
 
 
 def routed_attention(

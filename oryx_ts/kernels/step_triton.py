@@ -9,13 +9,16 @@ the new key. The output is the attention output where the mode is 1, else
 step never waits on the host and can be captured in a CUDA graph. The state and the cache are
 updated in place: they are the preallocated buffers of the streaming state.
 
-`fused_mixer_step` runs the whole mixer step from the token's projections in two launches: a
-prologue kernel of one warp per (series, head) (short convs over the tails, moved on in place;
-activations, L2 norms, gates, RoPE) and the layer step above with the mixer's output gate (RMSNorm
-over each head, times silu(z)) applied before the store. They stay two launches because they want
+`fused_mixer_step` runs the whole mixer step from the token's projections: a prologue kernel of one
+warp per (series, head) (`mixer_prologue`: short convs over the tails, moved on in place;
+activations, L2 norms, gates, RoPE), the layer step above, and the mixer's output gate (RMSNorm
+over each head, times silu(z)), in a launch of its own or in the layer step's epilogue
+(`gated_layer_step`, `LAUNCH`). The prologue and the layer step stay apart because they want
 different shapes: the layer step holds a 64x64 state per program in registers and so runs few
 programs at a time, where the prologue's cross-warp reductions would each cost a barrier on the
 path between reading and writing the state (measured: one launch took 2.3x the layer step alone).
+A prologue of one program per series (all heads as (heads, dim) tiles) was slower on an H200:
+1.09 ms for four layers of 16,384 series against 0.89 ms for the one-warp programs.
 
 `naive_layer_step` and `naive_mixer_step` (`kernels/step_naive.py`) are the pure-torch twins with
 the same signatures.
@@ -29,6 +32,9 @@ import triton.language as tl
 
 _GDN, _SSD = 0, 1
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# where `fused_mixer_step` applies the output gate: "kernel", a launch of its own after the layer
+# step, or "in_step", in the layer step's epilogue (benchmarks/gpu.py times both)
+LAUNCH = dict(output_gate="kernel")
 
 
 @triton.jit
@@ -139,6 +145,21 @@ def _prologue_kernel(PROJ, TK, TV, TQ, CWK, CWV, CWQ, CBK, CBV, CBQ, ALOG, DTB, 
 
 
 @triton.jit
+def _output_gate_kernel(O, PROJ, ONW, s_proj, z_off, H, eps, V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The mixer's output gate of one series in place: RMSNorm over each head's V values, times silu(z)."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_v = tl.arange(0, BLOCK_V)
+    m = (offs_h[:, None] < H) & (offs_v[None, :] < V)
+    col = offs_h[:, None] * V + offs_v[None, :]
+    o = tl.load(O + b * H * V + col, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(PROJ + b * s_proj + z_off + col, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(ONW + offs_v, mask=offs_v < V, other=0.0).to(tl.float32)
+    o = o / tl.sqrt(tl.sum(o * o, 1) / V + eps)[:, None] * w[None, :] * _silu(z)
+    tl.store(O + b * H * V + col, o.to(O.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
                  QA, KA, KC, VC, WSLOT, PIN, PSLOT, VALID, LEN, ROUTE, SCALE_H,
                  PROJ, ONW,
@@ -155,15 +176,36 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
     mk = offs_k < K
     mv = offs_v < V
     row = b * H + h
+    # the loads that do not wait on the state are issued before it (the cache slots, the modes, the
+    # leaving token, the epilogue's z): few programs run per SM, each holding a 64x64 state (on an
+    # H200 this timed the same as loading them where they are used, within 2%)
     q = tl.load(Q + b * s_q + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
     k = tl.load(Kn + b * s_k + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
     v = tl.load(Vn + b * s_v + h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
     decay = tl.exp(tl.load(G + row).to(tl.float32))
     gv = tl.load(GATE + row).to(tl.float32)
+    if EPI:
+        z = tl.load(PROJ + b * s_proj + z_off + h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+        onw = tl.load(ONW + offs_v, mask=mv, other=0.0).to(tl.float32)
+    if HAS_ATT:
+        wslot = tl.load(WSLOT + b).to(tl.int64)
+        route = tl.load(ROUTE + b).to(tl.float32)
+        ka = tl.load(KA + b * s_ka + h * K + offs_k, mask=mk, other=0.0)
+        p_kc = KC + b * s_kcb + h * K
+        p_vc = VC + b * s_vcb + h * V
+        if HAS_PIN:
+            pin = tl.load(PIN + b) != 0
+            pslot = tl.load(PSLOT + b).to(tl.int64)
     p_state = STATE + row * (K * V) + offs_k[:, None] * V + offs_v[None, :]
     m_kv = mk[:, None] & mv[None, :]
     # the state is stored in its own dtype (fp32, or bf16/fp16 to move fewer bytes) and advanced in fp32
-    st = tl.load(p_state, mask=m_kv, other=0.0).to(tl.float32) * decay
+    st = tl.load(p_state, mask=m_kv, other=0.0).to(tl.float32)
+    if HAS_ATT:
+        if HAS_PIN:
+            # the token leaving the recent window (it may move to its pinned slot), read while the state is in flight
+            k_old = tl.load(p_kc + wslot * s_kcs + offs_k, mask=mk, other=0.0)
+            v_old = tl.load(p_vc + wslot * s_vcs + offs_v, mask=mv, other=0.0)
+    st = st * decay
     if MIXER == 0:  # Gated DeltaNet: S <- g S + beta k (v - k^T g S)^T; GATE is beta
         delta = gv * (v - tl.sum(k[:, None] * st, 0))
         st = st + k[:, None] * delta[None, :]
@@ -178,26 +220,17 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
         o = o + tl.load(DSKIP + h).to(tl.float32) * v
 
     if HAS_ATT:
-        wslot = tl.load(WSLOT + b).to(tl.int64)
-        p_kc = KC + b * s_kcb + h * K
-        p_vc = VC + b * s_vcb + h * V
-        ka = tl.load(KA + b * s_ka + h * K + offs_k, mask=mk, other=0.0)
         k_new = ka.to(KC.dtype.element_ty)  # as the cache will hold them
         v_new = v.to(VC.dtype.element_ty)
         if HAS_PIN:
-            # the token leaving the recent window moves to its pinned slot; it stays in registers,
-            # so neither slot this program writes is read back from memory
-            pin = tl.load(PIN + b) != 0
-            pslot = tl.load(PSLOT + b).to(tl.int64)
-            k_old = tl.load(p_kc + wslot * s_kcs + offs_k, mask=mk, other=0.0)
-            v_old = tl.load(p_vc + wslot * s_vcs + offs_v, mask=mv, other=0.0)
+            # the leaving token moves to its pinned slot; it stays in registers, so neither slot this
+            # program writes is read back from memory
             tl.debug_barrier()  # every warp holds the leaving token before any overwrites its slot
             tl.store(p_kc + pslot * s_kcs + offs_k, k_old, mask=mk & pin)
             tl.store(p_vc + pslot * s_vcs + offs_v, v_old, mask=mv & pin)
             skip_p = tl.where(pin, pslot, -1)  # the moved token is read from registers, not its slot
         tl.store(p_kc + wslot * s_kcs + offs_k, k_new, mask=mk)
         tl.store(p_vc + wslot * s_vcs + offs_v, v_new, mask=mv)
-        route = tl.load(ROUTE + b).to(tl.float32)
         if route != 0.0:
             qa = tl.load(QA + b * s_qa + h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
             qa = qa * tl.load(SCALE_H + h).to(tl.float32) * 1.4426950408889634
@@ -238,9 +271,7 @@ def _step_kernel(Q, Kn, Vn, G, GATE, DSKIP, STATE, O,
     if EPI:
         # the mixer's output gate: RMSNorm over the head's V values, times silu(z) (z in PROJ's row)
         o = o / tl.sqrt(tl.sum(tl.where(mv, o * o, 0.0), 0) / V + on_eps)
-        o = o * tl.load(ONW + offs_v, mask=mv, other=0.0).to(tl.float32)
-        z = tl.load(PROJ + b * s_proj + z_off + h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
-        o = o * _silu(z)
+        o = o * onw * _silu(z)
     tl.store(O + row * V + offs_v, o.to(O.dtype.element_ty), mask=mv)
 
 
@@ -374,7 +405,7 @@ def fused_layer_step(
     return o
 
 
-def fused_mixer_step(
+def mixer_prologue(
     mixer: str,
     proj_BN: torch.Tensor,
     state_BHKV: torch.Tensor,
@@ -384,27 +415,12 @@ def fused_mixer_step(
     conv_biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     a_log_H: torch.Tensor,
     dt_bias_H: torch.Tensor,
-    o_norm_weight_V: torch.Tensor,
-    o_norm_eps: float,
     pos_B: torch.Tensor | None,
     rope_base: float,
-    k_cache_BSHK: torch.Tensor,
-    v_cache_BSHV: torch.Tensor,
-    write_slot_B: torch.Tensor,
-    valid_BS: torch.Tensor,
-    route_B: torch.Tensor,
-    scale_H: torch.Tensor,
-    pin_B: torch.Tensor | None = None,
-    pin_slot_B: torch.Tensor | None = None,
-    len_B: torch.Tensor | None = None,
-    d_H: torch.Tensor | None = None,
     l2_eps: float = 1e-6,
-) -> torch.Tensor:
-    """A whole mixer step from the token's projections, in one launch; see `step_naive.naive_mixer_step`.
-
-    Returns the gated mixer output `(B, H * V)` in `proj_BN`'s dtype (before `o_proj`). The conv
-    tails, the recurrent state and the cache are updated in place.
-    """
+) -> dict[str, torch.Tensor]:
+    """The first launch of `fused_mixer_step`: the layer step's inputs from the token's projections
+    (`q_lin_BHK`, `k_BHK`, `v_BHV`, `g_BH`, `gate_BH`, `q_att_BHK`, `k_att_BHK`); the tails move on in place."""
     B, H, K, V = state_BHKV.shape
     tk, tv, tq = tails
     W = tk.shape[1] + 1
@@ -422,17 +438,63 @@ def fused_mixer_step(
     q, k, qa, ka = (torch.empty(B, H, K, device=proj_BN.device, dtype=dt) for _ in range(4))
     v = torch.empty(B, H, V, device=proj_BN.device, dtype=dt)
     g, gate = (torch.empty(B, H, device=proj_BN.device, dtype=torch.float32) for _ in range(2))
-    _prologue_kernel[(B * H,)](
-        proj_BN, tk, tv, tq, *cw, *cb, a_log_H.contiguous(), dt_bias_H.contiguous(), cos, sin,
-        q, k, v, qa, ka, g, gate,
-        proj_BN.stride(0), tk.stride(0), tk.stride(1), tv.stride(0), tv.stride(1), tq.stride(0), tq.stride(1), H, l2_eps,
-        K=K, V=V, BLOCK_V=triton.next_power_of_2(V), MIXER=_GDN if mixer == "gdn" else _SSD, HAS_ROPE=pos_B is not None,
-        CONV_W=W, BLOCK_W=triton.next_power_of_2(max(W - 1, 1)), num_warps=1,
-    )
+    args = (proj_BN, tk, tv, tq, *cw, *cb, a_log_H.contiguous(), dt_bias_H.contiguous(), cos, sin,
+            q, k, v, qa, ka, g, gate,
+            proj_BN.stride(0), tk.stride(0), tk.stride(1), tv.stride(0), tv.stride(1), tq.stride(0), tq.stride(1), H, l2_eps)
+    meta = dict(K=K, V=V, BLOCK_V=triton.next_power_of_2(V), MIXER=_GDN if mixer == "gdn" else _SSD,
+                HAS_ROPE=pos_B is not None, CONV_W=W, BLOCK_W=triton.next_power_of_2(max(W - 1, 1)))
+    _prologue_kernel[(B * H,)](*args, **meta, num_warps=1)
+    return dict(q_lin_BHK=q, k_BHK=k, v_BHV=v, g_BH=g, gate_BH=gate, q_att_BHK=qa, k_att_BHK=ka)
+
+
+def fused_mixer_step(
+    mixer: str,
+    proj_BN: torch.Tensor,
+    state_BHKV: torch.Tensor,
+    *,
+    tails: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    conv_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    conv_biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    a_log_H: torch.Tensor,
+    dt_bias_H: torch.Tensor,
+    o_norm_weight_V: torch.Tensor,
+    o_norm_eps: float,
+    pos_B: torch.Tensor | None,
+    rope_base: float,
+    l2_eps: float = 1e-6,
+    **cache_kwargs,
+) -> torch.Tensor:
+    """A whole mixer step from the token's projections, in two launches (`mixer_prologue`, then the
+    layer step with the output gate); see `step_naive.naive_mixer_step`. `cache_kwargs`: the KV
+    cache, slot plan, modes and `d_H` of `fused_layer_step`.
+
+    Returns the gated mixer output `(B, H * V)` in `proj_BN`'s dtype (before `o_proj`). The conv
+    tails, the recurrent state and the cache are updated in place.
+    """
+    B, H, K, V = state_BHKV.shape
+    x = mixer_prologue(mixer, proj_BN, state_BHKV, tails=tails, conv_weights=conv_weights, conv_biases=conv_biases,
+                       a_log_H=a_log_H, dt_bias_H=dt_bias_H, pos_B=pos_B, rope_base=rope_base, l2_eps=l2_eps)
+    return gated_layer_step(mixer, x, state_BHKV, proj_BN, o_norm_weight_V, o_norm_eps, **cache_kwargs).view(B, H * V)
+
+
+def gated_layer_step(
+    mixer: str, x: dict[str, torch.Tensor], state_BHKV: torch.Tensor, proj_BN: torch.Tensor,
+    o_norm_weight_V: torch.Tensor, o_norm_eps: float, **cache_kwargs,
+) -> torch.Tensor:
+    """The rest of `fused_mixer_step` after `mixer_prologue` (its tensors `x`): the layer step and the
+    output gate, in the layer step's epilogue or in a launch of its own (`LAUNCH["output_gate"]`).
+    Returns o_BHV, gated."""
+    B, H, K, V = state_BHKV.shape
+    z_off = 3 * H * K + H * V  # where z starts in a row of proj_BN
+    in_step = LAUNCH["output_gate"] == "in_step"
     o = fused_layer_step(
-        mixer, q, k, v, g, gate, state_BHKV, q_att_BHK=qa, k_att_BHK=ka, k_cache_BSHK=k_cache_BSHK,
-        v_cache_BSHV=v_cache_BSHV, write_slot_B=write_slot_B, valid_BS=valid_BS, route_B=route_B, scale_H=scale_H,
-        pin_B=pin_B, pin_slot_B=pin_slot_B, len_B=len_B, d_H=d_H,
-        gate_out=(proj_BN, o_norm_weight_V.contiguous(), 3 * H * K + H * V, o_norm_eps),
+        mixer, x["q_lin_BHK"], x["k_BHK"], x["v_BHV"], x["g_BH"], x["gate_BH"], state_BHKV,
+        q_att_BHK=x["q_att_BHK"], k_att_BHK=x["k_att_BHK"], **cache_kwargs,
+        gate_out=(proj_BN, o_norm_weight_V.contiguous(), z_off, o_norm_eps) if in_step else None,
     )
-    return o.view(B, H * V)
+    if not in_step:
+        # a launch of its own: in the layer step's epilogue the gate's cross-warp reduction and the z
+        # load come after the state's store, with that state's registers still held
+        _output_gate_kernel[(B,)](o, proj_BN, o_norm_weight_V.contiguous(), proj_BN.stride(0), z_off, H, o_norm_eps,
+                                  V=V, BLOCK_H=triton.next_power_of_2(H), BLOCK_V=triton.next_power_of_2(V), num_warps=4)
+    return o

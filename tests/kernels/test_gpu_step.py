@@ -1,5 +1,6 @@
 """The CUDA streaming step as the model runs it: the fused mixer step against its torch twin (every
-state dtype), bf16/fp16 state against fp32, the graphed step against eager steps, and no host sync.
+state dtype, either place of the output gate), bf16/fp16 state against fp32, the graphed step against eager
+steps, no host sync, and the step's norm and activation kernels against theirs.
 
 Tolerances on ||fast - ref|| / ||ref||: fp32 2e-3, bf16 2e-2 (as in test_gpu_parity); a bf16 or
 fp16 state against the fp32 state 3e-2 over 40 steps (rounding the stored state each step).
@@ -61,11 +62,27 @@ def _mixer_inputs(mixer, dtype, state_dtype, B=64, H=4, K=64, V=64, S=300, W=4, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
 def test_fused_mixer_step_matches_its_naive_twin(mixer, dtype, state_dtype, rel):
-    """One launch against `naive_mixer_step` on the same inputs: gated output, state, cache and conv
+    """The fused step against `naive_mixer_step` on the same inputs: gated output, state, cache and conv
     tails after the step (the tails bit for bit: both only move values)."""
+    _check_mixer_step(mixer, dtype, state_dtype, rel)
+
+
+@pytest.mark.parametrize("output_gate", ["kernel", "in_step"])
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_fused_mixer_step_odd_heads_and_either_output_gate(mixer, output_gate, monkeypatch, rel):
+    """3 heads (the output gate's head tile padded to 4) and V=32 != K, the output gate in its own
+    launch or in the layer step's epilogue."""
+    from oryx_ts.kernels import step_triton
+
+    monkeypatch.setitem(step_triton.LAUNCH, "output_gate", output_gate)
+    _check_mixer_step(mixer, torch.float32, torch.float32, rel, H=3, V=32)
+    _check_mixer_step(mixer, torch.bfloat16, torch.bfloat16, rel)
+
+
+def _check_mixer_step(mixer, dtype, state_dtype, rel, **shape):
     from oryx_ts.kernels.step_naive import naive_mixer_step
 
-    proj, state, tails, weights, kw = _mixer_inputs(mixer, dtype, state_dtype)
+    proj, state, tails, weights, kw = _mixer_inputs(mixer, dtype, state_dtype, **shape)
     runs = {}
     for name, fn in (("fast", lambda *a, **k: dispatch.mixer_step(*a, backend="triton", **k)), ("ref", naive_mixer_step)):
         st, tl = state.clone(), tuple(t.clone() for t in tails)
@@ -171,3 +188,23 @@ def test_rms_norm_matches_its_twin(D, dtype, rel):
     assert dispatch.last_backend["rms_norm"] == "triton" and y.dtype == dtype and y.shape == x.shape
     err = rel(y.float(), rms_norm(x.float(), w.float(), 1e-6))
     assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [64, 100, 512])
+def test_add_rms_norm_and_swiglu_match_their_twins(D, dtype, rel):
+    """The residual add with the norm after it (the sum as torch rounds it), and SwiGLU's activation,
+    each one launch, against `norm_naive` on the same inputs (rows not a multiple of the kernel's block)."""
+    from oryx_ts.kernels.norm_naive import add_rms_norm, swiglu
+
+    x, r = ((torch.randn(301, 1, D, device="cuda") * 3).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(D, device="cuda")).to(dtype)
+    s, y = dispatch.add_rms_norm(x, r, w, 1e-6, backend="triton")
+    assert dispatch.last_backend["add_rms_norm"] == "triton" and s.dtype == y.dtype == dtype and y.shape == x.shape
+    s_ref, y_ref = add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(s, s_ref)
+    assert rel(y.float(), y_ref.float()) < TOL[dtype]
+    gu = (torch.randn(301, 1, 2 * D, device="cuda") * 2).to(dtype)
+    a = dispatch.swiglu(gu, backend="triton")
+    assert dispatch.last_backend["swiglu"] == "triton" and a.shape == (301, 1, D) and a.dtype == dtype
+    assert rel(a.float(), swiglu(gu).float()) < TOL[dtype]
