@@ -129,6 +129,7 @@ def main() -> None:
           f"of tokens, anomaly windows {token_mask(windows, T, P, kinds=ANOMALY_KINDS).mean():.1%}; {count(*ANOMALY_KINDS)} anomaly, "
           f"{count('regime_switch')} regime-switch, {count('recurring_first')} first-play and {count('recurring_repeat')} repeat windows of recurring events")
 
+    quick = {"steps": config.router.steps} if args.quick else {}  # the routers' training at the --quick size, a checkpoint's too
     if args.checkpoint:
         model = oryx_ts.load(args.checkpoint)
         if (model.config.tokenizer, model.config.head) != (config.tokenizer, config.head):
@@ -136,7 +137,7 @@ def main() -> None:
         config = model.config  # scores and FLOPs of the model that runs
     else:
         model = train_forecaster(config, train_values, recall_steps=recall_steps)
-    router_config = dataclasses.replace(model.config.router, target=args.target, gain_lookahead=args.gain_lookahead)
+    router_config = dataclasses.replace(model.config.router, target=args.target, gain_lookahead=args.gain_lookahead, **quick)
     router, supervised = train_routers(model, train_values, train_windows, events, router=router_config)
     learned = {"learned": router, "learned+labels": supervised}
     if args.target != "surprise":  # the earlier label-free objective, side by side

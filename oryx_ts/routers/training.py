@@ -23,6 +23,7 @@ token's causal features.
 Legend: B windows, T tokens, L raw steps, C channels, Hz horizon, Q quantiles.
 """
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,12 +187,12 @@ def train_routers(model: OryxForecaster, train_values: np.ndarray, train_windows
                   router: RouterConfig | None = None, progress: bool = True) -> tuple[LearnedRouter, LearnedRouter]:
     """`(label-free, label-fitted)` learned routers for the frozen `model` on the `(L, C)` stream `train_values`.
 
-    The first is `train_label_free` under `router`; the second is `train_router` with `label_weight`
-    1 and the surprise objective, fitting also the tokens of `train_windows` whose kind is in `events`.
+    The first is `train_label_free` under `router`; the second is `train_router` under the same
+    settings with `label_weight` 1 and the surprise objective, fitting also the tokens of `train_windows` whose kind is in `events`.
     """
     free = train_label_free(model, train_values, router=router, progress=progress)
-    labelled = model.config.replace(router={"label_weight": 1.0, "target": "surprise"})
-    supervised = train_router(model, train_values, router=LearnedRouter(labelled.block.d_model, labelled.router),
+    labelled = dataclasses.replace(router or model.config.router, label_weight=1.0, target="surprise")
+    supervised = train_router(model, train_values, router=LearnedRouter(model.config.block.d_model, labelled),
                               label_mask=mask_from_windows(train_windows, len(train_values), kind=events), progress=progress).router
     return free, supervised
 
