@@ -37,12 +37,17 @@ forecaster's own loss, `routers.training.train_gain_router`, with the surprise t
 (hysteresis) set the budget of every run. Then the budget window's effect: the learned, surprise and
 oracle routers at 10% under each of `--windows`. Last, the targets table: per stream (evaluation
 seed and fresh seeds) the learned router's in-window MAE against all-recurrent and all-attention, the
-share of all-attention's gain it keeps and event recall, each against its target with the miss.
+share of all-attention's gain it keeps and event recall, each against its target with the miss; on
+streams with repeats, before it, the look-up inside repeats (`evaluation.routing.lookup`: the share of
+an exact copy's gain over all-recurrent that all-attention recovers) on the same seeds.
+`--checkpoint DIR` streams a trained forecaster instead of training one (its own config is scored;
+`benchmarks/checkpoints/programs-lookup` and `daily-lookup` are trained on a GPU by
+`benchmarks/train_lookup.py`); the routers are trained against it, frozen, either way.
 Writes `results.json`, `routing.png`, `stream.png` and the
 trained model with its label-free router (`model/`). The streams are `oryx_ts.datasets.scenarios`,
 the training recipes `oryx_ts.routers.training`, the scoring `oryx_ts.evaluation.routing`.
 
-    python benchmarks/routing.py [--stream anomalies|programs|daily] [--out runs/routing] [--quick] [--threads 1]
+    python benchmarks/routing.py [--stream anomalies|programs|daily] [--out runs/routing] [--quick] [--threads 1] [--checkpoint DIR]
 """
 
 import argparse

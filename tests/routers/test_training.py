@@ -175,3 +175,17 @@ def test_router_targets_are_validated_and_old_configs_load():
     del data["budget"]["hold"]
     old = OryxConfig.from_dict(data)
     assert old.router.target == "surprise" and old.router.gain_lookahead == 0 and old.budget.hold == 0
+
+
+@pytest.mark.parametrize("name", ["programs", "daily"])
+def test_the_committed_lookup_checkpoints_are_their_recipes_and_score_on_the_benchmark_streams(name):
+    from pathlib import Path
+
+    import oryx_ts
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "checkpoints" / f"{name}-lookup"
+    model = oryx_ts.load(path)  # checksums and shapes checked
+    assert model.config.block == LOOKUP_RECIPES[name].config().block
+    recipe = RECIPES[name].config()
+    assert (model.config.tokenizer, model.config.head) == (recipe.tokenizer, recipe.head)  # what routing.py --checkpoint requires
+    assert (path / "model.safetensors").stat().st_size < 10 * 2**20
