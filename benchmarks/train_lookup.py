@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=ints, default=EVAL_SEEDS, help="evaluation seeds")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
+    ap.add_argument("--barrier", help="DIR:N: after the warm-up, wait until N runs have finished theirs (runs side by side on one GPU), "
+                                      "so that no budget's probe times steps while another run compiles")
     args = ap.parse_args()
     started = time.time()
     torch.set_num_threads(args.threads)
@@ -77,6 +79,9 @@ def main() -> None:
     for warm in ({"attention_fraction": 1.0, "full_mode_fraction": 0.0}, {}):
         train(config.replace(train={**warm, "steps": 3, "val_every": 3}), values[:200_000], device=args.device, progress=False)
     print(f"warm-up done ({time.time() - started:.0f}s)")
+    if args.barrier:
+        wait_for_others(args.barrier, args.recipe)
+        print(f"every run warmed up ({time.time() - started:.0f}s)")
     model, record = recipe.fit(values, config=config, seconds=seconds, device=args.device, progress=False)
     print(f"trained: {json.dumps(record)} ({time.time() - started:.0f}s)")
     model = model.eval()  # scored where it trained (the forecasts come back to the host)
@@ -98,6 +103,16 @@ def main() -> None:
                                                                     "torch", "rows")})
     (out / "lookup.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out / 'model'} and {out / 'lookup.json'} ({time.time() - started:.0f}s)")
+
+
+def wait_for_others(barrier: str, name: str, timeout: float = 300.0) -> None:
+    """Mark this run warmed up in the folder of `barrier` (`DIR:N`) and wait until N runs have (at most `timeout` s)."""
+    folder, n = barrier.rsplit(":", 1)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{name}.ready").touch()
+    until = time.time() + timeout
+    while len(list(Path(folder).glob("*.ready"))) < int(n) and time.time() < until:
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

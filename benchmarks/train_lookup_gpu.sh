@@ -6,7 +6,10 @@
 # Installs the carried wheels as benchmarks/gpu_all.sh does, trains each recipe (default: the three
 # program-run variants and the daily one) for SECONDS (default 200) in its own process, then writes
 # under $OUT (default runs/lookup-gpu): one <recipe>.tar per recipe (its checkpoint and lookup.json)
-# and logs.tgz. QUICK=1 runs the --quick sizes (a smoke test on any machine).
+# and logs.tgz. The runs start their budgets together, once every one has compiled its kernels
+# (--barrier). QUICK=1 runs the --quick sizes (a smoke test on any machine). The committed checkpoints
+# came from `bash benchmarks/train_lookup_gpu.sh 175` before the barrier existed (docs/RESULTS.md,
+# "Look-up"); `train_lookup.py --steps` repeats them by their step counts.
 set -u
 OUT=${OUT:-runs/lookup-gpu}
 mkdir -p "$OUT"
@@ -34,6 +37,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 work=$(mktemp -d)
 for r in "${recipes[@]}"; do
   python3 benchmarks/train_lookup.py --recipe "$r" --out "$work" --seconds "$seconds" --threads 3 ${QUICK:+--quick --seeds 1} \
+    --barrier "$work/ready:${#recipes[@]}" \
     > "$work/$r.log" 2>&1 &
 done
 wait
