@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: install the carried wheels, run the GPU parity tests, then time.
+# One call on a GPU machine: install the carried wheels (benchmarks/gpu_env.sh), run the GPU parity tests, then time.
 #
 #   bash benchmarks/gpu_all.sh [parity] [bench[=SECTIONS]] [profile]
 #
@@ -19,16 +19,8 @@ export OUT
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(parity bench profile)
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "installing the wheels from .whl/ failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
-# the GPU image has no polars, which oryx_ts.datasets imports for its file IO; the GPU tests and
-# training read no files, so an empty placeholder package (last on the path) lets them import
-if ! python3 -c "import polars" 2>/dev/null; then
-  mkdir -p /tmp/stubs/polars && echo '# placeholder: polars is not installed here' > /tmp/stubs/polars/__init__.py
-  export PYTHONPATH=$PYTHONPATH:/tmp/stubs
-fi
-mkdir -p /tmp/z3 && xz -dc .whl/libz3.so.xz > /tmp/z3/libz3.so && export LD_LIBRARY_PATH=/tmp/z3:${LD_LIBRARY_PATH:-}
+. "$(dirname "$0")/gpu_env.sh"
+gpu_env_install || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 rc=0

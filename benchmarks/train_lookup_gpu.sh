@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/train_lookup_gpu.sh [SECONDS] [RECIPES...]
 #
-# Installs the carried wheels as benchmarks/gpu_all.sh does, trains each recipe (default: the three
+# Installs the carried wheels (benchmarks/gpu_env.sh), trains each recipe (default: the three
 # program-run variants and the daily one) for SECONDS (default 200) in its own process, then writes
 # under $OUT (default runs/lookup-gpu): one <recipe>.tar per recipe (its checkpoint and lookup.json)
 # and logs.tgz. The runs start their budgets together, once every one has compiled its kernels
@@ -18,19 +18,8 @@ shift || true
 recipes=("$@")
 [ ${#recipes[@]} -eq 0 ] && recipes=(programs programs-mix50 programs-wide daily)
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "installing the wheels from .whl/ failed"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-  mkdir -p /tmp/z3 && xz -dc .whl/libz3.so.xz > /tmp/z3/libz3.so && export LD_LIBRARY_PATH=/tmp/z3:${LD_LIBRARY_PATH:-}
-else
-  export PYTHONPATH=$PWD
-fi
-# the GPU image has no polars (oryx_ts.datasets imports it for file IO, which training does not use)
-if ! python3 -c "import polars" 2>/dev/null; then
-  mkdir -p /tmp/stubs/polars && echo '# placeholder: polars is not installed here' > /tmp/stubs/polars/__init__.py
-  export PYTHONPATH=$PYTHONPATH:/tmp/stubs
-fi
+. "$(dirname "$0")/gpu_env.sh"
+gpu_env_install || exit 1
 # the routed inputs' compiled graph recompiles as the number of attention tokens changes from batch to batch
 export ORYX_COMPILE_ROUTED_INPUTS=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
