@@ -25,8 +25,9 @@ key block over the query blocks that see it (delta from the dq pass). Loops over
 are split in two: blocks every row can see run without the causal mask. Query blocks run last
 first within a head and piece (they see the most keys), so the grid's tail is the short work.
 
-Counters: one int32 buffer per device, zero between calls (each block's last program resets its
-entry), so calls on one device must not overlap on two streams.
+Counters: one int32 buffer per (device, stream), zero between calls (each block's last program
+resets its entry): calls on one stream run one after the other, and calls on two streams of a
+device each have their own buffer.
 
 Numerics: logits, softmax statistics and accumulators in fp32; `exp2` with log2(e) folded into
 `qs`, so dk takes a factor ln(2) at the end; the temperature's gradient is `sum(q * dq_scaled)`.
@@ -50,7 +51,7 @@ _MIN_SPLIT_KEYS = 1024  # below this many keys a split costs more than it balanc
 _FAN = 16 if _INTERPRET else 128  # fan-out of the on-device searches
 _SPLIT_WAVES = 8  # split key ranges until the grid holds this many programs per SM
 _REVERSE_M = True  # query blocks last first (the longest key ranges start first)
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[tuple[torch.device, int | None], torch.Tensor] = {}
 
 # (pass, operands "16bit" | "fp32", head width class 64 | 128) -> (BLOCK_M, BLOCK_N, num_warps, num_stages);
 # fp32 tiles are smaller (4-byte operands, three tf32 products per dot)
@@ -467,10 +468,13 @@ def _n_split(n_programs: int, S: int, block_n: int, device: torch.device) -> tup
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """The device's per-block piece counters (int32, zero between calls), at least n of them."""
-    buf = _COUNTERS.get(device)
+    """The per-block piece counters of the current stream on `device` (int32, zero between calls), at
+    least n of them. Kernels on one stream run in order, so they can share the buffer; a call on
+    another stream must not see a count in progress, so each stream has its own."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+    buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
-        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), device=device, dtype=torch.int32)
+        buf = _COUNTERS[key] = torch.zeros(max(n, 1 << 16), device=device, dtype=torch.int32)
     return buf
 
 
