@@ -5,7 +5,7 @@ and nowhere else, or the curriculum teaches something other than recall."""
 import numpy as np
 import pytest
 
-from oryx_ts.datasets.recall import recall_stream
+from oryx_ts.datasets.recall import RecallScenario, recall_plays, recall_stream
 
 C, PERIOD = 4, 32
 
@@ -55,7 +55,40 @@ def test_partial_repeats_with_distractor_gaps_still_repeat_on_the_kept_channels(
         pytest.fail("no first play with three later plays on its kept channels")
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(max_gap=48), dict(max_gap=48, partial=0.5), dict(partial=1.0)])
+def test_recall_plays_is_the_same_stream_with_its_plays_where_it_says(kwargs):
+    length = 7000
+    values, plays = recall_plays(length, C, period=PERIOD, repeats=3, seed=7, noise=0.0, **kwargs)
+    assert np.array_equal(values, recall_stream(length, C, period=PERIOD, repeats=3, seed=7, noise=0.0, **kwargs))
+    assert np.array_equal(recall_stream(length, C, period=PERIOD, repeats=3, seed=7, **kwargs),
+                          recall_plays(length, C, period=PERIOD, repeats=3, seed=7, **kwargs)[0])  # with noise too
+    flat = [w for block in plays for w in block]
+    assert all(len(w) == PERIOD and w.end <= length and w.start % 8 == 0 for w in flat)
+    assert [w.start for w in flat] == sorted(w.start for w in flat)  # in stream order, never overlapping
+    assert all(a.end <= b.start for a, b in zip(flat, flat[1:]))
+    assert all(block[0].kind == "recurring_first" and all(w.kind == "recurring_repeat" for w in block[1:]) for block in plays)
+    for block in plays:  # every later play repeats the first one on at least half the channels, and nothing else does
+        first = values[block[0].start : block[0].end]
+        for w in block[1:]:
+            assert (np.all(values[w.start : w.end] == first, axis=0)).sum() >= C // 2
+    if "max_gap" not in kwargs:  # back to back: the plays tile the stream up to its last whole play
+        assert sum(len(w) for w in flat) == length // PERIOD * PERIOD
+
+
+def test_recall_scenario_pairs_each_repeat_with_the_play_before_it():
+    scenario = RecallScenario({"period": PERIOD, "repeats": 3, "max_gap": 24, "noise": 0.0})
+    values, windows = scenario.stream(5000, C, seed=3)
+    pairs = scenario.repeats(5000, C, seed=3)
+    assert len(pairs) == sum(w.kind == "recurring_repeat" for w in windows) > 0
+    for earlier, repeat in pairs:
+        assert earlier.end <= repeat.start and len(earlier) == len(repeat) == PERIOD
+        assert np.array_equal(values[earlier.start : earlier.end], values[repeat.start : repeat.end])
+    assert [p[1].start for p in pairs] == sorted(p[1].start for p in pairs)
+
+
 def test_arguments_are_checked():
     for bad in (dict(partial=-0.1), dict(partial=1.5), dict(max_gap=-1), dict(period=0)):
         with pytest.raises(ValueError):
             recall_stream(100, C, **bad)
+        with pytest.raises(ValueError):
+            recall_plays(100, C, **bad)
