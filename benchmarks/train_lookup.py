@@ -10,13 +10,17 @@ and of an exact copy of the earlier play, and the share of the copy's gain that 
 recovers (`evaluation.routing.lookup`); MAE inside event windows all-recurrent, all-attention and
 with attention on the event tokens only (`evaluation.routing.attention_ceiling`). Seed 2 (the
 scenarios' validation seed) is the one variants are chosen on; seed 1 is the routing benchmark's
-evaluation stream; the others are fresh.
+evaluation stream; the others are fresh. Then the same look-up on held-out curriculum streams
+(`datasets.recall.RecallScenario`, seeds `RECALL_SEEDS`, 4 segments of 256 tokens): plays of 128
+steps back to back and after 0-384 steps of distractors (`RECALL_EVAL`), which tells a look-up that
+never formed from one that formed but does not carry over to the scenario.
 
 Writes `<out>/<recipe>/model/` (safetensors + JSON config; its `extra` holds the recipe, the steps
 each phase ran and the figures) and `<out>/<recipe>/lookup.json`. `--steps R,T` repeats a run by
 its step counts (no time budget): the counts are in the checkpoint's `extra.record`.
 
     python benchmarks/train_lookup.py --recipe programs --device cuda --out runs/lookup [--seconds 240] [--steps R,T] [--quick]
+    python benchmarks/train_lookup.py --recipe programs-debug --device cpu --threads 1 --out runs/lookup   # by step counts
 """
 
 import argparse
@@ -28,12 +32,16 @@ from pathlib import Path
 import torch
 
 import oryx_ts
+from oryx_ts.datasets.recall import RecallScenario
 from oryx_ts.datasets.scenarios import SCENARIOS
 from oryx_ts.evaluation.routing import attention_ceiling, lookup
 from oryx_ts.routers.training import LOOKUP_RECIPES
 from oryx_ts.train import train
 
 EVAL_SEEDS = (2, 1, 3, 4, 5, 6, 7)  # 2: chosen on; 1: the routing benchmark's evaluation stream; the rest fresh
+# the look-up on the curriculum itself: held-out `recall_stream`s (the curriculum trains on seeds 5 and 6)
+RECALL_EVAL = {"back-to-back": {"period": 128, "repeats": 4}, "gaps": {"period": 128, "repeats": 4, "max_gap": 384}}
+RECALL_SEEDS = (11, 12)
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -95,14 +103,29 @@ def main() -> None:
         r, e = row["repeats"], row["events"]
         print(f"seed {seed}: repeats rec {r['rec']:.3f} att {r['att']:.3f} copy {r['copy']:.3f} share {r['share']:.1%} "
               f"({r['repeats']} repeats, {r['tokens']} tokens); events rec {e['rec']:.3f} att {e['att']:.3f} oracle {e['oracle']:.3f}")
+    recall_rows = recall_lookup(model, (64, 2) if args.quick else (256, 4))
     result = {"recipe": args.recipe, "scenario": scenario_name, "recipe_settings": dataclasses.asdict(recipe),
               "config": model.config.to_dict(), "record": record, "device": args.device,
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "seconds_budget": seconds, "rows": rows, "seconds": round(time.time() - started, 1)}
+              "torch": torch.__version__, "seconds_budget": seconds, "rows": rows, "recall": recall_rows,
+              "seconds": round(time.time() - started, 1)}
     oryx_ts.save(model, out / "model", extra={k: result[k] for k in ("recipe", "scenario", "recipe_settings", "record", "device_name",
-                                                                    "torch", "rows")})
+                                                                    "torch", "rows", "recall")})
     (out / "lookup.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out / 'model'} and {out / 'lookup.json'} ({time.time() - started:.0f}s)")
+
+
+def recall_lookup(model, segments: tuple[int, int]) -> list[dict]:
+    """The look-up on held-out curriculum streams: per `RECALL_EVAL` setting and `RECALL_SEEDS` seed, `lookup`'s figures."""
+    rows = []
+    for name, settings in RECALL_EVAL.items():
+        for seed in RECALL_SEEDS:
+            with torch.no_grad():
+                r = lookup(model, RecallScenario(settings), seed, *segments)
+            rows.append({"stream": name, "seed": seed, **r})
+            print(f"recall_stream {name}, seed {seed}: rec {r['rec']:.3f} att {r['att']:.3f} copy {r['copy']:.3f} share {r['share']:.1%} "
+                  f"({r['repeats']} repeats, {r['tokens']} tokens)")
+    return rows
 
 
 def wait_for_others(barrier: str, name: str, timeout: float = 300.0) -> None:

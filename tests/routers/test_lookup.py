@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from oryx_ts.datasets.labels import LabelWindow
+from oryx_ts.datasets.recall import RecallScenario
 from oryx_ts.datasets.scenarios import SCENARIOS
 from oryx_ts.evaluation.routing import copy_forecast, lookup, lookup_share, lookup_tokens
 from tests.conftest import random_model
@@ -62,4 +63,16 @@ def test_lookup_on_a_program_run_stream_scores_the_three_forecasts_on_the_same_t
     assert result["repeats"] >= 1 and result["tokens"] >= result["repeats"]
     assert all(math.isfinite(result[k]) and result[k] > 0 for k in ("rec", "att", "copy"))
     assert result["copy"] < result["rec"]  # an exact copy beats an untrained recurrence inside repeats
+    assert result["share"] == pytest.approx(lookup_share(result["rec"], result["att"], result["copy"]))
+
+
+def test_lookup_on_the_curriculum_copies_the_play_before_exactly():
+    # plays of 4 tokens of 8 steps, no noise: inside a repeat, the copy of the play before is the stream itself
+    model = random_model(block={"rope": False})
+    scenario = RecallScenario({"period": 32, "repeats": 3, "noise": 0.0})
+    result = lookup(model, scenario, seed=1, seg_tokens=48, n_seg=2)
+    values, _ = scenario.stream(48 * 2 * 8 + 64, 4, seed=1)
+    owner = lookup_tokens(scenario.repeats(len(values), 4, seed=1), 48, 2, 8)
+    assert result["tokens"] == int((owner >= 0).sum()) > 0 and result["repeats"] == len(set(owner[owner >= 0].tolist()))
+    assert result["copy"] < 0.5 * result["rec"]  # only horizon steps past a repeat's end take the recurrent forecast
     assert result["share"] == pytest.approx(lookup_share(result["rec"], result["att"], result["copy"]))
