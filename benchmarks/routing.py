@@ -33,8 +33,9 @@ series at every budget: windows reached within their first 3 patches, first atte
 realized FLOPs.
 The label-free router's target is `--target`: `gain` (default; where attention lowers the frozen
 forecaster's own loss, `routers.training.train_gain_router`, with the surprise term beside it) or
-`surprise` (the earlier objective). `--window` (budget window W, 0 = a whole segment) and `--hold`
-(hysteresis) set the budget of every run. Then the budget window's effect: the learned, surprise and
+`surprise` (the earlier objective). `--window` (budget window W, 0 = a whole segment), `--hold`
+(hysteresis) and `--spike-feature` (a surprise feature whose own spikes may spend the reserve,
+`BudgetConfig.spike_feature`) set the budget of every run. Then the budget window's effect: the learned, surprise and
 oracle routers at 10% under each of `--windows`. Last, the targets table: per stream (evaluation
 seed and fresh seeds) the learned router's in-window MAE against all-recurrent and all-attention, the
 share of all-attention's gain it keeps and event recall, each against its target with the miss; on
@@ -104,6 +105,8 @@ def main() -> None:
     ap.add_argument("--gain-lookahead", type=int, default=0, help="RouterConfig.gain_lookahead")
     ap.add_argument("--window", type=int, default=128, help="budget window W in tokens (0: a whole segment)")
     ap.add_argument("--hold", type=int, default=0, help="BudgetConfig.hold: tokens held in attention after a score sends one")
+    ap.add_argument("--spike-feature", type=int, default=-1,
+                    help="BudgetConfig.spike_feature: a surprise feature whose own spikes may spend the reserve (1: the worst channel's error; -1 off)")
     ap.add_argument("--windows", type=ints, default=(128, 1024, 0), help="budget windows whose effect is measured at 10%% (0: a whole segment)")
     ap.add_argument("--fresh-seeds", type=ints, default=FRESH_SEEDS, help="further fresh streams, at 10%%")
     args = ap.parse_args()
@@ -151,8 +154,9 @@ def main() -> None:
     print(f"trained forecaster and routers ({time.time() - started:.0f}s); checkpoint {out / 'model'}")
 
     window = args.window or seg_tokens
-    base = BudgetConfig(window=window, hold=args.hold)
-    print(f"label-free router: target {args.target}, gain lookahead {args.gain_lookahead}; budget window {window} tokens, hold {args.hold}")
+    base = BudgetConfig(window=window, hold=args.hold, spike_feature=args.spike_feature)
+    print(f"label-free router: target {args.target}, gain lookahead {args.gain_lookahead}; budget window {window} tokens, hold {args.hold}, "
+          f"spike feature {args.spike_feature}")
     (reserve, spike_z), trials = choose_controller(model, router, scenario, seg_tokens, n_seg, budget=base)
     for t in trials:
         print(f"validation (seed {VALIDATION_SEED}), learned router at 10%: reserve {t['reserve']}, spike_z {t['spike_z']}: "
@@ -224,7 +228,8 @@ def main() -> None:
     recalled = window_recall(decisions[(0.10, "learned")], windows, P, events)
     targets = print_targets(rows, further, args.stream, EVALUATION_SEED, recalled)
     (out / "results.json").write_text(json.dumps({
-        "rows": rows, "controller": {"reserve": reserve, "spike_z": spike_z, "window": window, "hold": args.hold},
+        "rows": rows,
+        "controller": {"reserve": reserve, "spike_z": spike_z, "window": window, "hold": args.hold, "spike_feature": args.spike_feature},
         "router": {"target": args.target, "gain_lookahead": args.gain_lookahead}, "window_effect": effect,
         "further_streams": further, "targets": targets, "lookup": looked_up, "checkpoint": args.checkpoint,
         "seconds": time.time() - started}, indent=2))

@@ -199,6 +199,9 @@ class BudgetConfig:
     hold: hysteresis: after a token that its score sent to attention, up to this many next tokens of
         the series run attention too, whatever their scores, as long as the window's ordinary budget
         (the part outside the reserve) allows; 0 = off.
+    spike_feature: index of a surprise feature (`oryx_ts.routers.features`); a token whose value of it
+        lies `spike_signal_z` deviations above its running mean is a spike too (it may spend the
+        reserve), whatever its score; -1 = off.
     """
 
     fraction: float = 0.1
@@ -208,6 +211,8 @@ class BudgetConfig:
     spike_z: float = 2.0
     threshold_lr: float = 0.05
     hold: int = 0
+    spike_feature: int = -1
+    spike_signal_z: float = 3.0
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.fraction <= 1.0, f"budget.fraction must be in [0, 1], got {self.fraction}")
@@ -216,6 +221,8 @@ class BudgetConfig:
         _check(0.0 <= self.reserve <= 1.0, f"budget.reserve must be in [0, 1], got {self.reserve}")
         _check(self.threshold_lr >= 0, f"budget.threshold_lr must be >= 0, got {self.threshold_lr}")
         _check(isinstance(self.hold, int) and self.hold >= 0, f"budget.hold must be an integer >= 0, got {self.hold}")
+        _check(isinstance(self.spike_feature, int) and self.spike_feature >= -1,
+               f"budget.spike_feature must be an integer >= -1 (-1 = off), got {self.spike_feature}")
 
 
 @dataclass(frozen=True, kw_only=True)

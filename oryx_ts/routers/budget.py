@@ -28,6 +28,15 @@ the next h tokens, which run attention whatever their scores wherever the ordina
 the hold, a token sent by its score restarts it. Held tokens pass the same window test as every
 other attention token, so the guarantee is untouched. The hold's countdown is a state part of its
 own (`HoldState`), present only when h > 0, so states made without hysteresis keep their layout.
+
+A spike signal (`BudgetConfig.spike_feature` = j >= 0): surprise feature j of each token
+(`routers.features`, e.g. 1, the worst channel's error against the forecast made for it) may make
+it a spike too, when it lies `spike_signal_z` deviations above its own running mean (the same EMA
+statistics as the scores'). A router's score blends its inputs and may rank the onset of a level
+shift below the budget's threshold while the worst channel's error already stands out; the signal
+lets such a token spend the reserve. It passes the same window test as a score spike, so the
+guarantee is untouched. Its statistics are a state part of their own (`SpikeState`), present only
+when j >= 0; a router that reads no surprise sees features of zero, which never spike.
 """
 
 from dataclasses import dataclass
@@ -87,38 +96,64 @@ class HoldState:
         return cls(left_B=torch.zeros(batch_size, dtype=torch.int64, device=device))
 
 
+@register_part
+@dataclass
+class SpikeState:
+    """Per-series running (EMA, without bias correction) mean and mean absolute deviation of the spike signal."""
+
+    mean_B: torch.Tensor  # float64 (B,)
+    dev_B: torch.Tensor  # float64 (B,)
+
+    @classmethod
+    def init(cls, batch_size: int, device=None) -> "SpikeState":
+        zeros = lambda: torch.zeros(batch_size, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(mean_B=zeros(), dev_B=zeros())
+
+
 def controller_step(
     scores_B: torch.Tensor, st: ControllerState, budget: BudgetConfig, config: OryxConfig, positions: int | np.ndarray | torch.Tensor,
-    hold: HoldState | None = None,
+    hold: HoldState | None = None, signal_B: torch.Tensor | None = None, spike: SpikeState | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decide the modes of one token of every series and advance `st` (and `hold`) in place.
 
     `positions` are the series' token positions (one int for all, or one per series); `hold` is
-    needed when `budget.hold > 0` (see `controller_run`).
+    needed when `budget.hold > 0`, `signal_B` and `spike` when `budget.spike_feature >= 0` (see `controller_run`).
     Returns `(modes_B, flops_B, allowance_B)`: 1 = attention, the FLOPs that token spends, and its allowance.
     """
     scores = scores_B.detach().to(torch.float64).cpu().numpy()[:, None]
-    modes, flops, allow = controller_run(scores, st, budget, config, positions, hold)
+    signal = None if signal_B is None else signal_B.detach().to(torch.float64).cpu().numpy()[:, None]
+    modes, flops, allow = controller_run(scores, st, budget, config, positions, hold, signal, spike)
     return torch.from_numpy(modes[:, 0]).float(), torch.from_numpy(flops[:, 0]), torch.from_numpy(allow[:, 0])
 
 
 def controller_run(
     scores_BT: np.ndarray, st: ControllerState, budget: BudgetConfig, config: OryxConfig, positions: int | np.ndarray | torch.Tensor,
-    hold: HoldState | None = None,
+    hold: HoldState | None = None, signal_BT: np.ndarray | None = None, spike: SpikeState | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decide T consecutive tokens of every series, the first at `positions`; advances `st` (and `hold`) in place.
 
     The same arithmetic as T calls of `controller_step` (which is this with T = 1), in float64
     numpy with the costs of every position computed once. Returns `(modes_BT, flops_BT, allowance_BT)`.
-    Raises `ValueError` for a state made for another window, or for `budget.hold > 0` without a `hold` state.
+    With `budget.spike_feature >= 0`, `signal_BT` is that surprise feature of each token and `spike`
+    its running statistics (advanced in place): a token whose signal lies `budget.spike_signal_z`
+    deviations above the signal's running mean is a spike too, whatever its score.
+    Raises `ValueError` for a state made for another window, for `budget.hold > 0` without a `hold`
+    state, or for `budget.spike_feature >= 0` without `signal_BT` and `spike`.
     """
     W = budget.window
     if st.excess_BW.shape[1] != max(W - 1, 0):
         raise ValueError(f"controller state holds a window of {st.excess_BW.shape[1] + 1} tokens, the budget asks for {W}")
     if budget.hold > 0 and hold is None:
         raise ValueError(f"budget.hold = {budget.hold} needs a HoldState (RoutedForecaster.init_state makes one)")
+    signals = budget.spike_feature >= 0
+    if signals and (signal_BT is None or spike is None):
+        raise ValueError(f"budget.spike_feature = {budget.spike_feature} needs the signal and a SpikeState "
+                         "(RoutedForecaster.init_state makes one)")
     scores_BT = np.asarray(scores_BT, dtype=np.float64)
     B, T = scores_BT.shape
+    if signals:
+        signal_BT = np.asarray(signal_BT, dtype=np.float64)
+        sig_mean, sig_dev = spike.mean_B.cpu().numpy().copy(), spike.dev_B.cpu().numpy().copy()
     pos0 = np.broadcast_to(np.asarray(torch.as_tensor(positions).cpu(), dtype=np.int64), (B,))
     rec_all, att_all, allow_all = allowance(budget, config, pos0[:, None] + np.arange(T + W)[None, :])
     k = 1 + budget.slack
@@ -145,8 +180,14 @@ def controller_run(
         mean_s = mean_s + SCORE_EMA * (scores - mean_s)
         dev_s = dev_s + SCORE_EMA * (np.abs(scores - mean_s / correction) - dev_s)
         tau = np.clip(mean_s / correction + z * (dev_s / correction + 1e-9), TAU_MIN, 1.0)
-        spike = np.clip(mean_s / correction + budget.spike_z * (dev_s / correction + 1e-9), TAU_MIN, 1.0)
-        sent = ((scores >= tau) & fits_ordinary) | ((scores >= spike) & fits_spike)
+        spike_tau = np.clip(mean_s / correction + budget.spike_z * (dev_s / correction + 1e-9), TAU_MIN, 1.0)
+        peak = scores >= spike_tau
+        if signals:  # the spike signal's own running statistics, as the scores'
+            sig = signal_BT[:, t]
+            sig_mean = sig_mean + SCORE_EMA * (sig - sig_mean)
+            sig_dev = sig_dev + SCORE_EMA * (np.abs(sig - sig_mean / correction) - sig_dev)
+            peak = peak | (sig >= sig_mean / correction + budget.spike_signal_z * (sig_dev / correction + 1e-9))
+        sent = ((scores >= tau) & fits_ordinary) | (peak & fits_spike)
         m = (sent | ((left > 0) & fits_ordinary)).astype(np.float64)
         left = np.where(sent, budget.hold, np.maximum(left - 1, 0))
         flops = rec[:, 0] + m * (att[:, 0] - rec[:, 0])
@@ -159,6 +200,8 @@ def controller_run(
     st.excess_BW = torch.from_numpy(past).to(st.excess_BW.device)
     if budget.hold > 0:
         hold.left_B = torch.from_numpy(left).to(hold.left_B.device)
+    if signals:
+        spike.mean_B, spike.dev_B = (torch.from_numpy(a).to(spike.mean_B.device) for a in (sig_mean, sig_dev))
     return out_m, out_f, out_a
 
 

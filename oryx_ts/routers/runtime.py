@@ -18,7 +18,7 @@ import torch
 from oryx_ts.config import BudgetConfig, OryxConfig
 from oryx_ts.flops import mode_costs_at
 from oryx_ts.model import OryxForecaster
-from oryx_ts.routers.budget import ControllerState, HoldState, controller_run, controller_step
+from oryx_ts.routers.budget import ControllerState, HoldState, SpikeState, controller_run, controller_step
 from oryx_ts.routers.features import N_FEATURES, surprise_features
 from oryx_ts.routers.heuristics import Router, RouterInputs
 from oryx_ts.routers.state import RoutingState
@@ -53,6 +53,8 @@ class RoutedForecaster:
             raise TypeError(f"router must have `needs_surprise` and `scores(inputs)`, got {type(router).__name__}")
         if budget is not None and not isinstance(budget, BudgetConfig):
             raise TypeError(f"budget must be a BudgetConfig or None, got {type(budget).__name__}")
+        if budget is not None and budget.spike_feature >= N_FEATURES:
+            raise ValueError(f"budget.spike_feature = {budget.spike_feature}: there are {N_FEATURES} surprise features")
         self.model, self.router, self.budget = model, router, budget
         self.model_step = model.step  # the model's step; `compile_step` swaps in a compiled one
         self.config: OryxConfig = model.config
@@ -60,6 +62,10 @@ class RoutedForecaster:
     @property
     def _holds(self) -> bool:
         return self.budget is not None and self.budget.hold > 0
+
+    @property
+    def _signals(self) -> bool:
+        return self.budget is not None and self.budget.spike_feature >= 0
 
     def compile_step(self) -> None:
         """Run the model's part of every step through `torch.compile` (routing stays eager, on the host)."""
@@ -76,11 +82,15 @@ class RoutedForecaster:
         }
         if self._holds:
             routed["hold"] = lambda n, dev: HoldState.init(n, dev)
+        if self._signals:
+            routed["spike"] = lambda n, dev: SpikeState.init(n, dev)
         return self.model.init_state(batch_size, capacity=capacity, device=device, parts={**routed, **(parts or {})})
 
-    def _decide(self, scores_B: torch.Tensor, ctrl: ControllerState, positions_B: torch.Tensor, hold: HoldState | None = None):
+    def _decide(self, scores_B: torch.Tensor, ctrl: ControllerState, positions_B: torch.Tensor, hold: HoldState | None = None,
+                feats_BF: torch.Tensor | None = None, spike: SpikeState | None = None):
         if self.budget is not None:
-            return controller_step(scores_B, ctrl, self.budget, self.config, positions_B, hold)
+            signal = feats_BF[:, self.budget.spike_feature] if self._signals else None
+            return controller_step(scores_B, ctrl, self.budget, self.config, positions_B, hold, signal, spike)
         modes = (scores_B.detach().cpu() >= 0.5).float()
         costs = mode_costs_at(self.config, positions_B.cpu().numpy())
         flops = torch.from_numpy(costs.recurrent_T) + modes.double() * torch.from_numpy(costs.surcharge_T)
@@ -107,7 +117,7 @@ class RoutedForecaster:
             feats, ema = torch.zeros(B, 1, N_FEATURES), rs.ema_B
         tokens = embedded.tokens_B1D
         scores = self.router.scores(RouterInputs(tokens, feats.to(tokens.device), n_B[:, None]))[:, 0]
-        modes, flops, allow = self._decide(scores, ctrl, n_B, state.parts.get("hold"))
+        modes, flops, allow = self._decide(scores, ctrl, n_B, state.parts.get("hold"), feats[:, 0], state.parts.get("spike"))
         forecast, state = self.model_step(patch_BPC, state, modes.to(patch_BPC.device), embedded=embedded)
         dev = rs.ema_B.device
         rs.ema_B = ema.to(dev)
@@ -154,8 +164,10 @@ class RoutedForecaster:
         scores_BT = self.router.scores(RouterInputs(tokens_BTD, torch.zeros(B, T, N_FEATURES), positions_BT)).detach().float().cpu()
         ctrl = ControllerState.init(B, self.budget.window if self.budget else 1) if state is None else state.parts["controller"]
         hold = (HoldState.init(B) if state is None else state.parts["hold"]) if self._holds else None
+        spike = (SpikeState.init(B) if state is None else state.parts["spike"]) if self._signals else None
+        signal = np.zeros((B, T)) if self._signals else None  # the features of a router that reads no surprise are zeros, as in `step`
         if self.budget is not None:
-            decided = controller_run(scores_BT.double().numpy(), ctrl, self.budget, self.config, n_B, hold)
+            decided = controller_run(scores_BT.double().numpy(), ctrl, self.budget, self.config, n_B, hold, signal, spike)
             modes, flops, allow = (torch.from_numpy(a) for a in decided)
             return scores_BT, modes.float(), flops, allow, ctrl
         modes, flops, allow = self._decide(scores_BT, ctrl, positions_BT)
@@ -170,6 +182,9 @@ class RoutedForecaster:
             raise ValueError(f"state was made for a budget window of {ctrl.excess_BW.shape[1] + 1} tokens, this budget has {window}")
         if self._holds and not isinstance(state.parts.get("hold"), HoldState):
             raise ValueError(f"budget.hold = {self.budget.hold} needs a state with a hold part: create it with RoutedForecaster.init_state")
+        if self._signals and not isinstance(state.parts.get("spike"), SpikeState):
+            raise ValueError(f"budget.spike_feature = {self.budget.spike_feature} needs a state with a spike part: "
+                             "create it with RoutedForecaster.init_state")
 
     @torch.no_grad()
     def prefill(

@@ -9,15 +9,18 @@ from hypothesis import strategies as st
 from oryx_ts.config import preset
 from oryx_ts.flops import mode_costs
 from oryx_ts.routers import BudgetConfig, ControllerState, HoldState, allowance, controller_step, window_sums
+from oryx_ts.routers.budget import SpikeState
 
 CONFIG = preset("debug")
 
 
-def run(scores_BT: np.ndarray, budget: BudgetConfig, n0: int = 0):
+def run(scores_BT: np.ndarray, budget: BudgetConfig, n0: int = 0, signal_BT: np.ndarray | None = None):
     scores_BT = np.atleast_2d(scores_BT)
     B, T = scores_BT.shape
-    st_, hold = ControllerState.init(B, budget.window), HoldState.init(B)
-    out = [controller_step(torch.as_tensor(scores_BT[:, n]), st_, budget, CONFIG, n0 + n, hold) for n in range(T)]
+    st_, hold, spike = ControllerState.init(B, budget.window), HoldState.init(B), SpikeState.init(B)
+    signal_BT = np.zeros((B, T)) if signal_BT is None else np.atleast_2d(signal_BT)
+    out = [controller_step(torch.as_tensor(scores_BT[:, n]), st_, budget, CONFIG, n0 + n, hold, torch.as_tensor(signal_BT[:, n]), spike)
+           for n in range(T)]
     modes, flops, allow = (torch.stack([o[i] for o in out], 1).numpy() for i in range(3))
     return modes, flops, allow
 
@@ -40,11 +43,16 @@ score_streams = st.one_of(
     spike_z=st.floats(-1, 5),
     n0=st.integers(0, 500),
     hold=st.sampled_from([0, 0, 1, 4, 12]),
+    spike_feature=st.sampled_from([-1, -1, 1]),
+    signal_seed=st.integers(0, 2**16),
 )
-def test_realized_flops_never_exceed_the_budget_on_any_window(scores, fraction, window, slack, reserve, spike_z, n0, hold):
-    budget = BudgetConfig(fraction=fraction, window=window, slack=slack, reserve=reserve, spike_z=spike_z, hold=hold)
+def test_realized_flops_never_exceed_the_budget_on_any_window(scores, fraction, window, slack, reserve, spike_z, n0, hold, spike_feature,
+                                                              signal_seed):
+    budget = BudgetConfig(fraction=fraction, window=window, slack=slack, reserve=reserve, spike_z=spike_z, hold=hold,
+                          spike_feature=spike_feature, spike_signal_z=spike_z)
     s = np.asarray(scores)
-    _, flops, allow = run(np.stack([s, s[::-1]]), budget, n0)
+    signal = np.random.default_rng(signal_seed).standard_normal((2, len(s))) ** 4  # heavy-tailed: many signal spikes
+    _, flops, allow = run(np.stack([s, s[::-1]]), budget, n0, signal)
     for b in range(2):
         spent, allowed = window_sums(flops[b], window), window_sums(allow[b], window)
         assert (spent <= (1 + slack) * allowed * (1 + 1e-12)).all()
@@ -107,13 +115,29 @@ def test_a_hold_keeps_attention_on_after_a_spike_while_the_budget_allows():
     assert tight[0].sum() < held[0].sum()
 
 
+def test_a_spike_of_the_signal_spends_the_reserve_where_the_score_does_not_stand_out():
+    scores = np.full(300, 0.2)  # flat scores: never a score spike
+    signal = np.random.default_rng(0).uniform(0, 0.1, 300)
+    signal[[150, 250]] = 5.0
+    budget = BudgetConfig(fraction=0.1, window=300, reserve=0.5, spike_z=3.0)
+    plain, _, _ = run(scores, budget, signal_BT=signal)
+    sig, flops, allow = run(scores, BudgetConfig(fraction=0.1, window=300, reserve=0.5, spike_z=3.0, spike_feature=1), signal_BT=signal)
+    assert sig[0, [150, 250]].all() and not plain[0, [150, 250]].all()
+    assert (window_sums(flops[0], 300) <= window_sums(allow[0], 300) * (1 + 1e-12)).all()
+    # off by default: a budget without a spike feature ignores the signal and needs no spike state
+    assert np.array_equal(plain, run(scores, budget)[0])
+    with pytest.raises(ValueError, match="SpikeState"):
+        controller_step(torch.ones(1), ControllerState.init(1, 4), BudgetConfig(fraction=0.1, window=4, spike_feature=1), CONFIG, 0)
+
+
 def test_a_hold_needs_its_state():
     with pytest.raises(ValueError, match="HoldState"):
         controller_step(torch.ones(1), ControllerState.init(1, 4), BudgetConfig(fraction=0.1, window=4, hold=2), CONFIG, 0)
 
 
 def test_bad_budgets_are_refused_and_the_allowance_covers_recurrence():
-    for bad in ({"fraction": -0.1}, {"fraction": 1.5}, {"window": 0}, {"reserve": 2.0}, {"slack": -1.0}, {"hold": -1}, {"hold": 1.5}):
+    for bad in ({"fraction": -0.1}, {"fraction": 1.5}, {"window": 0}, {"reserve": 2.0}, {"slack": -1.0}, {"hold": -1}, {"hold": 1.5},
+                {"spike_feature": -2}, {"spike_feature": 1.0}):
         with pytest.raises(ValueError, match="budget"):
             BudgetConfig(**bad)
     rec, att, allow = allowance(BudgetConfig(fraction=0.0), CONFIG, np.arange(40))

@@ -70,7 +70,9 @@ def stream_through_step(model, x, router, budget):
 
 @pytest.mark.parametrize("name", list(ROUTERS))
 @pytest.mark.parametrize("budget", [BudgetConfig(fraction=0.25, window=8), BudgetConfig(fraction=0.25, window=8, reserve=0.1, hold=3),
-                                    BudgetConfig(fraction=0.25, window=T), None], ids=["budget", "hold", "whole-stream", "no-budget"])
+                                    BudgetConfig(fraction=0.25, window=T),
+                                    BudgetConfig(fraction=0.25, window=8, reserve=0.3, spike_feature=1),
+                                    None], ids=["budget", "hold", "whole-stream", "spike-feature", "no-budget"])
 def test_forward_and_step_make_the_same_decisions_and_forecasts(name, budget):
     model = random_model("gdn")
     router, x = ROUTERS[name](), stream()
@@ -137,6 +139,26 @@ def test_prefill_with_a_hold_continues_as_steps_would_and_the_hold_survives_a_re
     assert steps.sum() > (np.arange(T) % 5 == 4).sum() * 2  # the hold added tokens the schedule did not ask for
     with pytest.raises(ValueError, match="hold"):
         routed.step(torch.randn(1, 8, 4), RoutedForecaster(model, FixedRouter(5), BudgetConfig(fraction=0.3, window=8)).init_state(1))
+
+
+def test_a_spike_feature_state_survives_a_restart_and_is_asked_for(tmp_path):
+    model, x, P = random_model("gdn"), stream(5), 8
+    budget = BudgetConfig(fraction=0.2, window=8, reserve=0.5, spike_feature=1)
+    routed = RoutedForecaster(model, learned(2), budget)
+    _, whole, _, _ = stream_through_step(model, x, learned(2), budget)
+    state = routed.init_state(2)
+    for n in range(12):
+        routed.step(x[:, n * P : (n + 1) * P], state)
+    state.save(tmp_path / "s.safetensors")
+    resumed = oryx_ts.State.load(tmp_path / "s.safetensors")
+    assert torch.equal(resumed.parts["spike"].dev_B, state.parts["spike"].dev_B) and (state.parts["spike"].dev_B > 0).all()
+    modes = []
+    for n in range(12, T):
+        routed.step(x[:, n * P : (n + 1) * P], resumed)
+        modes.append(resumed.parts["routing"].last_mode_B)
+    assert torch.equal(torch.stack(modes, 1), whole[:, 12:])
+    with pytest.raises(ValueError, match="spike"):
+        routed.step(x[:, :P], RoutedForecaster(model, learned(2), BudgetConfig(fraction=0.2, window=8)).init_state(2))
 
 
 def test_plain_state_is_not_taken_for_a_routed_one(tmp_path):
