@@ -205,8 +205,9 @@ def trainable(params: dict[str, Any], setup: SweepSetup) -> None:
     """The Ray Tune function trainable (`tune.with_parameters(trainable, setup=...)`)."""
     from ray import tune
 
-    _log_start(setup, params)
     checkpoint = tune.get_checkpoint()
+    done = _done_record(setup, tune.get_context().get_trial_id())
+    _log_start(setup, params, restored=checkpoint is not None or done.exists())
 
     def report(metrics: dict, loop_state) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -214,21 +215,38 @@ def trainable(params: dict[str, Any], setup: SweepSetup) -> None:
                 loop_state.save(d)
             else:
                 Path(d, DONE_FILE).write_text(json.dumps(metrics))
+                # the trial's own record, written before Tune hears of the end: a driver killed after this
+                # report but before its experiment state recorded the checkpoint resumes the trial from here
+                tmp = done.with_suffix(".tmp")
+                tmp.write_text(json.dumps(metrics))
+                os.replace(tmp, done)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    if checkpoint is None:
+    if done.exists():  # finished before a kill: report the same metrics, run nothing
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, DONE_FILE).write_text(done.read_text())
+            run_trial(params, setup, report=report, checkpoint_dir=Path(d))
+    elif checkpoint is None:
         run_trial(params, setup, report=report)
     else:
         with checkpoint.as_directory() as d:
             run_trial(params, setup, report=report, checkpoint_dir=Path(d))
 
 
-def _log_start(setup: SweepSetup, params: dict) -> None:
-    """Append this start to `<run dir>/starts.jsonl` (trial id, whether restored): how tests see re-runs."""
+def _done_record(setup: SweepSetup, trial_id: str) -> Path:
+    """Where a finished trial keeps its final metrics in the run directory (`done/<trial id>.json`)."""
+    folder = Path(setup.run_dir) / "done"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{trial_id}.json"
+
+
+def _log_start(setup: SweepSetup, params: dict, *, restored: bool) -> None:
+    """Append this start to `<run dir>/starts.jsonl` (trial id, whether it starts from saved progress: a
+    checkpoint or the trial's done record): how tests see re-runs."""
     from ray import tune
 
     ctx = tune.get_context()
-    line = json.dumps({"trial_id": ctx.get_trial_id(), "restored": tune.get_checkpoint() is not None, "params": params,
+    line = json.dumps({"trial_id": ctx.get_trial_id(), "restored": restored, "params": params,
                        "pid": os.getpid(), "time": time.time()}, default=str)
     with open(Path(setup.run_dir) / "starts.jsonl", "a") as f:
         f.write(line + "\n")
