@@ -55,6 +55,19 @@ def _routed_index(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
     return idx.to(device)
 
 
+def _step_cat(owner: nn.Module, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(tensors)` of weights for the streaming step, kept on `owner` until a weight changes (its
+    storage or in-place version): the step would otherwise copy the weights on every call. Not kept with
+    autograd on, nor while a CUDA graph captures (the graph then re-reads the live weights on each replay)."""
+    if torch.is_grad_enabled() or (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+        return torch.cat(tensors)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    cached = owner.__dict__.get("_step_cat_cache")
+    if cached is None or cached[0] != key:
+        cached = owner.__dict__["_step_cat_cache"] = (key, torch.cat(tensors))
+    return cached[1]
+
+
 def _merge_routed(o_lin: torch.Tensor, idx: torch.Tensor, o_sel: torch.Tensor, m_BT: torch.Tensor, *, every_row: bool) -> torch.Tensor:
     """The mixer output: attention's rows `o_sel` at token positions `idx`, recurrence elsewhere. When not
     every row routes the token at a position (`every_row` False), the per-row modes `m_BT` blend the two."""
@@ -122,7 +135,7 @@ class SwiGLU(nn.Module):
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` for the streaming step (no autograd): the activation is one launch on CUDA (`dispatch.swiglu`)."""
-        return self.down(dispatch.swiglu(F.linear(x, torch.cat([self.gate.weight, self.up.weight]))))
+        return self.down(dispatch.swiglu(F.linear(x, _step_cat(self, [self.gate.weight, self.up.weight]))))
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -369,10 +382,12 @@ class OryxMixer(nn.Module):
             o = blended if att_rows is None else o_lin.index_copy(0, att_rows, blended)
         return self._output(u_B1D, o)
 
-    def _step_weight(self) -> torch.Tensor:
-        """The token's projections as one matrix, in the order `dispatch.mixer_step` reads them (and `_projections`)."""
+    def _step_weight(self, *, cached: bool = False) -> torch.Tensor:
+        """The token's projections as one matrix, in the order `dispatch.mixer_step` reads them (and `_projections`);
+        `cached`: kept between steps until a weight changes (`_step_cat`)."""
         gates = [self.lin_a.weight, self.lin_beta.weight] if self.config.mixer == "gdn" else [self.lin_dt.weight]
-        return torch.cat([self.k_proj.weight, self.v_proj.weight, self.lin_q.weight, self.att_q.weight, self.z_proj.weight, *gates])
+        weights = [self.k_proj.weight, self.v_proj.weight, self.lin_q.weight, self.att_q.weight, self.z_proj.weight, *gates]
+        return _step_cat(self, weights) if cached else torch.cat(weights)
 
     def _step_fused(self, u_B1D, m_B, st: LayerState, pos_B, plan: SlotPlan) -> torch.Tensor:
         """`step` through `dispatch.mixer_step`: one projection, then one launch for the rest of the mixer
@@ -385,7 +400,7 @@ class OryxMixer(nn.Module):
             if getattr(st, name).stride(-1) != 1:
                 setattr(st, name, getattr(st, name).contiguous())
         o = dispatch.mixer_step(
-            c.mixer, F.linear(u_B1D[:, 0], self._step_weight()), st.rec_BHKV,
+            c.mixer, F.linear(u_B1D[:, 0], self._step_weight(cached=True)), st.rec_BHKV,
             tails=(st.conv_k_BWX, st.conv_v_BWX, st.conv_q_BWX),
             conv_weights=(self.k_conv.weight, self.v_conv.weight, self.lin_q_conv.weight),
             conv_biases=(self.k_conv.bias, self.v_conv.bias, self.lin_q_conv.bias),
