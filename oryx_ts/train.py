@@ -17,6 +17,7 @@ after N evaluations in a row without a new best (those during the warm-up do not
 import dataclasses
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from oryx_ts.checkpoint import DataInfo, fingerprint, save
 from oryx_ts.config import BudgetConfig, OryxConfig, RouterConfig
 from oryx_ts.datasets.windows import WindowSampler
+from oryx_ts.guide import Guide, guided_loss, mixer_inputs, window_targets
 from oryx_ts.loop_state import LOOP_FILE, LOOP_TENSORS, LoopState, lr_factor, new_loop_state
 from oryx_ts.model import OryxForecaster
 from oryx_ts.routers.features import mark_lookahead, novelty_scores, surprise_features, surprise_targets
@@ -127,6 +129,7 @@ def fit(
     max_seconds: float | None = None,
     probe_steps: int = 5,
     progress: bool = False,
+    guide: Guide | None = None,
 ) -> tuple[LoopState, dict | None]:
     """The one training loop: mixed-mode windows of a `(L, C)` stream, on shard `rank` of `world_size`.
 
@@ -148,6 +151,10 @@ def fit(
     machine that slows down stops at the budget, after a last validation. Returns the loop state
     (model in eval mode) and the time budget's record (or None). Raises `ValueError` for a stream
     that cannot train or a batch that does not split over the workers.
+
+    `guide`: guided attention (`oryx_ts.guide`): its loss, on the training windows' tokens that have
+    a target, is added to the forecast loss (`guide.weight`) on the steps it is active for; the
+    record's `guide_loss` holds it.
     """
     t = config.train
     began = time.perf_counter()
@@ -194,16 +201,26 @@ def fit(
             budget["stopped_early"] = True
             break
         state.step += 1
-        x = split.train.sample(t.batch_size, state.generator)
+        starts, channels = split.train.draw(t.batch_size, state.generator)
+        x = split.train.windows_at(starts, channels)
         modes = sample_modes(t.window_tokens, config, state.generator).to(device)
-        loss = loss_fn(x[rank::world_size].to(device), modes)
+        guided = guide is not None and guide.active(state.step)
+        with mixer_inputs(model) if guided else nullcontext() as caught:
+            loss = loss_fn(x[rank::world_size].to(device), modes)
+        objective = loss
+        if guided:
+            targets = window_targets(guide.targets_T, starts[rank::world_size], config.tokenizer.patch_len, t.window_tokens)
+            guide_loss = guided_loss(model, caught, targets, guide.heads)
+            objective = loss + guide.weight * guide_loss
         state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         lr = state.optimizer.param_groups[0]["lr"]
         state.optimizer.step()
         state.scheduler.step()
         record = {"step": state.step, "train_loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
+        if guided:
+            record["guide_loss"] = guide_loss.item()
         if max_seconds is not None and state.step - first == probe:
             per_step = (time.perf_counter() - loop_began) / probe
             cost = per_step + val_seconds / t.val_every  # a validation every val_every steps
@@ -247,6 +264,7 @@ def train(
     data: DataInfo | None = None,
     max_seconds: float | None = None,
     probe_steps: int = 5,
+    guide: Guide | None = None,
 ) -> TrainResult:
     """Fit an OryxForecaster on a `(L, C)` stream (NaN = missing) and return it with its loss history.
 
@@ -263,7 +281,8 @@ def train(
     policy; its extra holds the history, `TrainResult.validation` (best step, the validation
     curve, why it stopped) and the time budget's record.
 
-    `max_seconds`: a time budget (see `fit`); how it went is in `TrainResult.time_budget`.
+    `max_seconds`: a time budget (see `fit`); how it went is in `TrainResult.time_budget`. `guide`:
+    guided attention on the training windows (see `fit`).
 
     A 1-channel config trained on a `(L, C)` stream learns from each column as a series of its own
     (channel-independent training: C times the windows; `validation.univariate`).
@@ -283,7 +302,7 @@ def train(
     check_trainable(values, config, names, val_values=val)
     began = time.perf_counter()
     state, budget = fit(config, values, val_values=val, model=model, device=device, max_seconds=max_seconds,
-                        probe_steps=probe_steps, progress=progress)
+                        probe_steps=probe_steps, progress=progress, guide=guide)
     t, split = config.train, split_stream(values, config, val)
     info = split.info | ({"fingerprint": fingerprint(val)} if val is not None else {})
     result = TrainResult(model=state.model, history=state.history, steps=state.step, time_budget=budget,

@@ -45,10 +45,14 @@ class WindowSampler:
         channels = torch.zeros(len(starts), dtype=torch.long) if channels is None else channels
         return torch.stack([self.data[s : s + self.window, c : c + 1] for s, c in zip(starts.tolist(), channels.tolist())])
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A random batch `(batch_size, window, C)` (windows drawn with replacement)."""
+    def draw(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(starts, channels)` of a random batch of windows (drawn with replacement), for `windows_at`."""
         pick = torch.randint(len(self), (batch_size,), generator=generator)
-        return self.windows_at(self.starts[pick // self.channels], pick % self.channels)
+        return self.starts[pick // self.channels], pick % self.channels
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random batch `(batch_size, window, C)` (windows drawn with replacement): `windows_at(*draw(...))`."""
+        return self.windows_at(*self.draw(batch_size, generator))
 
     def sequential(self, batch_size: int, *, stride: int | None = None) -> Iterator[torch.Tensor]:
         """Batches of windows in stream order, `stride` steps apart (default: non-overlapping); with

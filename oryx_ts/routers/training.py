@@ -35,16 +35,18 @@ from tqdm.auto import tqdm
 
 from oryx_ts.config import BudgetConfig, OryxConfig, RouterConfig, preset
 from oryx_ts.datasets.labels import LabelWindow, mask_from_windows
-from oryx_ts.datasets.recall import recall_stream
+from oryx_ts.datasets.recall import recall_plays
+from oryx_ts.guide import Guide, guide_targets
 from oryx_ts.model import OryxForecaster
 from oryx_ts.routers.features import surprise_targets
 from oryx_ts.routers.learned import LearnedRouter
 from oryx_ts.train import RouterTrainResult, batch_targets, router_inputs, router_windows, train, train_router
 
-__all__ = ["LOOKUP_RECIPES", "RECIPES", "ForecasterRecipe", "attention_gain", "gain_targets", "mix_streams", "train_forecaster",
+__all__ = ["LOOKUP_RECIPES", "RECIPES", "ForecasterRecipe", "attention_gain", "gain_targets", "mix_streams", "mixed_blocks", "mixed_guide_targets", "train_forecaster",
            "train_gain_router", "train_label_free", "train_routers"]
 
 DEFAULT_RECALL: Mapping[str, Any] = {"period": 128, "repeats": 8}  # the curriculum's `recall_stream`: plays back to back
+GUIDE_KEYS = frozenset({"weight", "heads", "steps", "ahead"})  # a recipe's `guide`: `Guide`'s settings and `guide_targets`' ahead
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +60,9 @@ class ForecasterRecipe:
     mix: float = 0.0  # share of the telemetry phase's stream replaced by curriculum blocks (`mix_streams`)
     mix_recall: Mapping[str, Any] | None = None  # `recall_stream` settings of those blocks (None: `recall`'s)
     seconds: float | None = None  # a time budget for both phases together, split by their steps (None: the step counts)
+    recall_train: Mapping[str, Any] = field(default_factory=dict)  # changes to the curriculum phase's training (lr, keep_best, ...)
+    guide: Mapping[str, Any] | None = None  # guided attention in the curriculum: `Guide` settings and `ahead` (None: none)
+    mix_guide: float = 0.0  # the guide's weight in the telemetry phase, on its curriculum blocks (0: none)
 
     def __post_init__(self) -> None:
         if self.recall_steps < 0:
@@ -66,6 +71,10 @@ class ForecasterRecipe:
             raise ValueError(f"mix must be in [0, 1), got {self.mix}")
         if self.seconds is not None and not self.seconds > 0:
             raise ValueError(f"seconds must be > 0, got {self.seconds}")
+        if self.guide is not None and not set(self.guide) <= GUIDE_KEYS:
+            raise ValueError(f"guide takes {sorted(GUIDE_KEYS)}, got {sorted(self.guide)}")
+        if self.mix_guide < 0 or (self.mix_guide > 0 and (self.mix == 0 or self.guide is None)):
+            raise ValueError(f"mix_guide must be >= 0 and needs mix > 0 and a guide, got {self.mix_guide} (mix {self.mix})")
 
     def config(self, *, block: Mapping[str, Any] | None = None, train: Mapping[str, Any] | None = None) -> OryxConfig:
         """The `debug` preset with this recipe's changes, then `block` and `train` on top of them."""
@@ -78,7 +87,8 @@ class ForecasterRecipe:
         record: dict = {}
         model = train_forecaster(config or self.config(), train_values, recall_steps=self.recall_steps, recall=self.recall, mix=self.mix,
                                  mix_recall=self.mix_recall, max_seconds=self.seconds if seconds is None else seconds, device=device,
-                                 progress=progress, record=record)
+                                 progress=progress, record=record, recall_train=self.recall_train, guide=self.guide,
+                                 mix_guide=self.mix_guide)
         return model, record
 
 
@@ -117,23 +127,41 @@ LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
 MIX_BLOCK = 8192  # steps per block of `mix_streams`: 8 training windows of the `debug` tokenizer
 
 
-def mix_streams(values_LC: np.ndarray, other_LC: np.ndarray, share: float, *, block: int = MIX_BLOCK, seed: int = 0) -> np.ndarray:
-    """`values_LC` with about `share` of its blocks of `block` steps replaced by the same steps of
-    `other_LC` (as long, as many channels), the blocks drawn at random (`seed`). `share=0`: a copy."""
-    if values_LC.shape != other_LC.shape:
-        raise ValueError(f"streams must have the same shape, got {values_LC.shape} and {other_LC.shape}")
+def mixed_blocks(length: int, share: float, *, block: int = MIX_BLOCK, seed: int = 0) -> np.ndarray:
+    """The indices of the blocks of `block` steps (of a stream of `length`) that `mix_streams` replaces."""
     if not 0.0 <= share <= 1.0 or block < 1:
         raise ValueError(f"need share in [0, 1] and block >= 1, got {share}, {block}")
+    return np.flatnonzero(np.random.default_rng(seed).random(-(-length // block)) < share)
+
+
+def mix_streams(values_LC: np.ndarray, other_LC: np.ndarray, share: float, *, block: int = MIX_BLOCK, seed: int = 0) -> np.ndarray:
+    """`values_LC` with about `share` of its blocks of `block` steps replaced by the same steps of
+    `other_LC` (as long, as many channels), the blocks drawn at random (`seed`; `mixed_blocks`). `share=0`: a copy."""
+    if values_LC.shape != other_LC.shape:
+        raise ValueError(f"streams must have the same shape, got {values_LC.shape} and {other_LC.shape}")
     out = np.array(values_LC, copy=True)
-    n = -(-len(out) // block)
-    for b in np.flatnonzero(np.random.default_rng(seed).random(n) < share):
+    for b in mixed_blocks(len(out), share, block=block, seed=seed):
         out[b * block : (b + 1) * block] = other_LC[b * block : (b + 1) * block]
     return out
 
 
+def mixed_guide_targets(targets_T: np.ndarray, blocks: np.ndarray, patch_len: int, *, block: int = MIX_BLOCK) -> np.ndarray:
+    """`guide_targets` of the curriculum stream kept where `mix_streams` put it (`blocks`, `mixed_blocks`): a
+    token keeps its target when both lie in the same replaced block; -1 elsewhere. `block` must be
+    a multiple of `patch_len`."""
+    if block % patch_len:
+        raise ValueError(f"block {block} is not a multiple of the patch length {patch_len}")
+    per = block // patch_len
+    t = np.arange(len(targets_T))
+    keep = np.isin(t // per, blocks) & (targets_T >= 0) & (targets_T // per == t // per)
+    return np.where(keep, targets_T, -1)
+
+
 def train_forecaster(config: OryxConfig, train_values: np.ndarray, *, recall_steps: int = 0, recall: Mapping[str, Any] | None = None,
                      mix: float = 0.0, mix_recall: Mapping[str, Any] | None = None, max_seconds: float | None = None,
-                     device: str | torch.device | None = None, progress: bool = True, record: dict | None = None) -> OryxForecaster:
+                     device: str | torch.device | None = None, progress: bool = True, record: dict | None = None,
+                     recall_train: Mapping[str, Any] | None = None, guide: Mapping[str, Any] | None = None,
+                     mix_guide: float = 0.0) -> OryxForecaster:
     """Train a forecaster on the `(L, C)` telemetry `train_values` under `config`.
 
     With `recall_steps > 0`, the recall curriculum first: that many all-attention steps on a
@@ -145,23 +173,36 @@ def train_forecaster(config: OryxConfig, train_values: np.ndarray, *, recall_ste
     then stops at its share, `train`'s `max_seconds`). `device`: where it trains; the model is
     returned there. `record`, when given, receives what each phase ran (`steps`, `seconds`,
     `time_budget`, `best_val_loss`), so that the run can be repeated by its step counts.
+
+    `recall_train`: changes to the curriculum phase's training settings (e.g. its own `lr`, or
+    `keep_best` off: its validation, on the fixed 1-in-4 mode schedule, cannot see a look-up).
+    `guide`: guided attention in the curriculum (`oryx_ts.guide`; keys `weight`, `heads`, `steps`
+    and `ahead`), towards each repeat's earlier play; `mix_guide > 0`: the same guide, at that
+    weight, in the telemetry phase on the curriculum blocks mixed in (needs `mix > 0`).
     """
-    model, C = None, config.tokenizer.channels
+    model, C, P = None, config.tokenizer.channels, config.tokenizer.patch_len
     phases = recall_steps + config.train.steps
     share = (lambda steps: None) if max_seconds is None else (lambda steps: max_seconds * steps / phases)  # noqa: E731
     settings = dict(recall or DEFAULT_RECALL)
+    g = dict(guide or {})
+    ahead = g.pop("ahead", 2)
     if recall_steps:
-        curriculum = config.replace(train={"steps": recall_steps, "attention_fraction": 1.0, "full_mode_fraction": 0.0})
-        result = train(curriculum, recall_stream(len(train_values), C, **settings, seed=5), progress=progress, device=device,
-                       max_seconds=share(recall_steps))
+        curriculum = config.replace(train={"steps": recall_steps, "attention_fraction": 1.0, "full_mode_fraction": 0.0,
+                                           **(recall_train or {})})
+        stream, plays = recall_plays(len(train_values), C, **settings, seed=5)
+        how = Guide(guide_targets(plays, len(stream), P, ahead=ahead), **g) if guide is not None else None
+        result = train(curriculum, stream, progress=progress, device=device, max_seconds=share(recall_steps), guide=how)
         model = result.model
         if record is not None:
             record["recall"] = _phase(result)
-    values = train_values
+    values, how = train_values, None
     if mix > 0:
-        values = mix_streams(np.asarray(train_values, np.float32), recall_stream(len(train_values), C, **dict(mix_recall or settings), seed=6),
-                             mix, seed=7)
-    result = train(config, values, model=model, progress=progress, device=device, max_seconds=share(config.train.steps))
+        other, plays = recall_plays(len(train_values), C, **dict(mix_recall or settings), seed=6)
+        values = mix_streams(np.asarray(train_values, np.float32), other, mix, seed=7)
+        if mix_guide > 0:
+            targets = mixed_guide_targets(guide_targets(plays, len(other), P, ahead=ahead), mixed_blocks(len(other), mix, seed=7), P)
+            how = Guide(targets, **{**g, "weight": mix_guide, "steps": None})
+    result = train(config, values, model=model, progress=progress, device=device, max_seconds=share(config.train.steps), guide=how)
     if record is not None:
         record["telemetry"] = _phase(result)
     return result.model

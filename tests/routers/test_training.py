@@ -29,8 +29,9 @@ def test_every_scenario_has_a_recipe_and_later_changes_win():
 
 
 def _recording_train(calls):
-    def fake_train(config, values, *, model=None, progress=True, device=None, max_seconds=None):
-        calls.append(SimpleNamespace(config=config, values=np.asarray(values), model=model, device=device, max_seconds=max_seconds))
+    def fake_train(config, values, *, model=None, progress=True, device=None, max_seconds=None, guide=None):
+        calls.append(SimpleNamespace(config=config, values=np.asarray(values), model=model, device=device, max_seconds=max_seconds,
+                                     guide=guide))
         return SimpleNamespace(model=f"model{len(calls)}", steps=config.train.steps, seconds=1.0, time_budget=None,
                                validation={"best_val_loss": 0.5})
     return fake_train
