@@ -33,8 +33,9 @@ Numerics: logits, softmax statistics and accumulators in fp32; `exp2` with log2(
 `qs`, so dk takes a factor ln(2) at the end; the temperature's gradient is `sum(q * dq_scaled)`.
 A query that sees no key returns zeros (the reference returns NaN there).
 
-Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, operand dtype and head width are in
-`TILES`, chosen by a sweep on an H200 (docs/BENCHMARKS.md); no autotuning at run time.
+Launch configuration (`_launch`): tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, operand
+dtype and head width from `TILES`, and how finely key ranges split (`_SPLIT_WAVES`), chosen by sweeps
+on an H200 (`benchmarks/routed_sweep.py`, docs/BENCHMARKS.md); no autotuning at run time.
 """
 
 import json
@@ -49,9 +50,10 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MIN_SPLIT_KEYS = 1024  # below this many keys a split costs more than it balances
 _FAN = 16 if _INTERPRET else 128  # fan-out of the on-device searches
-_SPLIT_WAVES = 8  # split key ranges until the grid holds this many programs per SM
+_SPLIT_WAVES = {"fwd": 8, "dq": 8}  # per pass: split key ranges until the grid holds this many programs per SM
 _REVERSE_M = True  # query blocks last first (the longest key ranges start first)
 _COUNTERS: dict[tuple[torch.device, int | None], torch.Tensor] = {}
+_FORCE: dict = {}  # sweeps only: pass -> tile, "waves_" + pass -> split waves, over every other choice
 
 # (pass, operands "16bit" | "fp32", head width class 64 | 128) -> (BLOCK_M, BLOCK_N, num_warps, num_stages);
 # fp32 tiles are smaller (4-byte operands, three tf32 products per dot)
@@ -74,23 +76,28 @@ TILES: dict[tuple[str, str, int], tuple[int, int, int, int]] = {
 
 def _tune_from_env() -> None:
     """Benchmark sweeps only: `ORYX_ROUTED_TUNE` (JSON) replaces tiles and the two knobs above, e.g.
-    {"tiles": {"fwd,16bit,128": [64, 64, 4, 3]}, "split_waves": 8, "reverse_m": true}."""
-    global _SPLIT_WAVES, _REVERSE_M
+    {"tiles": {"fwd,16bit,128": [64, 64, 4, 3]}, "split_waves": 8 (both passes) or {"fwd": 4}, "reverse_m": true}."""
+    global _REVERSE_M
     tune = json.loads(os.environ.get("ORYX_ROUTED_TUNE") or "{}")
     for key, tile in tune.get("tiles", {}).items():
         kernel, dtype, width = key.split(",")
         TILES[(kernel, dtype, int(width))] = tuple(tile)
-    _SPLIT_WAVES = int(tune.get("split_waves", _SPLIT_WAVES))
+    waves = tune.get("split_waves", {})
+    _SPLIT_WAVES.update(waves if isinstance(waves, dict) else dict.fromkeys(_SPLIT_WAVES, int(waves)))
     _REVERSE_M = bool(tune.get("reverse_m", _REVERSE_M))
 
 
 _tune_from_env()
 
 
-def _tile(kernel: str, dtype: torch.dtype, width: int) -> tuple[int, int, int, int]:
+def _launch(kernel: str, dtype: torch.dtype, width: int, S: int, Tq: int) -> tuple[tuple[int, int, int, int], int]:
+    """(tile, split waves) of one pass ("fwd", "dq", "dkdv") at one shape."""
+    waves = _FORCE.get("waves_" + kernel) or _SPLIT_WAVES.get(kernel, 1)
+    if kernel in _FORCE:
+        return _FORCE[kernel], waves
     if _INTERPRET:
-        return 16, 16, 4, 1
-    return TILES[(kernel, "fp32" if dtype == torch.float32 else "16bit", 64 if width <= 64 else 128)]
+        return (16, 16, 4, 1), waves
+    return TILES[(kernel, "fp32" if dtype == torch.float32 else "16bit", 64 if width <= 64 else 128)], waves
 
 
 def _head_blocks(K: int, V: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -98,8 +105,13 @@ def _head_blocks(K: int, V: int, dtype: torch.dtype) -> tuple[int, int]:
     larger of the two: with key and value blocks of different widths the fp32 dK/dV kernel faults
     when every token is routed (an illegal memory access on an H100, triton 3.6; seen at 16/32,
     16/64 and 32/16, never with equal widths or in bf16). Not yet traced to its cause."""
-    bk, bv = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
+    bk, bv = max(16, 1 << (K - 1).bit_length()), max(16, 1 << (V - 1).bit_length())  # next powers of two
     return (max(bk, bv),) * 2 if dtype == torch.float32 else (bk, bv)
+
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints; `triton.cdiv` costs about 2 us a call on the host (a constexpr function)."""
+    return -(-a // b)
 
 
 def _levels(n: int) -> int:
@@ -457,21 +469,21 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _n_split(n_programs: int, S: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """How many pieces to cut each key range into so the grid fills the GPU; returns (NSPLIT, keys per piece)."""
+def _n_split(n_programs: int, S: int, block_n: int, device: torch.device, waves: int) -> tuple[int, int]:
+    """How many pieces to cut each key range into so the grid holds `waves` programs per SM; returns (NSPLIT, keys per piece)."""
     sms = 4 if _INTERPRET else _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    n = max(1, min(triton.cdiv(S, _MIN_SPLIT_KEYS), triton.cdiv(_SPLIT_WAVES * sms, n_programs)))
+    n = max(1, min(_cdiv(S, _MIN_SPLIT_KEYS), _cdiv(waves * sms, n_programs)))
     if _INTERPRET:
-        n = max(1, min(triton.cdiv(S, 32), 3))  # exercise the split path on small inputs
-    piece = triton.cdiv(triton.cdiv(S, n), block_n) * block_n
-    return triton.cdiv(S, piece), piece
+        n = max(1, min(_cdiv(S, 32), 3))  # exercise the split path on small inputs
+    piece = _cdiv(_cdiv(S, n), block_n) * block_n
+    return _cdiv(S, piece), piece
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """The per-block piece counters of the current stream on `device` (int32, zero between calls), at
     least n of them. Kernels on one stream run in order, so they can share the buffer; a call on
     another stream must not see a count in progress, so each stream has its own."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+    key = (device, torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else None)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
         buf = _COUNTERS[key] = torch.zeros(max(n, 1 << 16), device=device, dtype=torch.int32)
@@ -483,15 +495,15 @@ class _RoutedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, q_pos, k_pos, k_valid, need_grad):
         B, Tq, H, K = q.shape
         S, V = k.shape[1], v.shape[-1]
-        BM, BN, warps, stages = _tile("fwd", q.dtype, max(K, V))
+        (BM, BN, warps, stages), waves = _launch("fwd", q.dtype, max(K, V), S, Tq)
         BLOCK_K, BLOCK_V = _head_blocks(K, V, q.dtype)
         o = torch.empty(B, Tq, H, V, device=q.device, dtype=v.dtype)
         lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
         qs = torch.empty(B, Tq, H, K, device=q.device, dtype=q.dtype) if need_grad else lse
-        n_mblocks = triton.cdiv(Tq, BM)
+        n_mblocks = _cdiv(Tq, BM)
         has_valid = k_valid is not None
         valid = k_valid.to(torch.int8).contiguous() if has_valid else q_pos
-        nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device)
+        nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device, waves)
         if nsplit > 1:
             op = torch.empty(nsplit, B, H, Tq, BLOCK_V, device=q.device, dtype=torch.float32)
             lp = torch.empty(nsplit, B, H, Tq, device=q.device, dtype=torch.float32)
@@ -520,9 +532,9 @@ class _RoutedAttention(torch.autograd.Function):
         s_kv = (*k.stride()[:3], *v.stride()[:3])
         s_valid = valid.stride(0) if ctx.has_valid else 0
         # dq (and delta, the pieces summed by each block's last one), then dk, dv
-        BM, BN, warps, stages = _tile("dq", q.dtype, max(K, V))
-        n_mblocks = triton.cdiv(Tq, BM)
-        nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device)
+        (BM, BN, warps, stages), waves = _launch("dq", q.dtype, max(K, V), S, Tq)
+        n_mblocks = _cdiv(Tq, BM)
+        nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device, waves)
         need_dscale = ctx.needs_input_grad[3]
         dq = torch.empty(B, Tq, H, K, device=q.device, dtype=q.dtype)
         dq_parts = torch.empty(nsplit, B, Tq, H, K, device=q.device, dtype=torch.float32) if nsplit > 1 else lse
@@ -537,8 +549,8 @@ class _RoutedAttention(torch.autograd.Function):
         # contiguous gradients, written with their own strides (empty_like would keep k's layout only when it is dense)
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
         dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-        BMk, BNk, warps_k, stages_k = _tile("dkdv", q.dtype, max(K, V))
-        _bwd_dkdv_kernel[(triton.cdiv(S, BNk), B * H)](
+        (BMk, BNk, warps_k, stages_k), _ = _launch("dkdv", q.dtype, max(K, V), S, Tq)
+        _bwd_dkdv_kernel[(_cdiv(S, BNk), B * H)](
             qs, k, v, do, dk, dv, lse, delta, q_pos, k_pos, valid, *s_kv, *do.stride()[:3], s_valid,
             *dk.stride()[:3], *dv.stride()[:3], H, Tq, S, _levels(Tq),
             BLOCK_M=BMk, BLOCK_N=BNk, num_warps=warps_k, num_stages=stages_k, **common,
@@ -565,8 +577,11 @@ def routed_attention_triton(
     B, Tq, H, K = q_BTqHK.shape
     if Tq == 0:
         return v_BSHV.new_zeros(B, 0, H, v_BSHV.shape[-1])
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_BTqHK, k_BSHK.to(dtype), v_BSHV.to(dtype)))
-    q_pos = q_pos_Tq.to(torch.int64).contiguous()
-    k_pos = k_pos_S.to(torch.int64).contiguous()
+    # the checks skip no-op conversions, which cost host time at small shapes (launch-bound)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous()
+               for t in (q_BTqHK, *(t if t.dtype == dtype else t.to(dtype) for t in (k_BSHK, v_BSHV))))
+    q_pos, k_pos = (p if p.dtype == torch.int64 and p.is_contiguous() else p.to(torch.int64).contiguous()
+                    for p in (q_pos_Tq, k_pos_S))
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, scale_H))
-    return _RoutedAttention.apply(q, k, v, scale_H, q_pos, k_pos, k_valid_BS, need_grad).to(v_BSHV.dtype)
+    o = _RoutedAttention.apply(q, k, v, scale_H, q_pos, k_pos, k_valid_BS, need_grad)
+    return o if o.dtype == v_BSHV.dtype else o.to(v_BSHV.dtype)
