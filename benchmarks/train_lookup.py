@@ -10,7 +10,7 @@ and of an exact copy of the earlier play, and the share of the copy's gain that 
 recovers (`evaluation.routing.lookup`); MAE inside event windows all-recurrent, all-attention and
 with attention on the event tokens only (`evaluation.routing.attention_ceiling`). Seed 2 (the
 scenarios' validation seed) is the one variants are chosen on; seed 1 is the routing benchmark's
-evaluation stream; the others are fresh. Then the same look-up on held-out curriculum streams
+evaluation stream; the others are fresh. Between the phases, and again at the end, the same look-up on held-out curriculum streams
 (`datasets.recall.RecallScenario`, seeds `RECALL_SEEDS`, 4 segments of 256 tokens): plays of 128
 steps back to back and after 0-384 steps of distractors (`RECALL_EVAL`), which tells a look-up that
 never formed from one that formed but does not carry over to the scenario.
@@ -90,7 +90,12 @@ def main() -> None:
     if args.barrier:
         wait_for_others(args.barrier, args.recipe)
         print(f"every run warmed up ({time.time() - started:.0f}s)")
-    model, record = recipe.fit(values, config=config, seconds=seconds, device=args.device, progress=False)
+    check = None
+    if recipe.recall_steps:  # the curriculum's own look-up, before the telemetry can unlearn it
+        def check(m):
+            with torch.no_grad():
+                return {f"{r['stream']}-{r['seed']}": round(r["share"], 4) for r in recall_lookup(m.eval(), (64, 2) if args.quick else (256, 2))}
+    model, record = recipe.fit(values, config=config, seconds=seconds, device=args.device, progress=False, check=check)
     print(f"trained: {json.dumps(record)} ({time.time() - started:.0f}s)")
     model = model.eval()  # scored where it trained (the forecasts come back to the host)
 

@@ -24,7 +24,7 @@ Legend: B windows, T tokens, L raw steps, C channels, Hz horizon, Q quantiles.
 """
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,14 +81,15 @@ class ForecasterRecipe:
         return preset("debug", block={**self.block, **(block or {})}, train={**self.train, **(train or {})})
 
     def fit(self, train_values: np.ndarray, *, config: OryxConfig | None = None, seconds: float | None = None,
-            device: str | torch.device | None = None, progress: bool = True) -> tuple[OryxForecaster, dict]:
+            device: str | torch.device | None = None, progress: bool = True,
+            check: Callable[[OryxForecaster], dict] | None = None) -> tuple[OryxForecaster, dict]:
         """`train_forecaster` under this recipe (`config`, default `self.config()`; `seconds`, default
-        `self.seconds`); returns the model and what ran (`train_forecaster`'s record)."""
+        `self.seconds`; `check` between the phases); returns the model and what ran (`train_forecaster`'s record)."""
         record: dict = {}
         model = train_forecaster(config or self.config(), train_values, recall_steps=self.recall_steps, recall=self.recall, mix=self.mix,
                                  mix_recall=self.mix_recall, max_seconds=self.seconds if seconds is None else seconds, device=device,
                                  progress=progress, record=record, recall_train=self.recall_train, guide=self.guide,
-                                 mix_guide=self.mix_guide)
+                                 mix_guide=self.mix_guide, check=check)
         return model, record
 
 
@@ -108,6 +109,8 @@ _LOOKUP_TRAIN = {"steps": 50_000, "batch_size": 32, "lr": 2e-3, "warmup_steps": 
                  "full_mode_fraction": 0.3}
 # plays of 128 steps among 0-384 steps of distractors, half the blocks repeating on part of the channels
 _DISTRACTED = {"period": 128, "repeats": 4, "max_gap": 384, "gap_step": 8, "partial": 0.5}
+_BACK_TO_BACK = {"period": 128, "repeats": 4}
+_GUIDED_TRAIN = {"keep_best": False, "lr": 2e-3}
 LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
     # content look-up without positions: curriculum among distractors (gaps up to 128 steps first), then
     # telemetry with 30% curriculum blocks (gaps up to 384); a third of the time in the curriculum
@@ -123,6 +126,22 @@ LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
                                       recall={**_DISTRACTED, "max_gap": 128}, mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
     # the daily job repeats one day (36 tokens) later: keys that resolve that distance (RoPE base 100), telemetry only
     "daily": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope_base": 100.0}, train=_LOOKUP_TRAIN, seconds=240.0),
+    # guided attention (`oryx_ts.guide`) forms the look-up in the curriculum (plays back to back, the curriculum's
+    # own lr, the last weights kept: its validation cannot see a look-up); then telemetry at a lower lr
+    "programs-guided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
+                                        recall_steps=25_000, recall=_BACK_TO_BACK, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0},
+                                        mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
+    "programs-guided-lr3e4": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 3e-4},
+                                              recall_steps=25_000, recall=_BACK_TO_BACK, recall_train=_GUIDED_TRAIN,
+                                              guide={"weight": 1.0}, mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
+    # two guided heads, half the time in a curriculum among distractors
+    "programs-guided-long": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
+                                             recall_steps=50_000, recall={**_DISTRACTED, "max_gap": 128}, recall_train=_GUIDED_TRAIN,
+                                             guide={"weight": 1.0, "heads": 2}, mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
+    # the daily job's earlier run found by its content, as the program runs'
+    "daily-guided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
+                                     recall_steps=25_000, recall=_BACK_TO_BACK, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0},
+                                     mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
 }
 MIX_BLOCK = 8192  # steps per block of `mix_streams`: 8 training windows of the `debug` tokenizer
 
@@ -161,7 +180,7 @@ def train_forecaster(config: OryxConfig, train_values: np.ndarray, *, recall_ste
                      mix: float = 0.0, mix_recall: Mapping[str, Any] | None = None, max_seconds: float | None = None,
                      device: str | torch.device | None = None, progress: bool = True, record: dict | None = None,
                      recall_train: Mapping[str, Any] | None = None, guide: Mapping[str, Any] | None = None,
-                     mix_guide: float = 0.0) -> OryxForecaster:
+                     mix_guide: float = 0.0, check: Callable[[OryxForecaster], dict] | None = None) -> OryxForecaster:
     """Train a forecaster on the `(L, C)` telemetry `train_values` under `config`.
 
     With `recall_steps > 0`, the recall curriculum first: that many all-attention steps on a
@@ -178,7 +197,9 @@ def train_forecaster(config: OryxConfig, train_values: np.ndarray, *, recall_ste
     `keep_best` off: its validation, on the fixed 1-in-4 mode schedule, cannot see a look-up).
     `guide`: guided attention in the curriculum (`oryx_ts.guide`; keys `weight`, `heads`, `steps`
     and `ahead`), towards each repeat's earlier play; `mix_guide > 0`: the same guide, at that
-    weight, in the telemetry phase on the curriculum blocks mixed in (needs `mix > 0`).
+    weight, in the telemetry phase on the curriculum blocks mixed in (needs `mix > 0`). `check`:
+    called on the model between the phases (e.g. to measure its look-up before the telemetry can
+    unlearn it); what it returns goes to `record["recall"]["check"]`.
     """
     model, C, P = None, config.tokenizer.channels, config.tokenizer.patch_len
     phases = recall_steps + config.train.steps
@@ -195,6 +216,11 @@ def train_forecaster(config: OryxConfig, train_values: np.ndarray, *, recall_ste
         model = result.model
         if record is not None:
             record["recall"] = _phase(result)
+        if check is not None:
+            checked = check(model)
+            model.train()
+            if record is not None:
+                record["recall"]["check"] = checked
     values, how = train_values, None
     if mix > 0:
         other, plays = recall_plays(len(train_values), C, **dict(mix_recall or settings), seed=6)
