@@ -117,6 +117,27 @@ def device_us(fn, n=5) -> dict:
     return dict(device_us=round(sum(per.values()), 1), top=top)
 
 
+def host_profile(fn, n=200) -> list[str]:
+    """Where one call's host time goes: cProfile over n calls, the 15 largest by own time (us per call)."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    st = pstats.Stats(pr).stats
+    top = sorted(st.items(), key=lambda kv: -kv[1][2])[:15]
+    return [f"{tt / n * 1e6:.1f} us own, {ct / n * 1e6:.1f} us cum, {nc // n}x: {Path(f).name}:{ln} {name}"
+            for (f, ln, name), (_, nc, tt, ct, _) in top]
+
+
 class Case:
     """One shape and routed fraction: our inputs, FlexAttention's (transposed copies) and its reference."""
 
@@ -254,6 +275,9 @@ def sweep_shape(run, B, T, H, D, flex, cases_out):
                 **{f"host_{m}_us": host_us(fn) for m, fn in c.flex.items()})
         c.best_ms = measure(run, c, "default", {}, ("fwd", "fb"), full=True, host=True)
         c.seen = {c.launch_key(kernel) for kernel in ("fwd", "dq", "dkdv")}
+        if not run.doc.get("host_profile"):  # the first (smallest) shape: where our host time goes
+            run.doc["host_profile"] = dict(case=c.label, **{m: host_profile(fn) for m, fn in c.ours.items()},
+                                           **{f"flex_{m}": host_profile(fn) for m, fn in c.flex.items()})
         c.default_ms = dict(c.best_ms)
         cases.append(c)
         cases_out.append(c)
