@@ -59,18 +59,19 @@ def guide_targets(plays: Sequence[Sequence[LabelWindow]], length: int, patch_len
     attend to, or -1.
 
     `plays`: per block, its plays in order (`recall_plays`). For every play after a block's first, at
-    lag `L` tokens behind it (its start minus the play before's, in whole tokens), each token whose
-    patch lies inside the play, up to `ahead` tokens before its end, gets `t - L + ahead`: the
-    token of the earlier play `ahead` patches after its match, which shows what comes next. A lag
-    that is not a whole number of patches, or shorter than `ahead`, gives no targets.
+    lag `L` tokens behind it (its start minus the play before's, rounded to whole tokens: a repeat
+    need not start on the patch grid where its earlier play did), each token whose patch lies
+    inside the play, up to `ahead` tokens before its end, gets `t - L + ahead`: the token of the
+    earlier play `ahead` patches after its match (the one that overlaps it most), which shows what
+    comes next. A lag shorter than `ahead` tokens (or than one) gives no targets.
     """
     if patch_len < 1 or ahead < 0:
         raise ValueError(f"need patch_len >= 1 and ahead >= 0, got {patch_len}, {ahead}")
     targets = np.full(-(-length // patch_len), -1, np.int64)
     for block in plays:
         for before, play in zip(block, block[1:]):
-            lag, rest = divmod(play.start - before.start, patch_len)
-            if rest or lag < max(ahead, 1):
+            lag = (2 * (play.start - before.start) + patch_len) // (2 * patch_len)  # rounded, halves up
+            if lag < max(ahead, 1):
                 continue
             first, stop = -(-play.start // patch_len), min(play.end // patch_len - ahead, len(targets))
             if stop > first:

@@ -25,10 +25,13 @@ def test_guide_targets_point_ahead_of_the_match_in_the_play_before():
     expected = np.full(16, -1)
     expected[10:12] = np.arange(10, 12) - 8 + 2  # tokens 10..13 are inside the repeat; the last 2 have no continuation inside it
     assert np.array_equal(t, expected)
-    # a lag off the patch grid, or shorter than `ahead`, gives nothing; a block of one play gives nothing
+    # a repeat off the patch grid: the lag rounds to whole tokens (34 steps -> 9 tokens, 33 -> 8), over the tokens inside it
     off = guide_targets([[first, LabelWindow(42, 58, "recurring_repeat")]], 64, P)
+    assert np.flatnonzero(off >= 0).tolist() == [11] and off[11] == 11 - 9 + 2
+    assert guide_targets([[first, LabelWindow(41, 57, "recurring_repeat")]], 64, P)[11] == 11 - 8 + 2
+    # a lag shorter than `ahead` gives nothing; a block of one play gives nothing
     close = guide_targets([[LabelWindow(0, 16, "recurring_first"), LabelWindow(4, 20, "recurring_repeat")]], 64, P, ahead=2)
-    assert (off == -1).all() and (close == -1).all() and (guide_targets([[first]], 64, P) == -1).all()
+    assert (close == -1).all() and (guide_targets([[first]], 64, P) == -1).all()
     with pytest.raises(ValueError):
         guide_targets([], 64, 0)
 
