@@ -110,6 +110,8 @@ _LOOKUP_TRAIN = {"steps": 50_000, "batch_size": 32, "lr": 2e-3, "warmup_steps": 
 # plays of 128 steps among 0-384 steps of distractors, half the blocks repeating on part of the channels
 _DISTRACTED = {"period": 128, "repeats": 4, "max_gap": 384, "gap_step": 8, "partial": 0.5}
 _BACK_TO_BACK = {"period": 128, "repeats": 4}
+_UNALIGNED = {"period": 128, "repeats": 4, "max_gap": 128, "gap_step": 1}  # plays after 0-128 steps of distractors
+_DISTRACTED_UNALIGNED = {**_DISTRACTED, "gap_step": 1}
 _GUIDED_TRAIN = {"keep_best": False, "lr": 2e-3}
 LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
     # content look-up without positions: curriculum among distractors (gaps up to 128 steps first), then
@@ -138,6 +140,22 @@ LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
     "programs-guided-long": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
                                              recall_steps=50_000, recall={**_DISTRACTED, "max_gap": 128}, recall_train=_GUIDED_TRAIN,
                                              guide={"weight": 1.0, "heads": 2}, mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
+    # repeats at any step, not only on the patch grid, as program runs start in telemetry: gaps of any length
+    "programs-unaligned": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
+                                           recall_steps=25_000, recall=_UNALIGNED, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0},
+                                           mix=0.3, mix_recall=_DISTRACTED_UNALIGNED, seconds=240.0),
+    "programs-unaligned-long": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
+                                                recall_steps=50_000, recall=_UNALIGNED, recall_train=_GUIDED_TRAIN,
+                                                guide={"weight": 1.0, "heads": 2}, mix=0.3, mix_recall=_DISTRACTED_UNALIGNED,
+                                                seconds=240.0),
+    "programs-unaligned-mix50": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False},
+                                                 train={**_LOOKUP_TRAIN, "lr": 1e-3, "attention_fraction": 0.75}, recall_steps=50_000,
+                                                 recall=_UNALIGNED, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2},
+                                                 mix=0.5, mix_recall=_DISTRACTED_UNALIGNED, seconds=240.0),
+    "programs-unaligned-b2b": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
+                                               recall_steps=50_000, recall={**_BACK_TO_BACK, "period": 125}, recall_train=_GUIDED_TRAIN,
+                                               guide={"weight": 1.0, "heads": 2}, mix=0.3, mix_recall=_DISTRACTED_UNALIGNED,
+                                               seconds=240.0),
     # the daily job's earlier run found by its content, as the program runs'
     "daily-guided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
                                      recall_steps=25_000, recall=_BACK_TO_BACK, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0},
