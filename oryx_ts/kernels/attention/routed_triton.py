@@ -50,7 +50,9 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MIN_SPLIT_KEYS = 1024  # below this many keys a split costs more than it balances
 _FAN = 16 if _INTERPRET else 128  # fan-out of the on-device searches
-_SPLIT_WAVES = {"fwd": 8, "dq": 8}  # per pass: split key ranges until the grid holds this many programs per SM
+# per pass: split key ranges until the grid holds this many programs per SM (2026-12-02 sweep, against 8:
+# forward 3-8% faster at three of the four T=32k cases, 3% slower at D64 10% with the old forward tile; dq +-2%)
+_SPLIT_WAVES = {"fwd": 16, "dq": 16}
 _REVERSE_M = True  # query blocks last first (the longest key ranges start first)
 _COUNTERS: dict[tuple[torch.device, int | None], torch.Tensor] = {}
 _FORCE: dict = {}  # sweeps only: pass -> tile, "waves_" + pass -> split waves, over every other choice
@@ -58,11 +60,15 @@ _FORCE: dict = {}  # sweeps only: pass -> tile, "waves_" + pass -> split waves, 
 # (pass, operands "16bit" | "fp32", head width class 64 | 128) -> (BLOCK_M, BLOCK_N, num_warps, num_stages);
 # fp32 tiles are smaller (4-byte operands, three tf32 products per dot)
 TILES: dict[tuple[str, str, int], tuple[int, int, int, int]] = {
-    # bf16, H200, B1 T32768 H8, 10% routed (one pass varied at a time; docs/BENCHMARKS.md)
-    ("fwd", "16bit", 64): (128, 64, 4, 3),
+    # bf16, H200: B1 T32768 H8 10% routed (one pass varied at a time), then every shape of gpu.py's attention
+    # section (B2 T8192 H8 D64, B2 T8192 H16 D128, B1 T32768 H8 D64/D128; 10% and 25%; routed_sweep.py,
+    # benchmarks/results/routed_sweep_h200_2026-12-02.json): forward D64 64/128/4/3 (was 128/64/4/3) and dq
+    # D128 128/64/8/3 (was 64/32/4/3) won at every device-bound shape of their width, by 8-18% of that pass;
+    # no other tile won at any shape, so the tiles do not depend on the shape
+    ("fwd", "16bit", 64): (64, 128, 4, 3),
     ("fwd", "16bit", 128): (64, 64, 4, 3),
     ("dq", "16bit", 64): (128, 64, 4, 3),
-    ("dq", "16bit", 128): (64, 32, 4, 3),
+    ("dq", "16bit", 128): (128, 64, 8, 3),
     ("dkdv", "16bit", 64): (32, 64, 4, 3),
     ("dkdv", "16bit", 128): (64, 128, 8, 3),
     ("fwd", "fp32", 64): (64, 32, 4, 2),
@@ -91,7 +97,10 @@ _tune_from_env()
 
 
 def _launch(kernel: str, dtype: torch.dtype, width: int, S: int, Tq: int) -> tuple[tuple[int, int, int, int], int]:
-    """(tile, split waves) of one pass ("fwd", "dq", "dkdv") at one shape."""
+    """(tile, split waves) of one pass ("fwd", "dq", "dkdv") at one shape: `TILES` and `_SPLIT_WAVES` at every
+    shape (S keys, Tq routed queries); the split factor follows the shape through `_n_split`. The sweep found
+    no shape where another tile won on the device; at B2 T8192 H8 D64 the call is host-bound (device time
+    about 40% of the forward's, 20-30% of fwd+bwd), so its launch configuration barely moves the call's time."""
     waves = _FORCE.get("waves_" + kernel) or _SPLIT_WAVES.get(kernel, 1)
     if kernel in _FORCE:
         return _FORCE[kernel], waves
