@@ -50,9 +50,10 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MIN_SPLIT_KEYS = 1024  # below this many keys a split costs more than it balances
 _FAN = 16 if _INTERPRET else 128  # fan-out of the on-device searches
-# per pass: split key ranges until the grid holds this many programs per SM (2026-12-02 sweep, against 8:
-# forward 3-8% faster at three of the four T=32k cases, 3% slower at D64 10% with the old forward tile; dq +-2%)
-_SPLIT_WAVES = {"fwd": 16, "dq": 16}
+# per pass: split key ranges until the grid holds this many programs per SM (2026-12-02 sweep: forward 16
+# against 8, 3-8% faster at three of the four T=32k cases, 3% slower at D64 10% with the old forward tile;
+# dq 16 against 8 within 2%, 2.7% faster only at D128 T32k 10%; 8 is what the sweep timed with the new dq tile)
+_SPLIT_WAVES = {"fwd": 16, "dq": 8}
 _REVERSE_M = True  # query blocks last first (the longest key ranges start first)
 _COUNTERS: dict[tuple[torch.device, int | None], torch.Tensor] = {}
 _FORCE: dict = {}  # sweeps only: pass -> tile, "waves_" + pass -> split waves, over every other choice
