@@ -3,20 +3,22 @@
 #
 #   bash benchmarks/train_lookup_gpu.sh [SECONDS] [RECIPES...]
 #
-# Installs the carried wheels (benchmarks/gpu_env.sh), trains each recipe (default: the three
-# program-run variants and the daily one) for SECONDS (default 200) in its own process, then writes
+# Installs the carried wheels (benchmarks/gpu_env.sh), trains each recipe (default: the two of the
+# committed checkpoints and two program-run variants) for SECONDS (default 200) in its own process, then writes
 # under $OUT (default runs/lookup-gpu): one <recipe>.tar per recipe (its checkpoint and lookup.json)
 # and logs.tgz. The runs start their budgets together, once every one has compiled its kernels
 # (--barrier). QUICK=1 runs the --quick sizes (a smoke test on any machine). The committed checkpoints
-# came from `bash benchmarks/train_lookup_gpu.sh 175` before the barrier existed (docs/RESULTS.md,
-# "Look-up"); `train_lookup.py --steps` repeats them by their step counts.
+# came from `bash benchmarks/train_lookup_gpu.sh 330 ...` (daily, then named daily-guided) and
+# `... 270 ...` (programs, then named programs-unaligned-b2b), four recipes side by side each time
+# (docs/BENCHMARKS.md, "look-up forecasters with guided attention"); `train_lookup.py --steps`
+# repeats them by their step counts.
 set -u
 OUT=${OUT:-runs/lookup-gpu}
 mkdir -p "$OUT"
 seconds=${1:-200}
 shift || true
 recipes=("$@")
-[ ${#recipes[@]} -eq 0 ] && recipes=(programs programs-mix50 programs-wide daily)
+[ ${#recipes[@]} -eq 0 ] && recipes=(programs daily programs-guided programs-unaligned-long)
 
 . "$(dirname "$0")/gpu_env.sh"
 gpu_env_install || exit 1

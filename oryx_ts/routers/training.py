@@ -9,9 +9,10 @@
   half the chunks in attention mode, on telemetry whose jobs cover 30% of the steps.
 
 `LOOKUP_RECIPES` are the larger forecasters trained on a GPU for the look-up (`benchmarks/train_lookup.py`):
-the same tokenizer and head, a wider and deeper block, a time budget instead of a step count, and
-for the program runs a curriculum of plays among distractors, some repeating on part of the
-channels only, that goes on inside the telemetry phase (`mix`), so that the look-up survives it.
+the same tokenizer and head, a wider and deeper block, a time budget instead of a step count, a
+recall curriculum whose look-up guided attention forms (`oryx_ts.guide`), and curriculum blocks
+among distractors, some repeating on part of the channels only, inside the telemetry phase (`mix`),
+so that the look-up survives it.
 
 The router's target from the forecaster itself (`RouterConfig.target = "gain"`): `attention_gain`
 runs the frozen forecaster over a window both all-recurrent and all-attention and takes, per
@@ -114,33 +115,32 @@ _UNALIGNED = {"period": 128, "repeats": 4, "max_gap": 128, "gap_step": 1}  # pla
 _DISTRACTED_UNALIGNED = {**_DISTRACTED, "gap_step": 1}
 _GUIDED_TRAIN = {"keep_best": False, "lr": 2e-3}
 LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
-    # content look-up without positions: curriculum among distractors (gaps up to 128 steps first), then
-    # telemetry with 30% curriculum blocks (gaps up to 384); a third of the time in the curriculum
-    "programs": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train=_LOOKUP_TRAIN, recall_steps=25_000,
-                                 recall={**_DISTRACTED, "max_gap": 128}, mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
-    # the same with half the telemetry phase in curriculum blocks and three quarters of its chunks in attention
-    "programs-mix50": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "attention_fraction": 0.75},
-                                       recall_steps=25_000, recall={**_DISTRACTED, "max_gap": 128}, mix=0.5, mix_recall=_DISTRACTED,
-                                       seconds=240.0),
-    # wider and shallower: 3 layers of 192 (about 7.5 MB)
-    "programs-wide": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False, "d_model": 192, "n_layers": 3, "head_dim_k": 48,
-                                             "head_dim_v": 48}, train=_LOOKUP_TRAIN, recall_steps=25_000,
-                                      recall={**_DISTRACTED, "max_gap": 128}, mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
-    # the daily job repeats one day (36 tokens) later: keys that resolve that distance (RoPE base 100), telemetry only
-    "daily": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope_base": 100.0}, train=_LOOKUP_TRAIN, seconds=240.0),
-    # guided attention (`oryx_ts.guide`) forms the look-up in the curriculum (plays back to back, the curriculum's
-    # own lr, the last weights kept: its validation cannot see a look-up); then telemetry at a lower lr
+    # the committed checkpoints (`benchmarks/checkpoints/<name>-lookup`, docs/RESULTS.md "Look-up"):
+    # program runs: guided attention (`oryx_ts.guide`, two heads) forms the look-up in a curriculum of plays back to
+    # back whose 125-step period puts each repeat at another phase of the patch grid (program runs start at any step),
+    # with the curriculum's own lr and its last weights (its validation cannot see a look-up); half the time budget;
+    # then telemetry at lr 1e-3 with 30% curriculum blocks among distractors
+    "programs": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3}, recall_steps=50_000,
+                                 recall={**_BACK_TO_BACK, "period": 125}, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2},
+                                 mix=0.3, mix_recall=_DISTRACTED_UNALIGNED, seconds=240.0),
+    # daily jobs: the earlier run found by its content, as the program runs' (one guided head, plays of 128 steps)
+    "daily": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3}, recall_steps=25_000,
+                              recall=_BACK_TO_BACK, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0}, mix=0.3,
+                              mix_recall=_DISTRACTED, seconds=240.0),
+    # the variants measured beside them (docs/BENCHMARKS.md, "look-up forecasters with guided attention"):
+    # one guided head, plays on the patch grid; the same with telemetry at lr 3e-4; two heads, half the time in a curriculum
+    # among distractors
     "programs-guided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
                                         recall_steps=25_000, recall=_BACK_TO_BACK, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0},
                                         mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
     "programs-guided-lr3e4": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 3e-4},
                                               recall_steps=25_000, recall=_BACK_TO_BACK, recall_train=_GUIDED_TRAIN,
                                               guide={"weight": 1.0}, mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
-    # two guided heads, half the time in a curriculum among distractors
     "programs-guided-long": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
                                              recall_steps=50_000, recall={**_DISTRACTED, "max_gap": 128}, recall_train=_GUIDED_TRAIN,
                                              guide={"weight": 1.0, "heads": 2}, mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
-    # repeats at any step, not only on the patch grid, as program runs start in telemetry: gaps of any length
+    # plays after 0-128 steps of distractors, at any step: one head / two heads, half the time / the same with half the
+    # telemetry in curriculum blocks and three quarters of its chunks in attention
     "programs-unaligned": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
                                            recall_steps=25_000, recall=_UNALIGNED, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0},
                                            mix=0.3, mix_recall=_DISTRACTED_UNALIGNED, seconds=240.0),
@@ -152,14 +152,11 @@ LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
                                                  train={**_LOOKUP_TRAIN, "lr": 1e-3, "attention_fraction": 0.75}, recall_steps=50_000,
                                                  recall=_UNALIGNED, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2},
                                                  mix=0.5, mix_recall=_DISTRACTED_UNALIGNED, seconds=240.0),
-    "programs-unaligned-b2b": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
-                                               recall_steps=50_000, recall={**_BACK_TO_BACK, "period": 125}, recall_train=_GUIDED_TRAIN,
-                                               guide={"weight": 1.0, "heads": 2}, mix=0.3, mix_recall=_DISTRACTED_UNALIGNED,
-                                               seconds=240.0),
-    # the daily job's earlier run found by its content, as the program runs'
-    "daily-guided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
-                                     recall_steps=25_000, recall=_BACK_TO_BACK, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0},
-                                     mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
+    # before guided attention (the checkpoints of 2026-12-01): a curriculum among distractors without a guide; the
+    # daily job by its fixed distance (RoPE base 100: keys that resolve 36 tokens), telemetry only
+    "programs-unguided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train=_LOOKUP_TRAIN, recall_steps=25_000,
+                                          recall={**_DISTRACTED, "max_gap": 128}, mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
+    "daily-rope": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope_base": 100.0}, train=_LOOKUP_TRAIN, seconds=240.0),
 }
 MIX_BLOCK = 8192  # steps per block of `mix_streams`: 8 training windows of the `debug` tokenizer
 
