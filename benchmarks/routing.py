@@ -256,13 +256,13 @@ def route_real_data(args: argparse.Namespace, out: Path, started: float) -> None
                                                                                         gain_lookahead=args.gain_lookahead))
     oryx_ts.save(model, out / "model", router=router)
     # no validation stream here: the anomaly stream's controller choice, reserve 0.5 and spike_z 3
-    base = BudgetConfig(window=args.window or T, hold=args.hold, reserve=0.5, spike_z=3.0)
+    base = BudgetConfig(window=args.window or T, hold=args.hold, reserve=0.5, spike_z=3.0, spike_feature=args.spike_feature)
     rows = []
     for f in tqdm(BUDGETS, desc="budgets"):
         routers = {"fixed 1-in-k": FixedRouter(round(1 / f)), "random": RandomRouter(f, seed=1), "surprise": SurpriseRouter(), "learned": router}
         rows += real_routing(model, routers, [dataclasses.replace(base, fraction=f)], stream)
-    print(f"\nbudget window {base.window} tokens, hold {base.hold}, reserve {base.reserve}, spike_z {base.spike_z}; "
-          f"recall: an attention token among a window's first 3 tokens")
+    print(f"\nbudget window {base.window} tokens, hold {base.hold}, reserve {base.reserve}, spike_z {base.spike_z}, "
+          f"spike feature {base.spike_feature}; recall: an attention token among a window's first 3 tokens")
     print("| budget | router | windows recalled | first attention token per window | attention rate | FLOPs / budget | surcharge / budget |\n|"
           + "---|" * 7)
     for r in rows:
