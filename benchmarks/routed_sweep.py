@@ -191,14 +191,14 @@ class Case:
     def nsplit(self, kernel) -> int:
         from oryx_ts.kernels.attention import routed_triton as rt
 
-        (bm, bn, _, _), waves = rt._launch(kernel, self.q.dtype, self.D, self.T, self.Tq)
+        (bm, bn, _, _), waves = rt._launch(kernel, self.q.dtype, self.D)
         return rt._n_split(math.ceil(self.Tq / bm) * self.B * self.H, self.T, bn, self.q.device, waves)[0]
 
     def launch_key(self, kernel) -> tuple:
         """What a pass launches under the current overrides: (pass, tile, pieces)."""
         from oryx_ts.kernels.attention import routed_triton as rt
 
-        tile = rt._launch(kernel, self.q.dtype, self.D, self.T, self.Tq)[0]
+        tile = rt._launch(kernel, self.q.dtype, self.D)[0]
         return kernel, tuple(tile), self.nsplit(kernel) if kernel != "dkdv" else 0
 
 

@@ -20,7 +20,7 @@ each phase ran and the figures) and `<out>/<recipe>/lookup.json`. `--steps R,T` 
 its step counts (no time budget): the counts are in the checkpoint's `extra.record`.
 
     python benchmarks/train_lookup.py --recipe programs --device cuda --out runs/lookup [--seconds 240] [--steps R,T] [--quick]
-    python benchmarks/train_lookup.py --recipe programs-debug --device cpu --threads 1 --out runs/lookup   # by step counts
+    python benchmarks/train_lookup.py --recipe programs --device cpu --threads 1 --steps 600,2000 --out runs/lookup   # on the CPU, by step counts
 """
 
 import argparse
@@ -90,12 +90,12 @@ def main() -> None:
     if args.barrier:
         wait_for_others(args.barrier, args.recipe)
         print(f"every run warmed up ({time.time() - started:.0f}s)")
-    check = None
-    if recipe.recall_steps:  # the curriculum's own look-up, before the telemetry can unlearn it
-        def check(m):
-            with torch.no_grad():
-                return {f"{r['stream']}-{r['seed']}": round(r["share"], 4) for r in recall_lookup(m.eval(), (64, 2) if args.quick else (256, 2))}
-    model, record = recipe.fit(values, config=config, seconds=seconds, device=args.device, progress=False, check=check)
+    def check(m):  # the curriculum's own look-up, before the telemetry can unlearn it
+        with torch.no_grad():
+            return {f"{r['stream']}-{r['seed']}": round(r["share"], 4) for r in recall_lookup(m.eval(), (64, 2) if args.quick else (256, 2))}
+
+    model, record = recipe.fit(values, config=config, seconds=seconds, device=args.device, progress=False,
+                               check=check if recipe.recall_steps else None)
     print(f"trained: {json.dumps(record)} ({time.time() - started:.0f}s)")
     model = model.eval()  # scored where it trained (the forecasts come back to the host)
 

@@ -87,9 +87,10 @@ def window_targets(targets_T: np.ndarray, starts: torch.Tensor, patch_len: int, 
     if bool((starts.long() % patch_len != 0).any()):
         raise ValueError("guided attention needs windows on the patch grid (train.any_phase off)")
     t = first[:, None] + torch.arange(n_tokens)
-    padded = torch.as_tensor(np.concatenate([targets_T, np.full(n_tokens, -1, np.int64)]))
-    rel = padded[t] - first[:, None]
-    ok = (padded[t] >= 0) & (rel >= 0) & (rel <= torch.arange(n_tokens))
+    src = torch.as_tensor(targets_T)  # a view of the stream's targets, not a copy per batch
+    target = torch.where(t < len(src), src[t.clamp_max(len(src) - 1)], -1)
+    rel = target - first[:, None]
+    ok = (target >= 0) & (rel >= 0) & (rel <= torch.arange(n_tokens))
     return torch.where(ok, rel, -1)
 
 

@@ -97,11 +97,11 @@ def _tune_from_env() -> None:
 _tune_from_env()
 
 
-def _launch(kernel: str, dtype: torch.dtype, width: int, S: int, Tq: int) -> tuple[tuple[int, int, int, int], int]:
-    """(tile, split waves) of one pass ("fwd", "dq", "dkdv") at one shape: `TILES` and `_SPLIT_WAVES` at every
-    shape (S keys, Tq routed queries); the split factor follows the shape through `_n_split`. The sweep found
-    no shape where another tile won on the device; at B2 T8192 H8 D64 the call is host-bound (device time
-    about 40% of the forward's, 20-30% of fwd+bwd), so its launch configuration barely moves the call's time."""
+def _launch(kernel: str, dtype: torch.dtype, width: int) -> tuple[tuple[int, int, int, int], int]:
+    """(tile, split waves) of one pass ("fwd", "dq", "dkdv"): `TILES` and `_SPLIT_WAVES`, the same at every
+    shape; the split factor follows the shape through `_n_split`. The sweep found no shape where another
+    tile won on the device; at B2 T8192 H8 D64 the call is host-bound (device time about 40% of the
+    forward's, 20-30% of fwd+bwd), so its launch configuration barely moves the call's time."""
     waves = _FORCE.get("waves_" + kernel) or _SPLIT_WAVES.get(kernel, 1)
     if kernel in _FORCE:
         return _FORCE[kernel], waves
@@ -505,7 +505,7 @@ class _RoutedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, q_pos, k_pos, k_valid, need_grad):
         B, Tq, H, K = q.shape
         S, V = k.shape[1], v.shape[-1]
-        (BM, BN, warps, stages), waves = _launch("fwd", q.dtype, max(K, V), S, Tq)
+        (BM, BN, warps, stages), waves = _launch("fwd", q.dtype, max(K, V))
         BLOCK_K, BLOCK_V = _head_blocks(K, V, q.dtype)
         o = torch.empty(B, Tq, H, V, device=q.device, dtype=v.dtype)
         lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
@@ -542,7 +542,7 @@ class _RoutedAttention(torch.autograd.Function):
         s_kv = (*k.stride()[:3], *v.stride()[:3])
         s_valid = valid.stride(0) if ctx.has_valid else 0
         # dq (and delta, the pieces summed by each block's last one), then dk, dv
-        (BM, BN, warps, stages), waves = _launch("dq", q.dtype, max(K, V), S, Tq)
+        (BM, BN, warps, stages), waves = _launch("dq", q.dtype, max(K, V))
         n_mblocks = _cdiv(Tq, BM)
         nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device, waves)
         need_dscale = ctx.needs_input_grad[3]
@@ -559,7 +559,7 @@ class _RoutedAttention(torch.autograd.Function):
         # contiguous gradients, written with their own strides (empty_like would keep k's layout only when it is dense)
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
         dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-        (BMk, BNk, warps_k, stages_k), _ = _launch("dkdv", q.dtype, max(K, V), S, Tq)
+        (BMk, BNk, warps_k, stages_k), _ = _launch("dkdv", q.dtype, max(K, V))
         _bwd_dkdv_kernel[(_cdiv(S, BNk), B * H)](
             qs, k, v, do, dk, dv, lse, delta, q_pos, k_pos, valid, *s_kv, *do.stride()[:3], s_valid,
             *dk.stride()[:3], *dv.stride()[:3], H, Tq, S, _levels(Tq),
