@@ -94,8 +94,9 @@ def main() -> None:
         with torch.no_grad():
             return {f"{r['stream']}-{r['seed']}": round(r["share"], 4) for r in recall_lookup(m.eval(), (64, 2) if args.quick else (256, 2))}
 
+    plays = scenario.train_plays(C, length=len(values)) if recipe.telemetry_guide > 0 else None
     model, record = recipe.fit(values, config=config, seconds=seconds, device=args.device, progress=False,
-                               check=check if recipe.recall_steps else None)
+                               check=check if recipe.recall_steps else None, train_plays=plays)
     print(f"trained: {json.dumps(record)} ({time.time() - started:.0f}s)")
     model = model.eval()  # scored where it trained (the forecasts come back to the host)
 

@@ -34,6 +34,7 @@ __all__ = [
     "VALIDATION_SEED",
     "Scenario",
     "labelled_stream",
+    "recurring_plays",
     "repeat_pairs",
 ]
 
@@ -54,16 +55,27 @@ def labelled_stream(length: int, channels: int, seed: int,
     return s.values, list(s.labels)
 
 
-def repeat_pairs(length: int, channels: int, seed: int, recurring: Mapping[str, Any] | None = None) -> list[tuple[LabelWindow, LabelWindow]]:
-    """`(earlier, repeat)` per repeat window of `labelled_stream(length, channels, seed, recurring)`:
-    `earlier` is the play of the same waveform just before it (the first play or the previous
-    repeat), as long as the repeat. Sorted by the repeat's start."""
+def recurring_plays(length: int, channels: int, seed: int,
+                    recurring: Mapping[str, Any] | None = None) -> tuple[np.ndarray, list[list[LabelWindow]]]:
+    """`(values, plays)`: `labelled_stream(length, channels, seed, recurring)`'s values (bit for bit) and, per
+    recurring pattern, the windows of its plays in order (the first play, then its repeats), as
+    `datasets.recall.recall_plays` gives them for a curriculum: so that the scenario's own
+    telemetry can be a recall curriculum (`routers.training.curriculum_plays`), its guided
+    attention (`oryx_ts.guide.guide_targets`) towards each repeat's earlier play."""
     s = _generate(length, channels, seed, recurring)
     plays: dict[LabelWindow, list[LabelWindow]] = {}
     for first, repeat in s.recurrences:
         plays.setdefault(first, [first]).append(repeat)
-    ordered = [sorted(seq, key=lambda w: w.start) for seq in plays.values()]
-    pairs = [(a, b) for seq in ordered for a, b in zip(seq, seq[1:])]
+    ordered = sorted((sorted(seq, key=lambda w: w.start) for seq in plays.values()), key=lambda seq: seq[0].start)
+    return s.values, ordered
+
+
+def repeat_pairs(length: int, channels: int, seed: int, recurring: Mapping[str, Any] | None = None) -> list[tuple[LabelWindow, LabelWindow]]:
+    """`(earlier, repeat)` per repeat window of `labelled_stream(length, channels, seed, recurring)`:
+    `earlier` is the play of the same waveform just before it (the first play or the previous
+    repeat), as long as the repeat. Sorted by the repeat's start."""
+    plays = recurring_plays(length, channels, seed, recurring)[1]
+    pairs = [(a, b) for seq in plays for a, b in zip(seq, seq[1:])]
     return sorted(pairs, key=lambda p: p[1].start)
 
 
@@ -103,6 +115,10 @@ class Scenario:
     def train_stream(self, channels: int, length: int | None = None, seed: int = TRAIN_SEED) -> tuple[np.ndarray, list[LabelWindow]]:
         """The forecaster's training stream `(values (L, C) float32, windows)`: `train_length` steps unless `length` is given."""
         return labelled_stream(self.train_length if length is None else length, channels, seed=seed, recurring=self.train_recurring)
+
+    def train_plays(self, channels: int, length: int | None = None, seed: int = TRAIN_SEED) -> list[list[LabelWindow]]:
+        """Per recurring pattern of `train_stream(channels, length, seed)`, its plays in order (`recurring_plays`)."""
+        return recurring_plays(self.train_length if length is None else length, channels, seed, self.train_recurring)[1]
 
 
 _PROGRAM_RUNS = dict(recurring_replace=True, recurring_min_gap=64, recurring_max_gap=512)

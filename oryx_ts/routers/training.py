@@ -37,13 +37,14 @@ from tqdm.auto import tqdm
 from oryx_ts.config import BudgetConfig, OryxConfig, RouterConfig, preset
 from oryx_ts.datasets.labels import LabelWindow, mask_from_windows
 from oryx_ts.datasets.recall import recall_plays
+from oryx_ts.datasets.scenarios import SCENARIOS, recurring_plays
 from oryx_ts.guide import Guide, guide_targets
 from oryx_ts.model import OryxForecaster
 from oryx_ts.routers.features import surprise_targets
 from oryx_ts.routers.learned import LearnedRouter
 from oryx_ts.train import RouterTrainResult, batch_targets, router_inputs, router_windows, train, train_router
 
-__all__ = ["LOOKUP_RECIPES", "RECIPES", "ForecasterRecipe", "attention_gain", "gain_targets", "mix_streams", "mixed_blocks", "mixed_guide_targets", "train_forecaster",
+__all__ = ["LOOKUP_RECIPES", "RECIPES", "ForecasterRecipe", "attention_gain", "curriculum_plays", "gain_targets", "mix_streams", "mixed_blocks", "mixed_guide_targets", "train_forecaster",
            "train_gain_router", "train_label_free", "train_routers"]
 
 DEFAULT_RECALL: Mapping[str, Any] = {"period": 128, "repeats": 8}  # the curriculum's `recall_stream`: plays back to back
@@ -64,6 +65,7 @@ class ForecasterRecipe:
     recall_train: Mapping[str, Any] = field(default_factory=dict)  # changes to the curriculum phase's training (lr, keep_best, ...)
     guide: Mapping[str, Any] | None = None  # guided attention in the curriculum: `Guide` settings and `ahead` (None: none)
     mix_guide: float = 0.0  # the guide's weight in the telemetry phase, on its curriculum blocks (0: none)
+    telemetry_guide: float = 0.0  # the guide's weight in the telemetry phase, on the telemetry's own repeats (0: none; needs `train_plays`)
 
     def __post_init__(self) -> None:
         if self.recall_steps < 0:
@@ -76,6 +78,9 @@ class ForecasterRecipe:
             raise ValueError(f"guide takes {sorted(GUIDE_KEYS)}, got {sorted(self.guide)}")
         if self.mix_guide < 0 or (self.mix_guide > 0 and (self.mix == 0 or self.guide is None)):
             raise ValueError(f"mix_guide must be >= 0 and needs mix > 0 and a guide, got {self.mix_guide} (mix {self.mix})")
+        if self.telemetry_guide < 0 or (self.telemetry_guide > 0 and (self.guide is None or self.mix_guide > 0)):
+            raise ValueError(f"telemetry_guide must be >= 0 and needs a guide and mix_guide 0, got {self.telemetry_guide} "
+                             f"(mix_guide {self.mix_guide})")
 
     def config(self, *, block: Mapping[str, Any] | None = None, train: Mapping[str, Any] | None = None) -> OryxConfig:
         """The `debug` preset with this recipe's changes, then `block` and `train` on top of them."""
@@ -83,14 +88,20 @@ class ForecasterRecipe:
 
     def fit(self, train_values: np.ndarray, *, config: OryxConfig | None = None, seconds: float | None = None,
             device: str | torch.device | None = None, progress: bool = True,
-            check: Callable[[OryxForecaster], dict] | None = None) -> tuple[OryxForecaster, dict]:
+            check: Callable[[OryxForecaster], dict] | None = None,
+            train_plays: Sequence[Sequence[LabelWindow]] | None = None) -> tuple[OryxForecaster, dict]:
         """`train_forecaster` under this recipe (`config`, default `self.config()`; `seconds`, default
-        `self.seconds`; `check` between the phases); returns the model and what ran (`train_forecaster`'s record)."""
+        `self.seconds`; `check` between the phases; `train_plays`: the plays of `train_values`' recurring
+        patterns, which `telemetry_guide` needs, e.g. `Scenario.train_plays`); returns the model and what
+        ran (`train_forecaster`'s record)."""
+        if self.telemetry_guide > 0 and train_plays is None:
+            raise ValueError("telemetry_guide needs the training stream's plays (train_plays)")
         record: dict = {}
         model = train_forecaster(config or self.config(), train_values, recall_steps=self.recall_steps, recall=self.recall, mix=self.mix,
                                  mix_recall=self.mix_recall, max_seconds=self.seconds if seconds is None else seconds, device=device,
                                  progress=progress, record=record, recall_train=self.recall_train, guide=self.guide,
-                                 mix_guide=self.mix_guide, check=check)
+                                 mix_guide=self.mix_guide, check=check,
+                                 train_plays=train_plays if self.telemetry_guide > 0 else None, telemetry_guide=self.telemetry_guide)
         return model, record
 
 
@@ -114,6 +125,7 @@ _BACK_TO_BACK = {"period": 128, "repeats": 4}
 _UNALIGNED = {"period": 128, "repeats": 4, "max_gap": 128, "gap_step": 1}  # plays after 0-128 steps of distractors
 _DISTRACTED_UNALIGNED = {**_DISTRACTED, "gap_step": 1}
 _GUIDED_TRAIN = {"keep_best": False, "lr": 2e-3}
+_PROGRAM_RUNS = {"recurring": dict(SCENARIOS["programs"].train_recurring)}  # program runs on 37% of the steps, 4 repeats each
 LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
     # the committed checkpoints (`benchmarks/checkpoints/<name>-lookup`, docs/RESULTS.md "Look-up"):
     # program runs: guided attention (`oryx_ts.guide`, two heads) forms the look-up in a curriculum of plays back to
@@ -152,6 +164,20 @@ LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
                                                  train={**_LOOKUP_TRAIN, "lr": 1e-3, "attention_fraction": 0.75}, recall_steps=50_000,
                                                  recall=_UNALIGNED, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2},
                                                  mix=0.5, mix_recall=_DISTRACTED_UNALIGNED, seconds=240.0),
+    # the program runs' own telemetry as the curriculum (`curriculum_plays`; seed 5, the telemetry phase's kind of stream):
+    # two guided heads, half the time; the same with the guide kept on in the telemetry phase, on its own repeats; that
+    # guide alone, no curriculum; the committed recipe with that guide in its telemetry phase
+    "programs-runs": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3}, recall_steps=50_000,
+                                      recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2}, seconds=240.0),
+    "programs-runs-guided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
+                                             recall_steps=50_000, recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN,
+                                             guide={"weight": 1.0, "heads": 2}, telemetry_guide=1.0, seconds=240.0),
+    "programs-telemetry-guided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
+                                                  guide={"weight": 1.0, "heads": 2}, telemetry_guide=1.0, seconds=240.0),
+    "programs-b2b-guided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
+                                            recall_steps=50_000, recall={**_BACK_TO_BACK, "period": 125}, recall_train=_GUIDED_TRAIN,
+                                            guide={"weight": 1.0, "heads": 2}, mix=0.3, mix_recall=_DISTRACTED_UNALIGNED,
+                                            telemetry_guide=1.0, seconds=240.0),
     # before guided attention (the checkpoints of 2026-12-01): a curriculum among distractors without a guide; the
     # daily job by its fixed distance (RoPE base 100: keys that resolve 36 tokens), telemetry only
     "programs-unguided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train=_LOOKUP_TRAIN, recall_steps=25_000,
@@ -191,16 +217,29 @@ def mixed_guide_targets(targets_T: np.ndarray, blocks: np.ndarray, patch_len: in
     return np.where(keep, targets_T, -1)
 
 
+def curriculum_plays(length: int, channels: int, settings: Mapping[str, Any], seed: int) -> tuple[np.ndarray, list[list[LabelWindow]]]:
+    """A recall curriculum's `(stream (length, channels) float32, plays per block)`: `recall_plays` under
+    `settings`, or, when `settings` holds only `recurring` (`SyntheticConfig` recurring fields), the
+    project's synthetic telemetry with those recurring events (`datasets.scenarios.recurring_plays`):
+    a curriculum of the scenario's own kind of repeats instead of random walks."""
+    if "recurring" in settings:
+        if set(settings) != {"recurring"}:
+            raise ValueError(f"a telemetry curriculum takes only 'recurring', got {sorted(settings)}")
+        return recurring_plays(length, channels, seed, settings["recurring"])
+    return recall_plays(length, channels, **settings, seed=seed)
+
+
 def train_forecaster(config: OryxConfig, train_values: np.ndarray, *, recall_steps: int = 0, recall: Mapping[str, Any] | None = None,
                      mix: float = 0.0, mix_recall: Mapping[str, Any] | None = None, max_seconds: float | None = None,
                      device: str | torch.device | None = None, progress: bool = True, record: dict | None = None,
                      recall_train: Mapping[str, Any] | None = None, guide: Mapping[str, Any] | None = None,
-                     mix_guide: float = 0.0, check: Callable[[OryxForecaster], dict] | None = None) -> OryxForecaster:
+                     mix_guide: float = 0.0, check: Callable[[OryxForecaster], dict] | None = None,
+                     train_plays: Sequence[Sequence[LabelWindow]] | None = None, telemetry_guide: float = 0.0) -> OryxForecaster:
     """Train a forecaster on the `(L, C)` telemetry `train_values` under `config`.
 
     With `recall_steps > 0`, the recall curriculum first: that many all-attention steps on a
     `recall_stream` as long as `train_values` (settings `recall`, default period 128 and 8 plays
-    back to back; seed 5); then the mixed-mode training of `config` on the telemetry, from those
+    back to back; seed 5; `curriculum_plays`: or telemetry with recurring events); then the mixed-mode training of `config` on the telemetry, from those
     weights. With `mix > 0`, that share of the telemetry is replaced by blocks of another
     curriculum stream (`mix_recall`, default `recall`'s settings; seed 6; `mix_streams`).
     `max_seconds`: a time budget for both phases, shared in proportion to their steps (each phase
@@ -212,7 +251,10 @@ def train_forecaster(config: OryxConfig, train_values: np.ndarray, *, recall_ste
     `keep_best` off: its validation, on the fixed 1-in-4 mode schedule, cannot see a look-up).
     `guide`: guided attention in the curriculum (`oryx_ts.guide`; keys `weight`, `heads`, `steps`
     and `ahead`), towards each repeat's earlier play; `mix_guide > 0`: the same guide, at that
-    weight, in the telemetry phase on the curriculum blocks mixed in (needs `mix > 0`). `check`:
+    weight, in the telemetry phase on the curriculum blocks mixed in (needs `mix > 0`);
+    `telemetry_guide > 0`: the guide at that weight in the telemetry phase on the telemetry's own
+    repeats, `train_plays` (per recurring pattern its plays in order, `recurring_plays`), outside
+    the blocks `mix` replaced (not with `mix_guide`). `check`:
     called on the model between the phases (e.g. to measure its look-up before the telemetry can
     unlearn it); what it returns goes to `record["recall"]["check"]`.
     """
@@ -225,7 +267,7 @@ def train_forecaster(config: OryxConfig, train_values: np.ndarray, *, recall_ste
     if recall_steps:
         curriculum = config.replace(train={"steps": recall_steps, "attention_fraction": 1.0, "full_mode_fraction": 0.0,
                                            **(recall_train or {})})
-        stream, plays = recall_plays(len(train_values), C, **settings, seed=5)
+        stream, plays = curriculum_plays(len(train_values), C, settings, seed=5)
         how = Guide(guide_targets(plays, len(stream), P, ahead=ahead), **g) if guide is not None else None
         result = train(curriculum, stream, progress=progress, device=device, max_seconds=share(recall_steps), guide=how)
         model = result.model
@@ -236,13 +278,21 @@ def train_forecaster(config: OryxConfig, train_values: np.ndarray, *, recall_ste
             model.train()
             if record is not None:
                 record["recall"]["check"] = checked
-    values, how = train_values, None
+    if telemetry_guide > 0 and (guide is None or mix_guide > 0 or train_plays is None):
+        raise ValueError("telemetry_guide needs a guide, the training stream's plays (train_plays) and mix_guide 0")
+    values, how, blocks = train_values, None, np.zeros(0, np.int64)
     if mix > 0:
-        other, plays = recall_plays(len(train_values), C, **dict(mix_recall or settings), seed=6)
+        other, plays = curriculum_plays(len(train_values), C, dict(mix_recall or settings), seed=6)
         values = mix_streams(np.asarray(train_values, np.float32), other, mix, seed=7)
+        blocks = mixed_blocks(len(other), mix, seed=7)
         if mix_guide > 0:
-            targets = mixed_guide_targets(guide_targets(plays, len(other), P, ahead=ahead), mixed_blocks(len(other), mix, seed=7), P)
+            targets = mixed_guide_targets(guide_targets(plays, len(other), P, ahead=ahead), blocks, P)
             how = Guide(targets, **{**g, "weight": mix_guide, "steps": None})
+    if telemetry_guide > 0:
+        own = guide_targets(train_plays, len(train_values), P, ahead=ahead)
+        replaced = np.isin(np.arange(len(own)) // (MIX_BLOCK // P), blocks)  # the tokens in the blocks `mix` replaced
+        keep = ~replaced & ~replaced[own.clip(0)]
+        how = Guide(np.where(keep & (own >= 0), own, -1), **{**g, "weight": telemetry_guide, "steps": None})
     result = train(config, values, model=model, progress=progress, device=device, max_seconds=share(config.train.steps), guide=how)
     if record is not None:
         record["telemetry"] = _phase(result)

@@ -9,7 +9,7 @@ import pytest
 
 from oryx_ts.config import preset
 from oryx_ts.datasets.labels import LabelWindow, mask_from_windows
-from oryx_ts.datasets.scenarios import SCENARIOS
+from oryx_ts.datasets.scenarios import SCENARIOS, labelled_stream
 from oryx_ts.datasets.recall import recall_stream
 from oryx_ts.routers import LearnedRouter
 from oryx_ts.routers import training
@@ -72,6 +72,51 @@ def test_lookup_recipes_share_a_time_budget_by_steps_and_mix_the_curriculum_into
     other = recall_stream(len(telemetry), C, **recipe.mix_recall, seed=6).reshape(3, MIX_BLOCK, C)
     assert all(np.array_equal(b, o) for b, o, r in zip(blocks, other, replaced) if r)
     assert np.array_equal(main.values, training.mix_streams(telemetry, other.reshape(-1, C), 0.5, seed=7))
+
+
+def test_a_telemetry_curriculum_is_the_scenarios_kind_of_stream_with_its_plays():
+    recurring = dict(SCENARIOS["programs"].train_recurring)
+    stream, plays = training.curriculum_plays(20_000, 3, {"recurring": recurring}, seed=5)
+    values, windows = labelled_stream(20_000, 3, seed=5, recurring=recurring)
+    assert np.array_equal(stream, values, equal_nan=True)
+    kinds = {w.kind for seq in plays for w in seq}
+    assert plays and kinds == {"recurring_first", "recurring_repeat"}
+    assert sorted((w.start, w.end, w.kind) for seq in plays for w in seq) == [(w.start, w.end, w.kind) for w in windows if w.kind in kinds]
+    assert all(seq[0].kind == "recurring_first" and len(seq) == 1 + recurring["recurring_repeats"] for seq in plays)
+    with pytest.raises(ValueError, match="only 'recurring'"):
+        training.curriculum_plays(1000, 3, {"recurring": recurring, "period": 64}, seed=5)
+    walks, walk_plays = training.curriculum_plays(1000, 3, {"period": 64, "repeats": 2}, seed=5)
+    assert np.array_equal(walks, recall_stream(1000, 3, period=64, repeats=2, seed=5)) and walk_plays
+
+
+def test_the_telemetry_guide_points_repeats_at_their_earlier_play_outside_the_mixed_blocks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(training, "train", _recording_train(calls))
+    recipe = LOOKUP_RECIPES["programs-b2b-guided"]
+    config = recipe.config(train={"steps": 20})
+    C, P = config.tokenizer.channels, config.tokenizer.patch_len
+    L = 4 * MIX_BLOCK
+    telemetry = np.zeros((L, C), np.float32)
+    plays = [[LabelWindow(s, s + 160, "recurring_first"), LabelWindow(s + 400, s + 560, "recurring_repeat")]
+             for s in range(0, L - 560, 1000)]
+    with pytest.raises(ValueError, match="train_plays"):
+        recipe.fit(telemetry, config=config, progress=False)
+    recipe = dataclasses.replace(recipe, recall_steps=10, mix=0.5)
+    recipe.fit(telemetry, config=config, progress=False, train_plays=plays)
+    guide = calls[-1].guide
+    assert guide.weight == recipe.telemetry_guide and guide.heads == 2 and guide.steps is None
+    replaced = np.isin(np.arange(L // P) // (MIX_BLOCK // P), training.mixed_blocks(L, 0.5, seed=7))
+    assert replaced.any() and not replaced.all()
+    t = np.flatnonzero(guide.targets_T >= 0)
+    assert len(t) and not replaced[t].any() and not replaced[guide.targets_T[t]].any()
+    assert set((t - guide.targets_T[t]).tolist()) == {400 // P - 2}  # 2 tokens ahead of the match, 50 tokens back
+    # every repeat token outside the replaced blocks, up to 2 before the play's end, has its target
+    own = training.guide_targets(plays, L, P)
+    assert np.array_equal(guide.targets_T >= 0, (own >= 0) & ~replaced & ~replaced[own.clip(0)])
+    with pytest.raises(ValueError, match="telemetry_guide"):
+        ForecasterRecipe(telemetry_guide=1.0)  # no guide
+    with pytest.raises(ValueError, match="telemetry_guide"):
+        dataclasses.replace(recipe, mix_guide=0.5)
 
 
 def test_mix_streams_replaces_whole_blocks_at_about_the_share():
