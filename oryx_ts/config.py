@@ -202,6 +202,11 @@ class BudgetConfig:
     spike_feature: index of a surprise feature (`oryx_ts.routers.features`); a token whose value of it
         lies `spike_signal_z` deviations above its running mean is a spike too (it may spend the
         reserve), whatever its score; -1 = off.
+    threshold: which ordinary tokens ask for attention. `"ema"`: a score at least the adaptive
+        threshold (running mean plus `z` deviations, `z` stepped by `threshold_lr` towards the budget
+        rate). `"window"`: a score within the budget rate's quantile of the last `window` scores,
+        lowered by as many places as that window has attention tokens it has not run, so that a
+        window running under its budget lowers the bar at once (`oryx_ts.routers.budget`).
     """
 
     fraction: float = 0.1
@@ -213,8 +218,10 @@ class BudgetConfig:
     hold: int = 0
     spike_feature: int = -1
     spike_signal_z: float = 3.0
+    threshold: Literal["ema", "window"] = "ema"
 
     def __post_init__(self) -> None:
+        _check_literals(self)
         _check(0.0 <= self.fraction <= 1.0, f"budget.fraction must be in [0, 1], got {self.fraction}")
         _check(self.window >= 1, f"budget.window must be >= 1, got {self.window}")
         _check(self.slack >= 0, f"budget.slack must be >= 0, got {self.slack}")

@@ -1,7 +1,7 @@
 """Routers and the expected-FLOPs budget: attention where the stream needs it, recurrence elsewhere."""
 
 from oryx_ts.config import BudgetConfig
-from oryx_ts.routers.budget import ControllerState, HoldState, allowance, controller_step, window_sums
+from oryx_ts.routers.budget import ControllerState, HoldState, RankState, allowance, controller_step, window_sums
 from oryx_ts.routers.features import N_FEATURES, surprise_features
 from oryx_ts.routers.heuristics import (
     AllRouter,
@@ -28,6 +28,7 @@ __all__ = [
     "NoneRouter",
     "OracleRouter",
     "RandomRouter",
+    "RankState",
     "RoutedForecast",
     "RoutedForecaster",
     "RoutingState",

@@ -37,6 +37,17 @@ shift below the budget's threshold while the worst channel's error already stand
 lets such a token spend the reserve. It passes the same window test as a score spike, so the
 guarantee is untouched. Its statistics are a state part of their own (`SpikeState`), present only
 when j >= 0; a router that reads no surprise sees features of zero, which never spike.
+
+A windowed threshold (`BudgetConfig.threshold = "window"`): instead of the running threshold, an
+ordinary token asks when its score ranks among the best `k` of the last W scores (itself included,
+ties in its favour), `k = rate * n + (rate * n - a)` with n the tokens of that window so far, `a` the
+attention tokens among the W-1 before it and `rate` the budget's share of attention: the budget
+rate's quantile of the window, lowered by as many places as the window has attention tokens it has
+not run (without that term the attention tokens already run hold the top places and the rate
+settles at half the budget). The quantile is exact over the budget window, so it does not lag as
+`z`'s steps do. Scores of 0 never ask. It only decides which tokens ask: every one still passes the
+window test, so the guarantee is untouched. Its history (the last W-1 scores and modes) is a state
+part of its own (`RankState`), present only with this threshold.
 """
 
 from dataclasses import dataclass
@@ -110,35 +121,52 @@ class SpikeState:
         return cls(mean_B=zeros(), dev_B=zeros())
 
 
+@register_part
+@dataclass
+class RankState:
+    """Per-series history of the windowed threshold: the last W-1 scores and modes, oldest first."""
+
+    scores_BW: torch.Tensor  # float64 (B, W-1)
+    modes_BW: torch.Tensor  # float64 (B, W-1), 1 = attention
+
+    @classmethod
+    def init(cls, batch_size: int, window: int, device=None) -> "RankState":
+        zeros = lambda: torch.zeros(batch_size, max(window - 1, 0), dtype=torch.float64, device=device)  # noqa: E731
+        return cls(scores_BW=zeros(), modes_BW=zeros())
+
+
 def controller_step(
     scores_B: torch.Tensor, st: ControllerState, budget: BudgetConfig, config: OryxConfig, positions: int | np.ndarray | torch.Tensor,
-    hold: HoldState | None = None, signal_B: torch.Tensor | None = None, spike: SpikeState | None = None,
+    hold: HoldState | None = None, signal_B: torch.Tensor | None = None, spike: SpikeState | None = None, rank: RankState | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decide the modes of one token of every series and advance `st` (and `hold`) in place.
+    """Decide the modes of one token of every series and advance `st` (and `hold`, `spike`, `rank`) in place.
 
     `positions` are the series' token positions (one int for all, or one per series); `hold` is
-    needed when `budget.hold > 0`, `signal_B` and `spike` when `budget.spike_feature >= 0` (see `controller_run`).
+    needed when `budget.hold > 0`, `signal_B` and `spike` when `budget.spike_feature >= 0`, `rank`
+    when `budget.threshold == "window"` (see `controller_run`).
     Returns `(modes_B, flops_B, allowance_B)`: 1 = attention, the FLOPs that token spends, and its allowance.
     """
     scores = scores_B.detach().to(torch.float64).cpu().numpy()[:, None]
     signal = None if signal_B is None else signal_B.detach().to(torch.float64).cpu().numpy()[:, None]
-    modes, flops, allow = controller_run(scores, st, budget, config, positions, hold, signal, spike)
+    modes, flops, allow = controller_run(scores, st, budget, config, positions, hold, signal, spike, rank)
     return torch.from_numpy(modes[:, 0]).float(), torch.from_numpy(flops[:, 0]), torch.from_numpy(allow[:, 0])
 
 
 def controller_run(
     scores_BT: np.ndarray, st: ControllerState, budget: BudgetConfig, config: OryxConfig, positions: int | np.ndarray | torch.Tensor,
-    hold: HoldState | None = None, signal_BT: np.ndarray | None = None, spike: SpikeState | None = None,
+    hold: HoldState | None = None, signal_BT: np.ndarray | None = None, spike: SpikeState | None = None, rank: RankState | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decide T consecutive tokens of every series, the first at `positions`; advances `st` (and `hold`) in place.
+    """Decide T consecutive tokens of every series, the first at `positions`; advances `st` (and `hold`, `spike`, `rank`) in place.
 
     The same arithmetic as T calls of `controller_step` (which is this with T = 1), in float64
     numpy with the costs of every position computed once. Returns `(modes_BT, flops_BT, allowance_BT)`.
     With `budget.spike_feature >= 0`, `signal_BT` is that surprise feature of each token and `spike`
     its running statistics (advanced in place): a token whose signal lies `budget.spike_signal_z`
-    deviations above the signal's running mean is a spike too, whatever its score.
+    deviations above the signal's running mean is a spike too, whatever its score. With
+    `budget.threshold == "window"`, `rank` holds the last W-1 scores and modes (advanced in place).
     Raises `ValueError` for a state made for another window, for `budget.hold > 0` without a `hold`
-    state, or for `budget.spike_feature >= 0` without `signal_BT` and `spike`.
+    state, for `budget.spike_feature >= 0` without `signal_BT` and `spike`, or for the windowed
+    threshold without a `rank` state of this window.
     """
     W = budget.window
     if st.excess_BW.shape[1] != max(W - 1, 0):
@@ -149,8 +177,13 @@ def controller_run(
     if signals and (signal_BT is None or spike is None):
         raise ValueError(f"budget.spike_feature = {budget.spike_feature} needs the signal and a SpikeState "
                          "(RoutedForecaster.init_state makes one)")
+    ranked = budget.threshold == "window"
+    if ranked and (rank is None or rank.scores_BW.shape[1] != max(W - 1, 0)):
+        raise ValueError(f"budget.threshold = 'window' needs a RankState of a {W}-token window (RoutedForecaster.init_state makes one)")
     scores_BT = np.asarray(scores_BT, dtype=np.float64)
     B, T = scores_BT.shape
+    if ranked:
+        hist_s, hist_m = rank.scores_BW.cpu().numpy().copy(), rank.modes_BW.cpu().numpy().copy()
     if signals:
         signal_BT = np.asarray(signal_BT, dtype=np.float64)
         sig_mean, sig_dev = spike.mean_B.cpu().numpy().copy(), spike.dev_B.cpu().numpy().copy()
@@ -187,14 +220,23 @@ def controller_run(
             sig_mean = sig_mean + SCORE_EMA * (sig - sig_mean)
             sig_dev = sig_dev + SCORE_EMA * (np.abs(sig - sig_mean / correction) - sig_dev)
             peak = peak | (sig >= sig_mean / correction + budget.spike_signal_z * (sig_dev / correction + 1e-9))
-        sent = ((scores >= tau) & fits_ordinary) | (peak & fits_spike)
+        rate = np.clip((allow[:, 0] - rec[:, 0]) / (att[:, 0] - rec[:, 0]), 0.0, 1.0)
+        if ranked:  # among the best 2 rate n - a of the window's scores; tokens before the stream are not in it
+            seen = w_idx[:, 1:] >= W - pos[:, None]  # (B, W-1), oldest first
+            better = ((hist_s > scores[:, None]) & seen).sum(axis=1)
+            asks = (scores >= TAU_MIN) & (better + 1 <= 2 * rate * (seen.sum(axis=1) + 1) - (hist_m * seen).sum(axis=1))
+        else:
+            asks = scores >= tau
+        sent = (asks & fits_ordinary) | (peak & fits_spike)
         m = (sent | ((left > 0) & fits_ordinary)).astype(np.float64)
         left = np.where(sent, budget.hold, np.maximum(left - 1, 0))
         flops = rec[:, 0] + m * (att[:, 0] - rec[:, 0])
-        rate = np.clip((allow[:, 0] - rec[:, 0]) / (att[:, 0] - rec[:, 0]), 0.0, 1.0)
         z = np.clip(z + budget.threshold_lr * (m - rate), -Z_MAX, Z_MAX)
         if W > 1:
             past = np.concatenate([past[:, 1:], (flops - k * allow[:, 0])[:, None]], axis=1)
+            if ranked:
+                hist_s = np.concatenate([hist_s[:, 1:], scores[:, None]], axis=1)
+                hist_m = np.concatenate([hist_m[:, 1:], m[:, None]], axis=1)
         out_m[:, t], out_f[:, t], out_a[:, t] = m, flops, allow[:, 0]
     st.z_B, st.score_mean_B, st.score_dev_B = (torch.from_numpy(a).to(dev_) for a in (z, mean_s, dev_s))
     st.excess_BW = torch.from_numpy(past).to(st.excess_BW.device)
@@ -202,6 +244,8 @@ def controller_run(
         hold.left_B = torch.from_numpy(left).to(hold.left_B.device)
     if signals:
         spike.mean_B, spike.dev_B = (torch.from_numpy(a).to(spike.mean_B.device) for a in (sig_mean, sig_dev))
+    if ranked:
+        rank.scores_BW, rank.modes_BW = (torch.from_numpy(a).to(rank.scores_BW.device) for a in (hist_s, hist_m))
     return out_m, out_f, out_a
 
 

@@ -18,7 +18,7 @@ import torch
 from oryx_ts.config import BudgetConfig, OryxConfig
 from oryx_ts.flops import mode_costs_at
 from oryx_ts.model import OryxForecaster
-from oryx_ts.routers.budget import ControllerState, HoldState, SpikeState, controller_run, controller_step
+from oryx_ts.routers.budget import ControllerState, HoldState, RankState, SpikeState, controller_run, controller_step
 from oryx_ts.routers.features import N_FEATURES, surprise_features
 from oryx_ts.routers.heuristics import Router, RouterInputs
 from oryx_ts.routers.state import RoutingState
@@ -67,6 +67,10 @@ class RoutedForecaster:
     def _signals(self) -> bool:
         return self.budget is not None and self.budget.spike_feature >= 0
 
+    @property
+    def _ranks(self) -> bool:
+        return self.budget is not None and self.budget.threshold == "window"
+
     def compile_step(self) -> None:
         """Run the model's part of every step through `torch.compile` (routing stays eager, on the host)."""
         self.model_step = torch.compile(self.model.step, dynamic=False)
@@ -84,13 +88,15 @@ class RoutedForecaster:
             routed["hold"] = lambda n, dev: HoldState.init(n, dev)
         if self._signals:
             routed["spike"] = lambda n, dev: SpikeState.init(n, dev)
+        if self._ranks:
+            routed["rank"] = lambda n, dev: RankState.init(n, window, dev)
         return self.model.init_state(batch_size, capacity=capacity, device=device, parts={**routed, **(parts or {})})
 
     def _decide(self, scores_B: torch.Tensor, ctrl: ControllerState, positions_B: torch.Tensor, hold: HoldState | None = None,
-                feats_BF: torch.Tensor | None = None, spike: SpikeState | None = None):
+                feats_BF: torch.Tensor | None = None, spike: SpikeState | None = None, rank: RankState | None = None):
         if self.budget is not None:
             signal = feats_BF[:, self.budget.spike_feature] if self._signals else None
-            return controller_step(scores_B, ctrl, self.budget, self.config, positions_B, hold, signal, spike)
+            return controller_step(scores_B, ctrl, self.budget, self.config, positions_B, hold, signal, spike, rank)
         modes = (scores_B.detach().cpu() >= 0.5).float()
         costs = mode_costs_at(self.config, positions_B.cpu().numpy())
         flops = torch.from_numpy(costs.recurrent_T) + modes.double() * torch.from_numpy(costs.surcharge_T)
@@ -117,7 +123,8 @@ class RoutedForecaster:
             feats, ema = torch.zeros(B, 1, N_FEATURES), rs.ema_B
         tokens = embedded.tokens_B1D
         scores = self.router.scores(RouterInputs(tokens, feats.to(tokens.device), n_B[:, None]))[:, 0]
-        modes, flops, allow = self._decide(scores, ctrl, n_B, state.parts.get("hold"), feats[:, 0], state.parts.get("spike"))
+        modes, flops, allow = self._decide(scores, ctrl, n_B, state.parts.get("hold"), feats[:, 0], state.parts.get("spike"),
+                                           state.parts.get("rank"))
         forecast, state = self.model_step(patch_BPC, state, modes.to(patch_BPC.device), embedded=embedded)
         dev = rs.ema_B.device
         rs.ema_B = ema.to(dev)
@@ -165,9 +172,10 @@ class RoutedForecaster:
         ctrl = ControllerState.init(B, self.budget.window if self.budget else 1) if state is None else state.parts["controller"]
         hold = (HoldState.init(B) if state is None else state.parts["hold"]) if self._holds else None
         spike = (SpikeState.init(B) if state is None else state.parts["spike"]) if self._signals else None
+        rank = (RankState.init(B, self.budget.window) if state is None else state.parts["rank"]) if self._ranks else None
         signal = np.zeros((B, T)) if self._signals else None  # the features of a router that reads no surprise are zeros, as in `step`
         if self.budget is not None:
-            decided = controller_run(scores_BT.double().numpy(), ctrl, self.budget, self.config, n_B, hold, signal, spike)
+            decided = controller_run(scores_BT.double().numpy(), ctrl, self.budget, self.config, n_B, hold, signal, spike, rank)
             modes, flops, allow = (torch.from_numpy(a) for a in decided)
             return scores_BT, modes.float(), flops, allow, ctrl
         modes, flops, allow = self._decide(scores_BT, ctrl, positions_BT)
@@ -185,6 +193,8 @@ class RoutedForecaster:
         if self._signals and not isinstance(state.parts.get("spike"), SpikeState):
             raise ValueError(f"budget.spike_feature = {self.budget.spike_feature} needs a state with a spike part: "
                              "create it with RoutedForecaster.init_state")
+        if self._ranks and not isinstance(state.parts.get("rank"), RankState):
+            raise ValueError("budget.threshold = 'window' needs a state with a rank part: create it with RoutedForecaster.init_state")
 
     @torch.no_grad()
     def prefill(

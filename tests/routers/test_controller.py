@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from oryx_ts.config import preset
 from oryx_ts.flops import mode_costs
 from oryx_ts.routers import BudgetConfig, ControllerState, HoldState, allowance, controller_step, window_sums
-from oryx_ts.routers.budget import SpikeState
+from oryx_ts.routers.budget import RankState, SpikeState
 
 CONFIG = preset("debug")
 
@@ -17,9 +17,9 @@ CONFIG = preset("debug")
 def run(scores_BT: np.ndarray, budget: BudgetConfig, n0: int = 0, signal_BT: np.ndarray | None = None):
     scores_BT = np.atleast_2d(scores_BT)
     B, T = scores_BT.shape
-    st_, hold, spike = ControllerState.init(B, budget.window), HoldState.init(B), SpikeState.init(B)
+    st_, hold, spike, rank = ControllerState.init(B, budget.window), HoldState.init(B), SpikeState.init(B), RankState.init(B, budget.window)
     signal_BT = np.zeros((B, T)) if signal_BT is None else np.atleast_2d(signal_BT)
-    out = [controller_step(torch.as_tensor(scores_BT[:, n]), st_, budget, CONFIG, n0 + n, hold, torch.as_tensor(signal_BT[:, n]), spike)
+    out = [controller_step(torch.as_tensor(scores_BT[:, n]), st_, budget, CONFIG, n0 + n, hold, torch.as_tensor(signal_BT[:, n]), spike, rank)
            for n in range(T)]
     modes, flops, allow = (torch.stack([o[i] for o in out], 1).numpy() for i in range(3))
     return modes, flops, allow
@@ -45,11 +45,12 @@ score_streams = st.one_of(
     hold=st.sampled_from([0, 0, 1, 4, 12]),
     spike_feature=st.sampled_from([-1, -1, 1]),
     signal_seed=st.integers(0, 2**16),
+    threshold=st.sampled_from(["ema", "window"]),
 )
 def test_realized_flops_never_exceed_the_budget_on_any_window(scores, fraction, window, slack, reserve, spike_z, n0, hold, spike_feature,
-                                                              signal_seed):
+                                                              signal_seed, threshold):
     budget = BudgetConfig(fraction=fraction, window=window, slack=slack, reserve=reserve, spike_z=spike_z, hold=hold,
-                          spike_feature=spike_feature, spike_signal_z=spike_z)
+                          spike_feature=spike_feature, spike_signal_z=spike_z, threshold=threshold)
     s = np.asarray(scores)
     signal = np.random.default_rng(signal_seed).standard_normal((2, len(s))) ** 4  # heavy-tailed: many signal spikes
     _, flops, allow = run(np.stack([s, s[::-1]]), budget, n0, signal)
@@ -128,6 +129,41 @@ def test_a_spike_of_the_signal_spends_the_reserve_where_the_score_does_not_stand
     assert np.array_equal(plain, run(scores, budget)[0])
     with pytest.raises(ValueError, match="SpikeState"):
         controller_step(torch.ones(1), ControllerState.init(1, 4), BudgetConfig(fraction=0.1, window=4, spike_feature=1), CONFIG, 0)
+
+
+def test_the_windowed_threshold_asks_when_a_score_ranks_within_what_the_window_still_pays_for():
+    # window 4 at a 50% rate, slack 1 so that the window test never binds and the modes are the asks:
+    # token n asks when its rank among the window's n scores is at most 2 * 0.5 * n - (attention among the n - 1 before)
+    budget = BudgetConfig(fraction=0.5, window=4, slack=1.0, reserve=0.0, spike_z=100.0, threshold="window")
+    modes, _, _ = run(np.array([0.9, 0.1, 0.5, 0.8, 0.7, 0.2, 0.95, 0.3]), budget)
+    # 0: rank 1 <= 1; 1: rank 2 > 2 - 1; 2: rank 2 <= 3 - 1; 3: rank 2 <= 4 - 2; 4: rank 2 <= 4 - 2 (0.9 left the window);
+    # 5: rank 4 > 4 - 3; 6: rank 1 <= 4 - 2; 7: rank 3 > 4 - 2
+    assert modes[0].tolist() == [1, 0, 1, 1, 1, 0, 1, 0]
+    assert run(np.zeros(100), budget)[0].sum() == 0  # scores of 0 never ask
+    with pytest.raises(ValueError, match="RankState"):
+        controller_step(torch.ones(1), ControllerState.init(1, 4), budget, CONFIG, 0)
+    with pytest.raises(ValueError, match="RankState"):
+        controller_step(torch.ones(1), ControllerState.init(1, 4), budget, CONFIG, 0, rank=RankState.init(1, 8))
+    with pytest.raises(ValueError, match="threshold"):
+        BudgetConfig(threshold="median")
+
+
+def test_the_windowed_threshold_spends_a_quiet_span_that_the_running_threshold_leaves_unspent():
+    rng = np.random.default_rng(2)
+    # a burst that asks for every token, then a quiet span of low, spread scores: the running threshold stays
+    # high for a while (its deviation shrinks slowly, z steps back down slowly); the window's bar drops as the burst leaves it
+    scores = np.concatenate([np.ones(200), rng.random(600) * 0.2])
+    ema, flops, allow = run(scores, BudgetConfig(fraction=0.1, window=64, reserve=0.0, spike_z=100.0))
+    ranked, flops_w, allow_w = run(scores, BudgetConfig(fraction=0.1, window=64, reserve=0.0, spike_z=100.0, threshold="window"))
+    quiet = slice(264, 500)  # once the burst has left the window
+    assert ranked[0, quiet].mean() >= 0.075 and ranked[0, quiet].mean() > 2 * ema[0, quiet].mean()
+    assert np.median(scores[264:][ranked[0, 264:] > 0]) > np.quantile(scores[264:], 0.75)
+    assert (window_sums(flops_w[0], 64) <= window_sums(allow_w[0], 64) * (1 + 1e-12)).all()
+    # on steady scores it spends about as much, on better tokens: the top of each window rather than what passes a running bar
+    s = rng.random(3000)
+    ema, _, _ = run(s, BudgetConfig(fraction=0.1, window=128, reserve=0.0))
+    ranked, _, _ = run(s, BudgetConfig(fraction=0.1, window=128, reserve=0.0, threshold="window"))
+    assert ranked.mean() >= 0.08 and s[ranked[0] > 0].mean() >= 0.9 > s[ema[0] > 0].mean()
 
 
 def test_a_hold_needs_its_state():

@@ -72,7 +72,8 @@ def stream_through_step(model, x, router, budget):
 @pytest.mark.parametrize("budget", [BudgetConfig(fraction=0.25, window=8), BudgetConfig(fraction=0.25, window=8, reserve=0.1, hold=3),
                                     BudgetConfig(fraction=0.25, window=T),
                                     BudgetConfig(fraction=0.25, window=8, reserve=0.3, spike_feature=1),
-                                    None], ids=["budget", "hold", "whole-stream", "spike-feature", "no-budget"])
+                                    BudgetConfig(fraction=0.25, window=8, reserve=0.1, threshold="window"),
+                                    None], ids=["budget", "hold", "whole-stream", "spike-feature", "window-threshold", "no-budget"])
 def test_forward_and_step_make_the_same_decisions_and_forecasts(name, budget):
     model = random_model("gdn")
     router, x = ROUTERS[name](), stream()
@@ -159,6 +160,21 @@ def test_a_spike_feature_state_survives_a_restart_and_is_asked_for(tmp_path):
     assert torch.equal(torch.stack(modes, 1), whole[:, 12:])
     with pytest.raises(ValueError, match="spike"):
         routed.step(x[:, :P], RoutedForecaster(model, learned(2), BudgetConfig(fraction=0.2, window=8)).init_state(2))
+
+
+def test_prefill_with_the_windowed_threshold_continues_as_steps_would_after_a_restart(tmp_path):
+    model, budget, x, P = random_model("gdn"), BudgetConfig(fraction=0.3, window=8, reserve=0.0, threshold="window"), stream(6), 8
+    router = RandomRouter(0.5, seed=3)
+    _, steps, _, _ = stream_through_step(model, x, router, budget)
+    routed = RoutedForecaster(model, router, budget)
+    out, state = routed.prefill(x[:, : 12 * P])
+    state.save(tmp_path / "s.safetensors")
+    resumed = oryx_ts.State.load(tmp_path / "s.safetensors")
+    assert torch.equal(resumed.parts["rank"].modes_BW, state.parts["rank"].modes_BW) and state.parts["rank"].modes_BW.sum() > 0
+    rest, _ = routed.prefill(x[:, 12 * P :], state=resumed)
+    assert torch.equal(torch.cat([out.modes_BT, rest.modes_BT], 1), steps)
+    with pytest.raises(ValueError, match="rank"):
+        routed.step(x[:, :P], RoutedForecaster(model, router, BudgetConfig(fraction=0.3, window=8)).init_state(2))
 
 
 def test_plain_state_is_not_taken_for_a_routed_one(tmp_path):
