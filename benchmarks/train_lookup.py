@@ -10,8 +10,8 @@ and of an exact copy of the earlier play, and the share of the copy's gain that 
 recovers (`evaluation.routing.lookup`); MAE inside event windows all-recurrent, all-attention and
 with attention on the event tokens only (`evaluation.routing.attention_ceiling`). Seed 2 (the
 scenarios' validation seed) is the one variants are chosen on; seed 1 is the routing benchmark's
-evaluation stream; the others are fresh. Between the phases, and again at the end, the same look-up on held-out curriculum streams
-(`datasets.recall.RecallScenario`, seeds `RECALL_SEEDS`, 4 segments of 256 tokens): plays of 128
+evaluation stream; the others are fresh. Between the phases the look-up on the first two seeds and, as at the
+end, on held-out curriculum streams (`datasets.recall.RecallScenario`, seeds `RECALL_SEEDS`, 4 segments of 256 tokens): plays of 128
 steps back to back and after 0-384 steps of distractors (`RECALL_EVAL`), which tells a look-up that
 never formed from one that formed but does not carry over to the scenario.
 
@@ -90,9 +90,13 @@ def main() -> None:
     if args.barrier:
         wait_for_others(args.barrier, args.recipe)
         print(f"every run warmed up ({time.time() - started:.0f}s)")
-    def check(m):  # the curriculum's own look-up, before the telemetry can unlearn it
+    def check(m):  # the look-up before the telemetry can unlearn it: on the curriculum, and on the scenario's first two seeds
         with torch.no_grad():
-            return {f"{r['stream']}-{r['seed']}": round(r["share"], 4) for r in recall_lookup(m.eval(), (64, 2) if args.quick else (256, 2))}
+            shares = {f"{r['stream']}-{r['seed']}": round(r["share"], 4) for r in recall_lookup(m.eval(), (64, 2) if args.quick else (256, 2))}
+            for seed in args.seeds[:2]:
+                shares[f"{scenario_name}-{seed}"] = round(lookup(m, scenario, seed, seg_tokens, n_seg)["share"], 4)
+                print(f"after the curriculum, {scenario_name} seed {seed}: share {shares[f'{scenario_name}-{seed}']:.1%}")
+        return shares
 
     plays = scenario.train_plays(C, length=len(values)) if recipe.telemetry_guide > 0 else None
     model, record = recipe.fit(values, config=config, seconds=seconds, device=args.device, progress=False,
