@@ -7,7 +7,8 @@ controller for real data), recording every token's score and surprise features
 (`evaluation.onset.onset_trace`), and computes causal statistics of the raw signal
 (`evaluation.onset.signal_statistics`). Per window and token 0..`--tokens`-1 it prints each score's value
 and its top share (the share of the series' tokens scoring at least as high; a 10% rate catches a token
-only at a top share of at most 0.10) over the whole series and over the 128 tokens before it.
+only at a top share of at most 0.10) over the whole series and over the 128 tokens before it, and how many
+attention tokens the budget window through each window's first token had already spent.
 Writes `onset.json` and `onset.png` (one panel per window: the signal with token boundaries, ~100 tokens
 before the window's first token and 20 into it, and the scores' local ranks with the attention tokens).
 
@@ -24,7 +25,7 @@ import torch
 import oryx_ts
 from oryx_ts.checkpoint import load_router
 from oryx_ts.config import BudgetConfig
-from oryx_ts.evaluation.onset import SIGNAL_STATISTICS, onset_rows, onset_trace, plot_onsets, rank_tables, signal_statistics
+from oryx_ts.evaluation.onset import SIGNAL_STATISTICS, budget_fill, onset_rows, onset_trace, plot_onsets, rank_tables, signal_statistics
 from oryx_ts.evaluation.routing import real_stream
 from oryx_ts.routers import SurpriseRouter
 
@@ -69,13 +70,16 @@ def main() -> None:
               f"{r['learned score']['value']:.3f} ({r['learned score']['top']:.3f}, {r['learned score']['local']:.3f}) | "
               f"{r['surprise score']['value']:.3f} ({r['surprise score']['top']:.3f}, {r['surprise score']['local']:.3f}) | "
               f"{feats} {r[feats]['value']:.2f} ({r[feats]['top']:.3f}) | {raw} {r[raw]['value']:.2f} ({r[raw]['top']:.3f}) |")
+    fill = {k: budget_fill(t.modes_T, stream.windows, P, args.window) for k, t in traces.items()}
+    print(f"\nAttention tokens among the {args.window - 1} before each window's first token (the budget window pays for about "
+          f"{args.fraction * args.window:.1f}): " + "; ".join(f"{k} {v}" for k, v in fill.items()))
     print("\nPer window, the best top share any series reaches among its first 3 tokens:")
     for i in range(1, len(stream.windows) + 1):
         first3 = [r for r in rows if r["window"] == i and r["token"] < 3]
         best = {k: min(r[k]["top"] for r in first3) for k in series}
         print(f"window {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(best.items(), key=lambda kv: kv[1])))
     (out / "onset.json").write_text(json.dumps({"model": args.model, "budget": budget.fraction, "window": args.window, "rows": rows,
-                                                "attention_rate": {k: float(t.modes_T.mean()) for k, t in traces.items()}}, indent=2))
+                                                "attention_rate": {k: float(t.modes_T.mean()) for k, t in traces.items()}, "budget_fill": fill}, indent=2))
     plot_onsets(out / "onset.png", stream.values, stream.windows, P, traces, window=args.window)
     print(f"\nwrote {out / 'onset.json'}, {out / 'onset.png'}")
 

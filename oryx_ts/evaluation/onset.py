@@ -10,7 +10,8 @@ ranks every token's values among all tokens of the series: a token's *top share*
 tokens whose value is at least its own (1/T for the largest), so a score that sends the top 10% of
 tokens to attention catches it only when its top share is at most 0.10. The local top share
 compares it only with the `window` tokens before it, as an adaptive threshold over a budget window does.
-`onset_rows` reads the first tokens of each window out of those tables and `plot_onsets` draws them.
+`onset_rows` reads the first tokens of each window out of those tables, `budget_fill` counts what the
+budget window through a window's first token had already spent, and `plot_onsets` draws them.
 """
 
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from oryx_ts.datasets.labels import LabelWindow
 from oryx_ts.model import OryxForecaster
 from oryx_ts.routers import Router, RouterInputs
 
-__all__ = ["OnsetTrace", "RecordingRouter", "SIGNAL_STATISTICS", "local_top_share", "onset_rows", "onset_trace", "plot_onsets",
+__all__ = ["OnsetTrace", "RecordingRouter", "SIGNAL_STATISTICS", "budget_fill", "local_top_share", "onset_rows", "onset_trace", "plot_onsets",
            "rank_tables", "signal_statistics", "top_share"]
 
 SIGNAL_STATISTICS = ("level", "deviation", "change", "spread")
@@ -133,6 +134,13 @@ def onset_rows(tables: dict[str, dict[str, np.ndarray]], windows: Sequence[Label
             rows.append({"window": i + 1, "start": w.start, "token": n,
                          **{name: {k: float(t[k][g]) for k in t} for name, t in tables.items()}})
     return rows
+
+
+def budget_fill(modes_T: np.ndarray, windows: Sequence[LabelWindow], patch_len: int, window: int) -> list[int]:
+    """Per labelled window, the attention tokens among the `window - 1` tokens before its first token: what a
+    budget window through that token has already spent (at a rate f it pays for about `f * window` in all)."""
+    firsts = [w.start // patch_len for w in windows]
+    return [int(np.asarray(modes_T)[max(0, g - window + 1) : g].sum()) for g in firsts]
 
 
 def plot_onsets(path, values_LC: np.ndarray, windows: Sequence[LabelWindow], patch_len: int, traces: dict[str, OnsetTrace], *,

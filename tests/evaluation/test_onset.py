@@ -6,7 +6,7 @@ import torch
 
 from oryx_ts.config import BudgetConfig
 from oryx_ts.datasets.labels import LabelWindow
-from oryx_ts.evaluation.onset import local_top_share, onset_rows, onset_trace, rank_tables, signal_statistics, top_share
+from oryx_ts.evaluation.onset import budget_fill, local_top_share, onset_rows, onset_trace, rank_tables, signal_statistics, top_share
 from oryx_ts.evaluation.routing import run_router
 from oryx_ts.routers import FixedRouter, SurpriseRouter
 from tests.conftest import random_model
@@ -42,6 +42,14 @@ def test_onset_rows_read_the_first_tokens_of_each_window():
     assert [(r["window"], r["token"], r["s"]["value"]) for r in rows] == [(1, 0, 5.0), (1, 1, 6.0), (1, 2, 7.0), (2, 0, 10.0), (2, 1, 11.0),
                                                                           (2, 2, 12.0)]
     assert rows[0]["s"]["top"] == pytest.approx(15 / 20) and rows[0]["s"]["local"] == pytest.approx(1 / 4)
+
+
+def test_budget_fill_counts_the_attention_before_each_window_within_the_budget_window():
+    modes = np.zeros(40)
+    modes[[2, 10, 17, 18, 19, 20]] = 1  # token 20 is the second window's first token: not before it
+    windows = [LabelWindow(8 * 12 + 5, 8 * 14, "anomaly"), LabelWindow(8 * 20, 8 * 22, "anomaly")]
+    assert budget_fill(modes, windows, patch_len=8, window=8) == [1, 3]  # tokens 5..11 and 13..19
+    assert budget_fill(modes, windows, patch_len=8, window=40) == [2, 5]
 
 
 def test_the_trace_records_the_scores_and_modes_of_the_routed_run():
