@@ -165,8 +165,8 @@ LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
                                                  recall=_UNALIGNED, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2},
                                                  mix=0.5, mix_recall=_DISTRACTED_UNALIGNED, seconds=240.0),
     # the program runs' own telemetry as the curriculum (`curriculum_plays`; seed 5, the telemetry phase's kind of stream):
-    # two guided heads, half the time; the same with telemetry at lr 3e-4; three quarters of the time in the curriculum;
-    # the same as the first with the guide kept on in the telemetry phase, on its own repeats; that
+    # two guided heads, half the time; the same with telemetry at lr 3e-4; three quarters of the time in the curriculum, with two
+    # guided heads and with three; the same as the first with the guide kept on in the telemetry phase, on its own repeats; that
     # guide alone, no curriculum; the committed recipe with that guide in its telemetry phase
     "programs-runs": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3}, recall_steps=50_000,
                                       recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2}, seconds=240.0),
@@ -176,6 +176,9 @@ LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
     "programs-runs-long": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
                                            recall_steps=150_000, recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN,
                                            guide={"weight": 1.0, "heads": 2}, seconds=240.0),
+    "programs-runs-long-3h": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
+                                              recall_steps=150_000, recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN,
+                                              guide={"weight": 1.0, "heads": 3}, seconds=240.0),
     "programs-runs-guided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
                                              recall_steps=50_000, recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN,
                                              guide={"weight": 1.0, "heads": 2}, telemetry_guide=1.0, seconds=240.0),
