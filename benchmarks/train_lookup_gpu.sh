@@ -8,10 +8,10 @@
 # under $OUT (default runs/lookup-gpu): one <recipe>.tar per recipe (its checkpoint and lookup.json)
 # and logs.tgz. The runs start their budgets together, once every one has compiled its kernels
 # (--barrier). QUICK=1 runs the --quick sizes (a smoke test on any machine). The committed checkpoints
-# came from `bash benchmarks/train_lookup_gpu.sh 330 ...` (daily, then named daily-guided) and
-# `... 270 ...` (programs, then named programs-unaligned-b2b), four recipes side by side each time
-# (docs/BENCHMARKS.md, "look-up forecasters with guided attention"); `train_lookup.py --steps`
-# repeats them by their step counts.
+# came from `bash benchmarks/train_lookup_gpu.sh 330 ...` (daily, then named daily-guided; four recipes
+# side by side) and `... 440 programs-runs-long programs-runs-long-3h` (programs, then named
+# programs-runs-long; two side by side) (docs/BENCHMARKS.md, "look-up forecasters with guided attention"
+# and "curricula of the program runs themselves"); `train_lookup.py --steps` repeats them by their step counts.
 set -u
 OUT=${OUT:-runs/lookup-gpu}
 mkdir -p "$OUT"

@@ -128,20 +128,25 @@ _GUIDED_TRAIN = {"keep_best": False, "lr": 2e-3}
 _PROGRAM_RUNS = {"recurring": dict(SCENARIOS["programs"].train_recurring)}  # program runs on 37% of the steps, 4 repeats each
 LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
     # the committed checkpoints (`benchmarks/checkpoints/<name>-lookup`, docs/RESULTS.md "Look-up"):
-    # program runs: guided attention (`oryx_ts.guide`, two heads) forms the look-up in a curriculum of plays back to
-    # back whose 125-step period puts each repeat at another phase of the patch grid (program runs start at any step),
-    # with the curriculum's own lr and its last weights (its validation cannot see a look-up); half the time budget;
-    # then telemetry at lr 1e-3 with 30% curriculum blocks among distractors
-    "programs": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3}, recall_steps=50_000,
-                                 recall={**_BACK_TO_BACK, "period": 125}, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2},
-                                 mix=0.3, mix_recall=_DISTRACTED_UNALIGNED, seconds=240.0),
+    # program runs: a curriculum of the program runs' own telemetry (`curriculum_plays`; seed 5, the telemetry phase's
+    # kind of stream) in which guided attention (`oryx_ts.guide`, two heads) forms the look-up, with the curriculum's own
+    # lr and its last weights (its validation cannot see a look-up), three quarters of the time budget; then the telemetry
+    # at lr 1e-3 (trained two side by side on one GPU)
+    "programs": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3}, recall_steps=150_000,
+                                 recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2}, seconds=440.0),
     # daily jobs: the earlier run found by its content, as the program runs' (one guided head, plays of 128 steps)
     "daily": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3}, recall_steps=25_000,
                               recall=_BACK_TO_BACK, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0}, mix=0.3,
                               mix_recall=_DISTRACTED, seconds=240.0),
     # the variants measured beside them (docs/BENCHMARKS.md, "look-up forecasters with guided attention"):
-    # one guided head, plays on the patch grid; the same with telemetry at lr 3e-4; two heads, half the time in a curriculum
-    # among distractors
+    # the program-run checkpoint before (2026-12-02, 33.6%): a curriculum of random-walk plays back to back whose 125-step
+    # period puts each repeat at another phase of the patch grid, half the time budget; then telemetry with 30% curriculum
+    # blocks among distractors
+    "programs-b2b": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3}, recall_steps=50_000,
+                                     recall={**_BACK_TO_BACK, "period": 125}, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2},
+                                     mix=0.3, mix_recall=_DISTRACTED_UNALIGNED, seconds=240.0),
+    # random walks: one guided head, plays on the patch grid; the same with telemetry at lr 3e-4; two heads, half the time
+    # in a curriculum among distractors
     "programs-guided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
                                         recall_steps=25_000, recall=_BACK_TO_BACK, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0},
                                         mix=0.3, mix_recall=_DISTRACTED, seconds=240.0),
@@ -165,17 +170,14 @@ LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
                                                  recall=_UNALIGNED, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2},
                                                  mix=0.5, mix_recall=_DISTRACTED_UNALIGNED, seconds=240.0),
     # the program runs' own telemetry as the curriculum (`curriculum_plays`; seed 5, the telemetry phase's kind of stream):
-    # two guided heads, half the time; the same with telemetry at lr 3e-4; three quarters of the time in the curriculum, with two
-    # guided heads and with three; the same as the first with the guide kept on in the telemetry phase, on its own repeats; that
-    # guide alone, no curriculum; the committed recipe with that guide in its telemetry phase
+    # two guided heads, half the time; the same with telemetry at lr 3e-4; three quarters of the time in the curriculum with three
+    # guided heads (with two: `programs`); the same as the first with the guide kept on in the telemetry phase, on its own repeats; that
+    # guide alone, no curriculum; `programs-b2b` with that guide in its telemetry phase
     "programs-runs": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3}, recall_steps=50_000,
                                       recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2}, seconds=240.0),
     "programs-runs-lr3e4": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 3e-4},
                                             recall_steps=50_000, recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN,
                                             guide={"weight": 1.0, "heads": 2}, seconds=240.0),
-    "programs-runs-long": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
-                                           recall_steps=150_000, recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN,
-                                           guide={"weight": 1.0, "heads": 2}, seconds=240.0),
     "programs-runs-long-3h": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
                                               recall_steps=150_000, recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN,
                                               guide={"weight": 1.0, "heads": 3}, seconds=240.0),

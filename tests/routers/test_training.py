@@ -56,7 +56,7 @@ def test_recall_curriculum_trains_all_attention_first_then_the_telemetry_from_it
 def test_lookup_recipes_share_a_time_budget_by_steps_and_mix_the_curriculum_into_the_telemetry(monkeypatch):
     calls = []
     monkeypatch.setattr(training, "train", _recording_train(calls))
-    recipe = LOOKUP_RECIPES["programs"]
+    recipe = LOOKUP_RECIPES["programs-b2b"]
     config = recipe.config(train={"steps": 200})
     C = config.tokenizer.channels
     telemetry = np.full((3 * MIX_BLOCK, C), 7.0, np.float32)
