@@ -9,10 +9,11 @@
   half the chunks in attention mode, on telemetry whose jobs cover 30% of the steps.
 
 `LOOKUP_RECIPES` are the larger forecasters trained on a GPU for the look-up (`benchmarks/train_lookup.py`):
-the same tokenizer and head, a wider and deeper block, a time budget instead of a step count, a
-recall curriculum whose look-up guided attention forms (`oryx_ts.guide`), and curriculum blocks
-among distractors, some repeating on part of the channels only, inside the telemetry phase (`mix`),
-so that the look-up survives it.
+the same tokenizer and head, a wider and deeper block, a time budget instead of a step count, and a
+recall curriculum whose look-up guided attention forms (`oryx_ts.guide`): for the program runs the
+scenario's own kind of telemetry (`curriculum_plays`), for the daily jobs random-walk plays with
+curriculum blocks among distractors, some repeating on part of the channels only, inside the
+telemetry phase (`mix`), so that the look-up survives it.
 
 The router's target from the forecaster itself (`RouterConfig.target = "gain"`): `attention_gain`
 runs the frozen forecaster over a window both all-recurrent and all-attention and takes, per
