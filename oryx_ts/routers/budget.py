@@ -155,6 +155,7 @@ def controller_step(
 def controller_run(
     scores_BT: np.ndarray, st: ControllerState, budget: BudgetConfig, config: OryxConfig, positions: int | np.ndarray | torch.Tensor,
     hold: HoldState | None = None, signal_BT: np.ndarray | None = None, spike: SpikeState | None = None, rank: RankState | None = None,
+    why: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decide T consecutive tokens of every series, the first at `positions`; advances `st` (and `hold`, `spike`, `rank`) in place.
 
@@ -164,6 +165,9 @@ def controller_run(
     its running statistics (advanced in place): a token whose signal lies `budget.spike_signal_z`
     deviations above the signal's running mean is a spike too, whatever its score. With
     `budget.threshold == "window"`, `rank` holds the last W-1 scores and modes (advanced in place).
+    A `why` dict, when given, receives `(B, T)` booleans of each decision's reason: `asked` (the
+    threshold's ask), `ordinary` (asked and within the ordinary budget) and `spike` (sent as a spike
+    past the ordinary budget); held tokens are attention tokens in neither.
     Raises `ValueError` for a state made for another window, for `budget.hold > 0` without a `hold`
     state, for `budget.spike_feature >= 0` without `signal_BT` and `spike`, or for the windowed
     threshold without a `rank` state of this window.
@@ -195,6 +199,7 @@ def controller_run(
     z, mean_s, dev_s = (t.cpu().numpy().copy() for t in (st.z_B, st.score_mean_B, st.score_dev_B))
     left = hold.left_B.cpu().numpy().copy() if budget.hold > 0 else np.zeros(B, dtype=np.int64)
     out_m, out_f, out_a = np.zeros((B, T)), np.zeros((B, T)), np.zeros((B, T))
+    reasons = {k: np.zeros((B, T), dtype=bool) for k in ("asked", "ordinary", "spike")}
     w_idx = np.arange(W)[None, :]
     for t in range(T):
         rec, att, allow = rec_all[:, t : t + W], att_all[:, t : t + W], allow_all[:, t : t + W]
@@ -228,6 +233,8 @@ def controller_run(
         else:
             asks = scores >= tau
         sent = (asks & fits_ordinary) | (peak & fits_spike)
+        reasons["asked"][:, t], reasons["ordinary"][:, t] = asks, asks & fits_ordinary
+        reasons["spike"][:, t] = sent & ~(asks & fits_ordinary)
         m = (sent | ((left > 0) & fits_ordinary)).astype(np.float64)
         left = np.where(sent, budget.hold, np.maximum(left - 1, 0))
         flops = rec[:, 0] + m * (att[:, 0] - rec[:, 0])
@@ -246,6 +253,8 @@ def controller_run(
         spike.mean_B, spike.dev_B = (torch.from_numpy(a).to(spike.mean_B.device) for a in (sig_mean, sig_dev))
     if ranked:
         rank.scores_BW, rank.modes_BW = (torch.from_numpy(a).to(rank.scores_BW.device) for a in (hist_s, hist_m))
+    if why is not None:
+        why.update(reasons)
     return out_m, out_f, out_a
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from oryx_ts.config import preset
 from oryx_ts.flops import mode_costs
 from oryx_ts.routers import BudgetConfig, ControllerState, HoldState, allowance, controller_step, window_sums
-from oryx_ts.routers.budget import RankState, SpikeState
+from oryx_ts.routers.budget import RankState, SpikeState, controller_run
 
 CONFIG = preset("debug")
 
@@ -164,6 +164,22 @@ def test_the_windowed_threshold_spends_a_quiet_span_that_the_running_threshold_l
     ema, _, _ = run(s, BudgetConfig(fraction=0.1, window=128, reserve=0.0))
     ranked, _, _ = run(s, BudgetConfig(fraction=0.1, window=128, reserve=0.0, threshold="window"))
     assert ranked.mean() >= 0.08 and s[ranked[0] > 0].mean() >= 0.9 > s[ema[0] > 0].mean()
+
+
+def test_the_reasons_tell_asked_ordinary_and_spike_tokens_apart():
+    scores = np.zeros(300)
+    scores[[100, 200]] = 1.0  # asks (a 1 always reaches the threshold) and spikes
+    budget = BudgetConfig(fraction=0.2, window=64, reserve=0.0, hold=4)
+    why = {}
+    modes = controller_run(scores[None], ControllerState.init(1, 64), budget, CONFIG, 0, HoldState.init(1), why=why)[0][0]
+    assert why["asked"][0, [100, 200]].all() and why["asked"][0].sum() == 2
+    assert why["ordinary"][0, [100, 200]].all() and not why["spike"][0].any()
+    assert modes[101:105].all() and not (why["ordinary"] | why["spike"])[0, 101:105].any()  # held: neither
+    # with the whole surcharge reserved, only spikes get in
+    why = {}
+    modes = controller_run(scores[None], ControllerState.init(1, 64), BudgetConfig(fraction=0.2, window=64, reserve=1.0), CONFIG, 0,
+                           why=why)[0][0]
+    assert modes[[100, 200]].all() and why["spike"][0, [100, 200]].all() and not why["ordinary"][0].any()
 
 
 def test_a_hold_needs_its_state():
