@@ -11,7 +11,8 @@ tokens whose value is at least its own (1/T for the largest), so a score that se
 tokens to attention catches it only when its top share is at most 0.10. The local top share
 compares it only with the `window` tokens before it, as an adaptive threshold over a budget window does.
 `onset_rows` reads the first tokens of each window out of those tables, `budget_fill` counts what the
-budget window through a window's first token had already spent, and `plot_onsets` draws them.
+budget window through a window's first token had already spent, `decision_shares` replays the controller
+to tell how many tokens asked and what let them in, and `plot_onsets` draws them.
 """
 
 from collections.abc import Sequence
@@ -20,12 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from oryx_ts.config import BudgetConfig
+from oryx_ts.config import BudgetConfig, OryxConfig
 from oryx_ts.datasets.labels import LabelWindow
 from oryx_ts.model import OryxForecaster
 from oryx_ts.routers import Router, RouterInputs
+from oryx_ts.routers.budget import ControllerState, HoldState, RankState, controller_run
 
-__all__ = ["OnsetTrace", "RecordingRouter", "SIGNAL_STATISTICS", "budget_fill", "local_top_share", "onset_rows", "onset_trace", "plot_onsets",
+__all__ = ["OnsetTrace", "RecordingRouter", "SIGNAL_STATISTICS", "budget_fill", "decision_shares", "local_top_share", "onset_rows", "onset_trace", "plot_onsets",
            "rank_tables", "signal_statistics", "top_share"]
 
 SIGNAL_STATISTICS = ("level", "deviation", "change", "spread")
@@ -136,6 +138,21 @@ def onset_rows(tables: dict[str, dict[str, np.ndarray]], windows: Sequence[Label
     return rows
 
 
+def decision_shares(trace: OnsetTrace, budget: BudgetConfig, config: OryxConfig) -> dict[str, float]:
+    """Replay a trace's scores through the controller (`routers.budget.controller_run`) and give the share of
+    tokens that `asked` (passed the threshold), ran as `ordinary` attention, or ran as a `spike` past the
+    ordinary budget, and the `attention` rate. Raises `ValueError` when the replay does not give the trace's
+    modes (a budget other than the run's, or one with a spike feature, whose signal a trace does not keep)."""
+    if budget.spike_feature >= 0:
+        raise ValueError("a trace keeps no spike signal: replay only budgets without a spike feature")
+    why: dict[str, np.ndarray] = {}
+    modes = controller_run(trace.scores_T[None].astype(np.float64), ControllerState.init(1, budget.window), budget, config, 0,
+                           HoldState.init(1), rank=RankState.init(1, budget.window), why=why)[0][0]
+    if not np.array_equal(modes, trace.modes_T):
+        raise ValueError("the replay does not give the trace's modes: is this the budget it ran under?")
+    return {"attention": float(modes.mean()), **{k: float(v.mean()) for k, v in why.items()}}
+
+
 def budget_fill(modes_T: np.ndarray, windows: Sequence[LabelWindow], patch_len: int, window: int) -> list[int]:
     """Per labelled window, the attention tokens among the `window - 1` tokens before its first token: what a
     budget window through that token has already spent (at a rate f it pays for about `f * window` in all)."""
@@ -179,5 +196,5 @@ def plot_onsets(path, values_LC: np.ndarray, windows: Sequence[LabelWindow], pat
         bottom.legend(loc="upper left", fontsize=7, ncol=len(traces))
     axes[-1, 0].set_xlabel("step (bars above 1: attention tokens; dashed: a 10% rate)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=75)
     plt.close(fig)

@@ -6,7 +6,7 @@ import torch
 
 from oryx_ts.config import BudgetConfig
 from oryx_ts.datasets.labels import LabelWindow
-from oryx_ts.evaluation.onset import budget_fill, local_top_share, onset_rows, onset_trace, rank_tables, signal_statistics, top_share
+from oryx_ts.evaluation.onset import budget_fill, decision_shares, local_top_share, onset_rows, onset_trace, rank_tables, signal_statistics, top_share
 from oryx_ts.evaluation.routing import run_router
 from oryx_ts.routers import FixedRouter, SurpriseRouter
 from tests.conftest import random_model
@@ -66,3 +66,8 @@ def test_the_trace_records_the_scores_and_modes_of_the_routed_run():
     assert trace.scores_T[0] == 0.0 and trace.scores_T[1:].max() > 0  # the first token has no earlier forecast
     with pytest.raises(ValueError, match="reads no surprise"):
         onset_trace(model, FixedRouter(4), budget, values)
+    shares = decision_shares(trace, budget, model.config)  # no hold: every attention token asked or spiked
+    assert shares["attention"] == pytest.approx(trace.modes_T.mean()) and shares["attention"] > 0
+    assert shares["ordinary"] + shares["spike"] == pytest.approx(shares["attention"]) and shares["asked"] >= shares["ordinary"]
+    with pytest.raises(ValueError, match="budget it ran under"):
+        decision_shares(trace, BudgetConfig(fraction=0.05, window=16), model.config)
