@@ -34,8 +34,10 @@ realized FLOPs.
 The label-free router's target is `--target`: `gain` (default; where attention lowers the frozen
 forecaster's own loss, `routers.training.train_gain_router`, with the surprise term beside it) or
 `surprise` (the earlier objective). `--window` (budget window W, 0 = a whole segment), `--hold`
-(hysteresis) and `--spike-feature` (a surprise feature whose own spikes may spend the reserve,
-`BudgetConfig.spike_feature`) set the budget of every run. Then the budget window's effect: the learned, surprise and
+(hysteresis), `--spike-feature` (a surprise feature whose own spikes may spend the reserve,
+`BudgetConfig.spike_feature`) and `--threshold` (`ema`, the running threshold, or `window`, the
+budget window's own quantile lowered by the attention it has left unspent, `BudgetConfig.threshold`)
+set the budget of every run. Then the budget window's effect: the learned, surprise and
 oracle routers at 10% under each of `--windows`. Last, the targets table: per stream (evaluation
 seed and fresh seeds) the learned router's in-window MAE against all-recurrent and all-attention, the
 share of all-attention's gain it keeps and event recall, each against its target with the miss; on
@@ -43,7 +45,10 @@ streams with repeats, before it, the look-up inside repeats (`evaluation.routing
 an exact copy's gain over all-recurrent that all-attention recovers) on the same seeds.
 `--checkpoint DIR` streams a trained forecaster instead of training one (its own config is scored;
 `benchmarks/checkpoints/programs-lookup` and `daily-lookup` are trained on a GPU by
-`benchmarks/train_lookup.py`); the routers are trained against it, frozen, either way.
+`benchmarks/train_lookup.py`); the routers are trained against it, frozen, either way. On real data,
+`--checkpoint-router` routes with the learned router saved beside the checkpoint instead of training
+one (so that two runs of the same model and router differ only in their budget), and `--reserve` sets
+the controller's reserve (0.5 unless given; the synthetic streams choose theirs on validation).
 Writes `results.json`, `routing.png`, `stream.png` and the
 trained model with its label-free router (`model/`). The streams are `oryx_ts.datasets.scenarios`,
 the training recipes `oryx_ts.routers.training`, the scoring `oryx_ts.evaluation.routing`.
@@ -62,6 +67,7 @@ import torch
 from tqdm.auto import tqdm
 
 import oryx_ts
+from oryx_ts.checkpoint import load_router
 from oryx_ts.config import BudgetConfig, preset
 from oryx_ts.datasets.scenarios import EVALUATION_SEED, FRESH_SEEDS, SCENARIOS, VALIDATION_SEED
 from oryx_ts.datasets.synthetic import ANOMALY_KINDS
@@ -107,6 +113,12 @@ def main() -> None:
     ap.add_argument("--hold", type=int, default=0, help="BudgetConfig.hold: tokens held in attention after a score sends one")
     ap.add_argument("--spike-feature", type=int, default=-1,
                     help="BudgetConfig.spike_feature: a surprise feature whose own spikes may spend the reserve (1: the worst channel's error; -1 off)")
+    ap.add_argument("--threshold", choices=("ema", "window"), default="ema",
+                    help="BudgetConfig.threshold: the running threshold (ema) or the budget window's quantile (window)")
+    ap.add_argument("--reserve", type=float, default=0.5,
+                    help="real data: BudgetConfig.reserve (default 0.5, the anomaly stream's choice; synthetic streams choose it on validation)")
+    ap.add_argument("--checkpoint-router", action="store_true",
+                    help="real data: route with the learned router saved beside --checkpoint instead of training one")
     ap.add_argument("--windows", type=ints, default=(128, 1024, 0), help="budget windows whose effect is measured at 10%% (0: a whole segment)")
     ap.add_argument("--fresh-seeds", type=ints, default=FRESH_SEEDS, help="further fresh streams, at 10%%")
     args = ap.parse_args()
@@ -154,9 +166,9 @@ def main() -> None:
     print(f"trained forecaster and routers ({time.time() - started:.0f}s); checkpoint {out / 'model'}")
 
     window = args.window or seg_tokens
-    base = BudgetConfig(window=window, hold=args.hold, spike_feature=args.spike_feature)
+    base = BudgetConfig(window=window, hold=args.hold, spike_feature=args.spike_feature, threshold=args.threshold)
     print(f"label-free router: target {args.target}, gain lookahead {args.gain_lookahead}; budget window {window} tokens, hold {args.hold}, "
-          f"spike feature {args.spike_feature}")
+          f"spike feature {args.spike_feature}, threshold {args.threshold}")
     (reserve, spike_z), trials = choose_controller(model, router, scenario, seg_tokens, n_seg, budget=base)
     for t in trials:
         print(f"validation (seed {VALIDATION_SEED}), learned router at 10%: reserve {t['reserve']}, spike_z {t['spike_z']}: "
@@ -229,7 +241,8 @@ def main() -> None:
     targets = print_targets(rows, further, args.stream, EVALUATION_SEED, recalled)
     (out / "results.json").write_text(json.dumps({
         "rows": rows,
-        "controller": {"reserve": reserve, "spike_z": spike_z, "window": window, "hold": args.hold, "spike_feature": args.spike_feature},
+        "controller": {"reserve": reserve, "spike_z": spike_z, "window": window, "hold": args.hold, "spike_feature": args.spike_feature,
+                       "threshold": args.threshold},
         "router": {"target": args.target, "gain_lookahead": args.gain_lookahead}, "window_effect": effect,
         "further_streams": further, "targets": targets, "lookup": looked_up, "checkpoint": args.checkpoint,
         "seconds": time.time() - started}, indent=2))
@@ -251,18 +264,24 @@ def route_real_data(args: argparse.Namespace, out: Path, started: float) -> None
     T = stream.values.shape[0] // P
     print(f"{args.stream}: routing {stream.values.shape[0]} steps x {C} channels ({T} tokens) as one series; "
           f"{len(stream.windows)} windows ({stream.label_source}); forecaster and router trained on {stream.train_values.shape[0]} other steps")
+    if args.checkpoint_router and (not args.checkpoint or load_router(args.checkpoint) is None):
+        raise SystemExit("--checkpoint-router needs a --checkpoint saved with its learned router")
     model = oryx_ts.load(args.checkpoint) if args.checkpoint else train_forecaster(config, stream.train_values)
-    router = train_label_free(model, stream.train_values, router=dataclasses.replace(model.config.router, target=args.target,
-                                                                                        gain_lookahead=args.gain_lookahead))
+    if args.checkpoint_router:
+        router = load_router(args.checkpoint)
+    else:
+        router = train_label_free(model, stream.train_values, router=dataclasses.replace(model.config.router, target=args.target,
+                                                                                            gain_lookahead=args.gain_lookahead))
     oryx_ts.save(model, out / "model", router=router)
-    # no validation stream here: the anomaly stream's controller choice, reserve 0.5 and spike_z 3
-    base = BudgetConfig(window=args.window or T, hold=args.hold, reserve=0.5, spike_z=3.0, spike_feature=args.spike_feature)
+    # no validation stream here: the anomaly stream's controller choice, reserve 0.5 (unless --reserve) and spike_z 3
+    base = BudgetConfig(window=args.window or T, hold=args.hold, reserve=args.reserve, spike_z=3.0, spike_feature=args.spike_feature,
+                        threshold=args.threshold)
     rows = []
     for f in tqdm(BUDGETS, desc="budgets"):
         routers = {"fixed 1-in-k": FixedRouter(round(1 / f)), "random": RandomRouter(f, seed=1), "surprise": SurpriseRouter(), "learned": router}
         rows += real_routing(model, routers, [dataclasses.replace(base, fraction=f)], stream)
     print(f"\nbudget window {base.window} tokens, hold {base.hold}, reserve {base.reserve}, spike_z {base.spike_z}, "
-          f"spike feature {base.spike_feature}; recall: an attention token among a window's first 3 tokens")
+          f"spike feature {base.spike_feature}, threshold {base.threshold}; recall: an attention token among a window's first 3 tokens")
     print("| budget | router | windows recalled | first attention token per window | attention rate | FLOPs / budget | surcharge / budget |\n|"
           + "---|" * 7)
     for r in rows:
