@@ -21,7 +21,7 @@ from oryx_ts.service.settings import Settings
 from tests.conftest import random_model
 from tests.service.conftest import CHANNELS, auth, rows
 
-TRIALS = int(os.environ.get("ORYX_KILL_TRIALS", "20"))
+TRIALS = int(os.environ.get("ORYX_KILL_TRIALS", "12"))  # ORYX_KILL_TRIALS=100 for a longer soak
 SERIES = ["k0", "k1", "k2"]
 SNAPSHOT_ROWS = 60
 
