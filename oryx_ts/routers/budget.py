@@ -199,7 +199,7 @@ def controller_run(
     z, mean_s, dev_s = (t.cpu().numpy().copy() for t in (st.z_B, st.score_mean_B, st.score_dev_B))
     left = hold.left_B.cpu().numpy().copy() if budget.hold > 0 else np.zeros(B, dtype=np.int64)
     out_m, out_f, out_a = np.zeros((B, T)), np.zeros((B, T)), np.zeros((B, T))
-    reasons = {k: np.zeros((B, T), dtype=bool) for k in ("asked", "ordinary", "spike")}
+    reasons = None if why is None else {k: np.zeros((B, T), dtype=bool) for k in ("asked", "ordinary", "spike")}
     w_idx = np.arange(W)[None, :]
     for t in range(T):
         rec, att, allow = rec_all[:, t : t + W], att_all[:, t : t + W], allow_all[:, t : t + W]
@@ -233,8 +233,9 @@ def controller_run(
         else:
             asks = scores >= tau
         sent = (asks & fits_ordinary) | (peak & fits_spike)
-        reasons["asked"][:, t], reasons["ordinary"][:, t] = asks, asks & fits_ordinary
-        reasons["spike"][:, t] = sent & ~(asks & fits_ordinary)
+        if reasons is not None:  # only when asked for: this loop is the streaming step's controller
+            reasons["asked"][:, t], reasons["ordinary"][:, t] = asks, asks & fits_ordinary
+            reasons["spike"][:, t] = sent & ~(asks & fits_ordinary)
         m = (sent | ((left > 0) & fits_ordinary)).astype(np.float64)
         left = np.where(sent, budget.hold, np.maximum(left - 1, 0))
         flops = rec[:, 0] + m * (att[:, 0] - rec[:, 0])
@@ -253,7 +254,7 @@ def controller_run(
         spike.mean_B, spike.dev_B = (torch.from_numpy(a).to(spike.mean_B.device) for a in (sig_mean, sig_dev))
     if ranked:
         rank.scores_BW, rank.modes_BW = (torch.from_numpy(a).to(rank.scores_BW.device) for a in (hist_s, hist_m))
-    if why is not None:
+    if reasons is not None:
         why.update(reasons)
     return out_m, out_f, out_a
 
