@@ -12,7 +12,7 @@ anomalies (3% of the steps) and regime switches, plus its own recurring events (
 The forecaster's training stream has the same kinds of events, with recurring ones much denser
 (dense repeats teach recall). Seeds: `TRAIN_SEED` for training, `EVALUATION_SEED` for the stream
 that is scored, `VALIDATION_SEED` for choices made before scoring, `FRESH_SEEDS` for streams on
-which nothing was chosen.
+which nothing was chosen; `CURRICULUM_SEED_BASE` and above for further training telemetry (never scored).
 
 Legend: L raw steps, C channels.
 """
@@ -27,6 +27,7 @@ from oryx_ts.datasets.labels import LabelWindow
 from oryx_ts.datasets.synthetic import ANOMALY_KINDS, KINDS, SyntheticConfig, SyntheticStream, generate
 
 __all__ = [
+    "CURRICULUM_SEED_BASE",
     "EVALUATION_SEED",
     "FRESH_SEEDS",
     "SCENARIOS",
@@ -40,6 +41,10 @@ __all__ = [
 
 TRAIN_SEED, EVALUATION_SEED, VALIDATION_SEED = 0, 1, 2
 FRESH_SEEDS = (3, 4, 5)
+# telemetry drawn for training beyond the training stream (a curriculum of the scenario's own kind of stream,
+# `routers.training.curriculum_plays`) takes seeds from here on: the generator draws a stream's noise from its seed
+# alone, so a curriculum at an evaluation seed would be that evaluation stream's sample path
+CURRICULUM_SEED_BASE = 1000
 
 
 def labelled_stream(length: int, channels: int, seed: int,

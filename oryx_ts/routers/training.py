@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from oryx_ts.config import BudgetConfig, OryxConfig, RouterConfig, preset
 from oryx_ts.datasets.labels import LabelWindow, mask_from_windows
 from oryx_ts.datasets.recall import recall_plays
-from oryx_ts.datasets.scenarios import SCENARIOS, recurring_plays
+from oryx_ts.datasets.scenarios import CURRICULUM_SEED_BASE, SCENARIOS, recurring_plays
 from oryx_ts.guide import Guide, guide_targets
 from oryx_ts.model import OryxForecaster
 from oryx_ts.routers.features import surprise_targets
@@ -129,7 +129,7 @@ _GUIDED_TRAIN = {"keep_best": False, "lr": 2e-3}
 _PROGRAM_RUNS = {"recurring": dict(SCENARIOS["programs"].train_recurring)}  # program runs on 37% of the steps, 4 repeats each
 LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
     # the committed checkpoints (`benchmarks/checkpoints/<name>-lookup`, docs/RESULTS.md "Look-up"):
-    # program runs: a curriculum of the program runs' own telemetry (`curriculum_plays`; seed 5, the telemetry phase's
+    # program runs: a curriculum of the program runs' own telemetry (`curriculum_plays`; seed 1005, the telemetry phase's
     # kind of stream) in which guided attention (`oryx_ts.guide`, two heads) forms the look-up, with the curriculum's own
     # lr and its last weights (its validation cannot see a look-up), three quarters of the time budget; then the telemetry
     # at lr 1e-3 (trained two side by side on one GPU)
@@ -170,7 +170,7 @@ LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
                                                  train={**_LOOKUP_TRAIN, "lr": 1e-3, "attention_fraction": 0.75}, recall_steps=50_000,
                                                  recall=_UNALIGNED, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2},
                                                  mix=0.5, mix_recall=_DISTRACTED_UNALIGNED, seconds=240.0),
-    # the program runs' own telemetry as the curriculum (`curriculum_plays`; seed 5, the telemetry phase's kind of stream):
+    # the program runs' own telemetry as the curriculum (`curriculum_plays`; seed 1005, the telemetry phase's kind of stream):
     # two guided heads, half the time; the same with telemetry at lr 3e-4; three quarters of the time in the curriculum with three
     # guided heads (with two: `programs`); the same as the first with the guide kept on in the telemetry phase, on its own repeats; that
     # guide alone, no curriculum; `programs-b2b` with that guide in its telemetry phase
@@ -191,6 +191,15 @@ LOOKUP_RECIPES: dict[str, ForecasterRecipe] = {
                                             recall_steps=50_000, recall={**_BACK_TO_BACK, "period": 125}, recall_train=_GUIDED_TRAIN,
                                             guide={"weight": 1.0, "heads": 2}, mix=0.3, mix_recall=_DISTRACTED_UNALIGNED,
                                             telemetry_guide=1.0, seconds=240.0),
+    # the curriculum kept in the telemetry phase: 30% of its blocks are program runs of another seed, the guide on at
+    # them (two heads; three heads, whose look-up the plain telemetry phase unlearns)
+    "programs-mix": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3}, recall_steps=150_000,
+                                     recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN, guide={"weight": 1.0, "heads": 2}, mix=0.3,
+                                     mix_recall=_PROGRAM_RUNS, mix_guide=1.0, seconds=440.0),
+    "programs-mix-3h": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train={**_LOOKUP_TRAIN, "lr": 1e-3},
+                                        recall_steps=150_000, recall=_PROGRAM_RUNS, recall_train=_GUIDED_TRAIN,
+                                        guide={"weight": 1.0, "heads": 3}, mix=0.3, mix_recall=_PROGRAM_RUNS, mix_guide=1.0,
+                                        seconds=440.0),
     # before guided attention (the checkpoints of 2026-12-01): a curriculum among distractors without a guide; the
     # daily job by its fixed distance (RoPE base 100: keys that resolve 36 tokens), telemetry only
     "programs-unguided": ForecasterRecipe(block={**_LOOKUP_BLOCK, "rope": False}, train=_LOOKUP_TRAIN, recall_steps=25_000,
@@ -234,11 +243,12 @@ def curriculum_plays(length: int, channels: int, settings: Mapping[str, Any], se
     """A recall curriculum's `(stream (length, channels) float32, plays per block)`: `recall_plays` under
     `settings`, or, when `settings` holds only `recurring` (`SyntheticConfig` recurring fields), the
     project's synthetic telemetry with those recurring events (`datasets.scenarios.recurring_plays`):
-    a curriculum of the scenario's own kind of repeats instead of random walks."""
+    a curriculum of the scenario's own kind of repeats instead of random walks, drawn at seed
+    `CURRICULUM_SEED_BASE + seed`, apart from every evaluation stream's seed."""
     if "recurring" in settings:
         if set(settings) != {"recurring"}:
             raise ValueError(f"a telemetry curriculum takes only 'recurring', got {sorted(settings)}")
-        return recurring_plays(length, channels, seed, settings["recurring"])
+        return recurring_plays(length, channels, CURRICULUM_SEED_BASE + seed, settings["recurring"])
     return recall_plays(length, channels, **settings, seed=seed)
 
 

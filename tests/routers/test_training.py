@@ -9,7 +9,8 @@ import pytest
 
 from oryx_ts.config import preset
 from oryx_ts.datasets.labels import LabelWindow, mask_from_windows
-from oryx_ts.datasets.scenarios import SCENARIOS, labelled_stream
+from oryx_ts.datasets.scenarios import (CURRICULUM_SEED_BASE, EVALUATION_SEED, SCENARIOS, TRAIN_SEED, VALIDATION_SEED, labelled_stream,
+                                       recurring_plays)
 from oryx_ts.datasets.recall import recall_stream
 from oryx_ts.routers import LearnedRouter
 from oryx_ts.routers import training
@@ -77,7 +78,7 @@ def test_lookup_recipes_share_a_time_budget_by_steps_and_mix_the_curriculum_into
 def test_a_telemetry_curriculum_is_the_scenarios_kind_of_stream_with_its_plays():
     recurring = dict(SCENARIOS["programs"].train_recurring)
     stream, plays = training.curriculum_plays(20_000, 3, {"recurring": recurring}, seed=5)
-    values, windows = labelled_stream(20_000, 3, seed=5, recurring=recurring)
+    values, windows = labelled_stream(20_000, 3, seed=CURRICULUM_SEED_BASE + 5, recurring=recurring)
     assert np.array_equal(stream, values, equal_nan=True)
     kinds = {w.kind for seq in plays for w in seq}
     assert plays and kinds == {"recurring_first", "recurring_repeat"}
@@ -87,6 +88,25 @@ def test_a_telemetry_curriculum_is_the_scenarios_kind_of_stream_with_its_plays()
         training.curriculum_plays(1000, 3, {"recurring": recurring, "period": 64}, seed=5)
     walks, walk_plays = training.curriculum_plays(1000, 3, {"period": 64, "repeats": 2}, seed=5)
     assert np.array_equal(walks, recall_stream(1000, 3, period=64, repeats=2, seed=5)) and walk_plays
+
+
+def _step_correlation(a_LC: np.ndarray, b_LC: np.ndarray) -> float:
+    a, b = np.diff(a_LC, axis=0).ravel(), np.diff(b_LC, axis=0).ravel()
+    finite = np.isfinite(a) & np.isfinite(b)
+    return float(np.corrcoef(a[finite], b[finite])[0, 1])
+
+
+def test_a_telemetry_curriculum_shares_no_sample_path_with_any_scored_stream():
+    # the generator draws a stream's noise from its seed alone: a stream of the training kind at an evaluation seed
+    # follows that evaluation stream step for step (the check can fail), a curriculum stream follows none of them
+    scenario, n, C = SCENARIOS["programs"], 4096, 3
+    recurring = {"recurring": dict(scenario.train_recurring)}
+    same_seed = recurring_plays(n, C, 5, scenario.train_recurring)[0]
+    assert _step_correlation(scenario.stream(n, C, 5)[0], same_seed) > 0.9
+    for seed in (5, 6):  # the curriculum's and the mixed blocks' seeds in train_forecaster
+        curriculum = training.curriculum_plays(n, C, recurring, seed=seed)[0]
+        for scored in (TRAIN_SEED, EVALUATION_SEED, VALIDATION_SEED, *range(3, 8)):
+            assert abs(_step_correlation(scenario.stream(n, C, scored)[0], curriculum)) < 0.1, (seed, scored)
 
 
 def test_the_telemetry_guide_points_repeats_at_their_earlier_play_outside_the_mixed_blocks(monkeypatch):
