@@ -9,9 +9,9 @@
 # and logs.tgz. The runs start their budgets together, once every one has compiled its kernels
 # (--barrier). QUICK=1 runs the --quick sizes (a smoke test on any machine). The committed checkpoints
 # came from `bash benchmarks/train_lookup_gpu.sh 330 ...` (daily, then named daily-guided; four recipes
-# side by side) and `... 440 programs-runs-long programs-runs-long-3h` (programs, then named
-# programs-runs-long; two side by side) (docs/BENCHMARKS.md, "look-up forecasters with guided attention"
-# and "curricula of the program runs themselves"); `train_lookup.py --steps` repeats them by their step counts.
+# side by side; docs/BENCHMARKS.md, "look-up forecasters with guided attention") and `... 440 programs
+# programs-mix-3h` (programs; two side by side; docs/RESULTS.md, "Look-up"); `train_lookup.py --steps`
+# repeats them by their step counts.
 set -u
 OUT=${OUT:-runs/lookup-gpu}
 mkdir -p "$OUT"
