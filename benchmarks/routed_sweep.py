@@ -5,7 +5,7 @@ inputs, seeds and FlexAttention setup: compiled, on the gathered queries, block 
 Per shape and fraction: FlexAttention's forward and forward+backward, ours with the default launch
 configuration, then one knob at a time, greedily, a variant kept when at least MARGIN faster:
 the forward's split waves, then its tiles (timed by the forward), then the dq pass's split waves
-and tiles and the dk/dv pass's tiles (timed by fwd+bwd); then the combined choice, timed like the
+and tiles and the dk/dv pass's tiles, then the fused backward on its tiles (timed by fwd+bwd); then the combined choice, timed like the
 default. Every variant's output and gradients are compared with Flex's (relative error). The default
 and the choice also get the host time of one call (enqueue only, median) and, at the end, their
 device time (torch.profiler, kernels summed, L2 warm), which tell launch-bound rows from
@@ -53,7 +53,9 @@ def stages(D):
             ("fwd tile", "fwd", [{"fwd": t} for t in TRY[D]["fwd"]]),
             ("dq waves", "fb", [{"waves_dq": w} for w in WAVES]),
             ("dq tile", "fb", [{"dq": t} for t in TRY[D]["dq"]]),
-            ("dkdv tile", "fb", [{"dkdv": t} for t in TRY[D]["dkdv"]])]
+            ("dkdv tile", "fb", [{"dkdv": t} for t in TRY[D]["dkdv"]]),
+            # the fused backward (dq by atomic adds in the dk/dv kernel), on its default tile and the dkdv tiles
+            ("fused dq", "fb", [{"fuse_dq": True}] + [{"fuse_dq": True, "dkdv_fused": t} for t in TRY[D]["dkdv"]])]
 
 
 class Run:
@@ -198,6 +200,8 @@ class Case:
         """What a pass launches under the current overrides: (pass, tile, pieces)."""
         from oryx_ts.kernels.attention import routed_triton as rt
 
+        if kernel == "fused":  # the "fused dq" stage: whether the backward is fused, and its dk/dv tile
+            return kernel, rt._fuse_dq(self.q.dtype, self.D), tuple(rt._launch("dkdv_fused", self.q.dtype, self.D)[0])
         tile = rt._launch(kernel, self.q.dtype, self.D)[0]
         return kernel, tuple(tile), self.nsplit(kernel) if kernel != "dkdv" else 0
 
@@ -296,7 +300,7 @@ def sweep_shape(run, B, T, H, D, flex, cases_out):
                 if key in c.seen:  # the same launch as one already timed (e.g. waves capped by the key count)
                     continue
                 c.seen.add(key)
-                ms = measure(run, c, f"{name} {list(var.values())[0]}", cfg, (metric,))
+                ms = measure(run, c, f"{name} {list(var.values())[-1]}", cfg, (metric,))
                 if metric in ms and ms[metric] < (1 - MARGIN) * c.best_ms[metric]:
                     c.best, c.best_ms[metric] = cfg, ms[metric]
     for c in cases:

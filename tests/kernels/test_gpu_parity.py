@@ -182,9 +182,18 @@ def _routed_inputs(B, T, H, K, frac, bounded, dtype, seed, V=None):
     return cuda(q), cuda(k), cuda(v), kw
 
 
+@pytest.fixture(params=[False, True], ids=["two-launch", "fused"])
+def backward_kind(request, monkeypatch):
+    """Both backwards of the Triton routed attention: dq then dk/dv, and the fused one launch (atomic dq)."""
+    from oryx_ts.kernels.attention import routed_triton
+
+    monkeypatch.setitem(routed_triton._FORCE, "fuse_dq", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("label,B,T,H,K,V,frac,bounded", ATT_SHAPES, ids=[s[0] for s in ATT_SHAPES])
-def test_routed_attention(label, B, T, H, K, V, frac, bounded, dtype, rel):
+def test_routed_attention(label, B, T, H, K, V, frac, bounded, dtype, rel, backward_kind):
     q, k, v, kw = _routed_inputs(B, T, H, K, frac, bounded, dtype, seed=T, V=V)
     scale = kw.pop("scale_H")
 
@@ -224,7 +233,7 @@ ATT_BWD_SHAPES = [  # (label, B, T, H, K, V, routed fraction, bounded cache)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("label,B,T,H,K,V,frac,bounded", ATT_BWD_SHAPES, ids=[s[0] for s in ATT_BWD_SHAPES])
-def test_routed_attention_backward(label, B, T, H, K, V, frac, bounded, dtype, rel):
+def test_routed_attention_backward(label, B, T, H, K, V, frac, bounded, dtype, rel, backward_kind):
     """Output and every gradient against the fp32 reference (TOL: 2e-3 fp32, 2e-2 bf16); keys that no
     routed query sees get exactly zero gradient (the kernels write every row of dk, dv)."""
     q, k, v, kw = _routed_inputs(B, T, H, K, frac, bounded, dtype, seed=T + K, V=V)

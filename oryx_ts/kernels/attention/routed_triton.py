@@ -24,6 +24,13 @@ temperature and writes dq and the block's share of the temperature's gradient); 
 key block over the query blocks that see it (delta from the dq pass). Loops over keys (queries)
 are split in two: blocks every row can see run without the causal mask. Query blocks run last
 first within a head and piece (they see the most keys), so the grid's tail is the short work.
+Fused backward (`FUSE_DQ`, per operand dtype and head width): one launch, the dk/dv kernel also
+adds each pair's share of dq into an fp32 buffer with atomic adds (delta from torch beforehand);
+it skips the dq pass's recomputation of the logits and dp, at the cost of atomic traffic and of
+bitwise determinism in dq.
+
+Files: this one (launch choices, forward kernel, autograd), `routed_triton_bwd` (backward kernels),
+`routed_common` (device functions both use).
 
 Counters: one int32 buffer per (device, stream), zero between calls (each block's last program
 resets its entry): calls on one stream run one after the other, and calls on two streams of a
@@ -47,6 +54,9 @@ import torch
 import triton
 import triton.language as tl
 
+from oryx_ts.kernels.attention.routed_common import _count2, _last_piece, _load_keys, _rows
+from oryx_ts.kernels.attention.routed_triton_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MIN_SPLIT_KEYS = 1024  # below this many keys a split costs more than it balances
 _FAN = 16 if _INTERPRET else 128  # fan-out of the on-device searches
@@ -59,6 +69,7 @@ _COUNTERS: dict[tuple[torch.device, int | None], torch.Tensor] = {}
 _FORCE: dict = {}  # sweeps only: pass -> tile, "waves_" + pass -> split waves, over every other choice
 
 # (pass, operands "16bit" | "fp32", head width class 64 | 128) -> (BLOCK_M, BLOCK_N, num_warps, num_stages);
+# passes "fwd", "dq", "dkdv" and "dkdv_fused" (the dk/dv kernel of the fused backward);
 # fp32 tiles are smaller (4-byte operands, three tf32 products per dot)
 TILES: dict[tuple[str, str, int], tuple[int, int, int, int]] = {
     # bf16, H200: B1 T32768 H8 10% routed (one pass varied at a time), then every shape of gpu.py's attention
@@ -78,12 +89,22 @@ TILES: dict[tuple[str, str, int], tuple[int, int, int, int]] = {
     ("dq", "fp32", 128): (64, 32, 4, 2),
     ("dkdv", "fp32", 64): (32, 64, 4, 2),
     ("dkdv", "fp32", 128): (32, 64, 4, 2),
+    # the fused backward's dk/dv/dq kernel (FUSE_DQ below): untimed starting points, the dkdv tiles
+    ("dkdv_fused", "16bit", 64): (32, 64, 4, 3),
+    ("dkdv_fused", "16bit", 128): (64, 128, 8, 3),
+    ("dkdv_fused", "fp32", 64): (32, 64, 4, 2),
+    ("dkdv_fused", "fp32", 128): (32, 64, 4, 2),
 }
+# (operands, head width class) whose backward is one launch: the dk/dv kernel also adds each (key block, query
+# block) pair's share of dq into an fp32 buffer with atomic adds, so dq's sums are not bitwise deterministic
+# (their order varies from run to run); the other classes run the two-launch backward, deterministic
+FUSE_DQ: set[tuple[str, int]] = set()
 
 
 def _tune_from_env() -> None:
     """Benchmark sweeps only: `ORYX_ROUTED_TUNE` (JSON) replaces tiles and the two knobs above, e.g.
-    {"tiles": {"fwd,16bit,128": [64, 64, 4, 3]}, "split_waves": 8 (both passes) or {"fwd": 4}, "reverse_m": true}."""
+    {"tiles": {"fwd,16bit,128": [64, 64, 4, 3]}, "split_waves": 8 (both passes) or {"fwd": 4}, "reverse_m": true,
+    "fuse_dq": {"16bit,128": true}}."""
     global _REVERSE_M
     tune = json.loads(os.environ.get("ORYX_ROUTED_TUNE") or "{}")
     for key, tile in tune.get("tiles", {}).items():
@@ -92,6 +113,9 @@ def _tune_from_env() -> None:
     waves = tune.get("split_waves", {})
     _SPLIT_WAVES.update(waves if isinstance(waves, dict) else dict.fromkeys(_SPLIT_WAVES, int(waves)))
     _REVERSE_M = bool(tune.get("reverse_m", _REVERSE_M))
+    for key, on in tune.get("fuse_dq", {}).items():
+        dtype, width = key.split(",")
+        (FUSE_DQ.add if on else FUSE_DQ.discard)((dtype, int(width)))
 
 
 _tune_from_env()
@@ -108,6 +132,13 @@ def _launch(kernel: str, dtype: torch.dtype, width: int) -> tuple[tuple[int, int
     if _INTERPRET:
         return (16, 16, 4, 1), waves
     return TILES[(kernel, "fp32" if dtype == torch.float32 else "16bit", 64 if width <= 64 else 128)], waves
+
+
+def _fuse_dq(dtype: torch.dtype, width: int) -> bool:
+    """Whether the backward is the fused one-launch kind (`FUSE_DQ`; `_FORCE["fuse_dq"]` in sweeps)."""
+    if "fuse_dq" in _FORCE:
+        return bool(_FORCE["fuse_dq"])
+    return ("fp32" if dtype == torch.float32 else "16bit", 64 if width <= 64 else 128) in FUSE_DQ
 
 
 def _head_blocks(K: int, V: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -127,51 +158,6 @@ def _cdiv(a: int, b: int) -> int:
 def _levels(n: int) -> int:
     """Vector loads `_count2` needs to search n sorted entries with fan-out _FAN."""
     return max(1, math.ceil(math.log(max(n, 2)) / math.log(_FAN) - 1e-9))
-
-
-@triton.jit
-def _count2(P, n_p, x0, x1, LEVELS, STRICT: tl.constexpr, FAN: tl.constexpr):
-    """(#{j : P[j] <= x0}, #{j : P[j] <= x1}) over ascending P[0:n_p] (< instead of <= if STRICT).
-
-    Each level samples FAN evenly spaced entries of the window that holds the answer and narrows it
-    to the gap between two samples; FAN**LEVELS >= n_p leaves a window of width zero."""
-    two = tl.arange(0, 2)[:, None]
-    i = tl.arange(0, FAN)[None, :]
-    x = tl.where(two == 0, x0, x1)
-    lo = tl.zeros([2, 1], dtype=tl.int32)
-    width = tl.zeros([2, 1], dtype=tl.int32) + n_p  # the answer lies in [lo, lo + width]
-    for _ in range(LEVELS):
-        step = (width + FAN - 1) // FAN
-        inside = i * step < width
-        p = tl.load(P + lo + i * step, mask=inside, other=0)
-        below = inside & ((p < x) if STRICT else (p <= x))
-        m = tl.sum(below.to(tl.int32), 1)[:, None]
-        new_lo = tl.where(m > 0, lo + (m - 1) * step + 1, lo)
-        width = tl.minimum(lo + m * step, lo + width) - new_lo
-        lo = new_lo
-    return tl.sum(tl.where(two == 0, lo, 0)), tl.sum(tl.where(two == 1, lo, 0))
-
-
-@triton.jit
-def _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
-               DK: tl.constexpr, DV: tl.constexpr, HAS_VALID: tl.constexpr):
-    n_mask = offs_n < S
-    k = tl.load(Kp + offs_n[:, None].to(tl.int64) * s_ks + offs_k[None, :],
-                mask=n_mask[:, None] & (offs_k[None, :] < DK), other=0.0)
-    v = tl.load(Vp + offs_n[:, None].to(tl.int64) * s_vs + offs_v[None, :],
-                mask=n_mask[:, None] & (offs_v[None, :] < DV), other=0.0)
-    kpos = tl.load(KPOS + offs_n, mask=n_mask, other=4611686018427387904)
-    ok = n_mask
-    if HAS_VALID:
-        ok = ok & (tl.load(KVALID + b.to(tl.int64) * s_valid_b + offs_n, mask=n_mask, other=0) != 0)
-    return k, v, kpos, ok
-
-
-@triton.jit
-def _rows(P, b, h, offs_m, offs_x, m_mask, s_b, s_t, s_h, DX: tl.constexpr):
-    """A [BLOCK_M, BLOCK_X] tile of a [B, Tq, H, X] tensor (zeros outside)."""
-    return tl.load(P + b.to(tl.int64) * s_b + h * s_h + offs_m[:, None].to(tl.int64) * s_t + offs_x[None, :],
-                   mask=m_mask[:, None] & (offs_x[None, :] < DX), other=0.0)
 
 
 @triton.jit
@@ -196,17 +182,6 @@ def _store_out(O, LSE, o, lse, b, h, pid_bh, offs_m, offs_v, m_mask, s_ob, s_ot,
     tl.store(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_ot + offs_v[None, :],
              o.to(O.dtype.element_ty), mask=m_mask[:, None] & (offs_v[None, :] < DV))
     tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, tl.where(lse > float("-inf"), lse, float("inf")), mask=m_mask)
-
-
-@triton.jit
-def _last_piece(CNT, cidx, n_act):
-    """Whether this program is the last of its block's n_act pieces to finish (after its partials are stored);
-    the last one resets the block's counter for the next call."""
-    tl.debug_barrier()  # every thread's partial stores precede the release below
-    last = tl.atomic_add(CNT + cidx, 1, sem="acq_rel", scope="gpu") == n_act - 1
-    if last:
-        tl.store(CNT + cidx, 0)
-    return last
 
 
 @triton.jit
@@ -297,176 +272,6 @@ def _fwd_kernel(Q, Kc, Vc, O, LSE, OP, LP, QS, SCALE, QPOS, KPOS, KVALID, CNT,
                 _store_out(O, LSE, o, lse, b, h, pid_bh, offs_m, offs_v, m_mask, s_ob, s_ot, s_oh, TQ, DV)
 
 
-@triton.jit
-def _dq_step(q, do, k, v, kpos, ok, qpos, lse, delta, dq, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr,
-             PREC: tl.constexpr):
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-    if CAUSAL:
-        p = tl.where(ok[None, :] & (kpos[None, :] <= qpos[:, None]), tl.math.exp2(qk - lse[:, None]), 0.0)
-    elif HAS_VALID:
-        p = tl.where(ok[None, :], tl.math.exp2(qk - lse[:, None]), 0.0)
-    else:  # padded rows have lse = +inf, so p = 0 there
-        p = tl.math.exp2(qk - lse[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-
-
-@triton.jit
-def _store_dq(DQ, DSP, SCALE, Q, dq, b, h, pid_m, pid_bh, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, B, H, TQ,
-              DK: tl.constexpr, NEED_DSCALE: tl.constexpr):
-    """dq = dq_scaled * temperature in q's dtype; this block's share of dscale, sum(q * dq_scaled)."""
-    mask = m_mask[:, None] & (offs_k[None, :] < DK)
-    scale = tl.load(SCALE + h).to(tl.float32)
-    tl.store(DQ + ((b * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=mask)
-    if NEED_DSCALE:
-        q = _rows(Q, b, h, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, DK).to(tl.float32)
-        tl.store(DSP + pid_m * B * H + pid_bh, tl.sum(tl.sum(q * dq, 1), 0))
-
-
-@triton.jit
-def _bwd_dq_kernel(QS, Q, Kc, Vc, O, DO, DQ, DQP, DSP, SCALE, LSE, DELTA, QPOS, KPOS, KVALID, CNT,
-                   s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_ot, s_oh, s_dob, s_dot, s_doh, s_valid_b,
-                   B, H, TQ, S, SPLIT, LEVELS_S,
-                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
-                   NEED_DSCALE: tl.constexpr, REVERSE_M: tl.constexpr, FAN: tl.constexpr):
-    """dq of one key piece (with respect to the temperature-scaled q); the block's last piece sums the
-    pieces' fp32 partials DQP and writes dq; the first piece writes delta of the rows."""
-    n_mb = tl.num_programs(0)
-    pid_m = tl.program_id(0)
-    if REVERSE_M:
-        pid_m = n_mb - 1 - pid_m
-    pid_s = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_v = tl.arange(0, BLOCK_V)
-    m_mask = offs_m < TQ
-    q_first = tl.load(QPOS + pid_m * BLOCK_M)
-    q_last = tl.load(QPOS + tl.minimum(pid_m * BLOCK_M + BLOCK_M, TQ) - 1)
-    kend, kfull = _count2(KPOS, S, q_last, q_first, LEVELS_S, False, FAN)
-    n_act = tl.maximum((kend + SPLIT - 1) // SPLIT, 1)
-    if pid_s < n_act:
-        lo = pid_s * SPLIT
-        hi = tl.minimum(lo + SPLIT, kend)
-        n_full = tl.minimum((kfull // BLOCK_N) * BLOCK_N, hi)
-        do = _rows(DO, b, h, offs_m, offs_v, m_mask, s_dob, s_dot, s_doh, DV)
-        o = _rows(O, b, h, offs_m, offs_v, m_mask, s_ob, s_ot, s_oh, DV)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        if pid_s == 0:
-            tl.store(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, delta, mask=m_mask)
-        dq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        if lo < hi:
-            q = _rows(QS, b, h, offs_m, offs_k, m_mask, TQ * H * DK, H * DK, DK, DK)
-            qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
-            lse = tl.load(LSE + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("inf"))
-            Kp = Kc + b.to(tl.int64) * s_kb + h * s_kh
-            Vp = Vc + b.to(tl.int64) * s_vb + h * s_vh
-            for start_n in range(lo, n_full, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
-                                            DK, DV, HAS_VALID)
-                dq = _dq_step(q, do, k, v, kpos, ok, qpos, lse, delta, dq, False, HAS_VALID, PREC)
-            for start_n in range(tl.maximum(lo, n_full), hi, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
-                                            DK, DV, HAS_VALID)
-                dq = _dq_step(q, do, k, v, kpos, ok, qpos, lse, delta, dq, True, HAS_VALID, PREC)
-        if n_act == 1:
-            _store_dq(DQ, DSP, SCALE, Q, dq, b, h, pid_m, pid_bh, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh, B, H, TQ,
-                      DK, NEED_DSCALE)
-        else:
-            mask = m_mask[:, None] & (offs_k[None, :] < DK)
-            p_dq = DQP + ((b * TQ).to(tl.int64) + offs_m[:, None]) * (H * DK) + h * DK + offs_k[None, :]
-            piece = (B * TQ * H).to(tl.int64) * DK  # elements per piece of DQP [NSPLIT, B, Tq, H, K]
-            tl.store(p_dq + pid_s.to(tl.int64) * piece, dq, mask=mask)
-            if _last_piece(CNT, pid_bh * n_mb + pid_m, n_act):
-                total = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-                for s in range(0, n_act):  # in piece order, whichever program came last
-                    part = tl.load(p_dq + s * piece, mask=mask, other=0.0, cache_modifier=".cg")
-                    total += tl.where(s == pid_s, dq, part)
-                _store_dq(DQ, DSP, SCALE, Q, total, b, h, pid_m, pid_bh, offs_m, offs_k, m_mask, s_qb, s_qt, s_qh,
-                          B, H, TQ, DK, NEED_DSCALE)
-
-
-@triton.jit
-def _dkdv_step(qs, do, k, v, kpos, ok, qpos, lse, delta, dk, dv, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr,
-               PREC: tl.constexpr):
-    qkT = tl.dot(k, tl.trans(qs), input_precision=PREC)
-    if CAUSAL:
-        pT = tl.where(ok[:, None] & (kpos[:, None] <= qpos[None, :]), tl.math.exp2(qkT - lse[None, :]), 0.0)
-    elif HAS_VALID:
-        pT = tl.where(ok[:, None], tl.math.exp2(qkT - lse[None, :]), 0.0)
-    else:  # padded query columns have lse = +inf; padded key rows are never stored
-        pT = tl.math.exp2(qkT - lse[None, :])
-    dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-    dsT = pT * (dpT - delta[None, :])
-    dk += tl.dot(dsT.to(qs.dtype), qs, input_precision=PREC)
-    return dk, dv
-
-
-@triton.jit
-def _bwd_dkdv_kernel(QS, Kc, Vc, DO, DK_, DV_, LSE, DELTA, QPOS, KPOS, KVALID,
-                     s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_dob, s_dot, s_doh, s_valid_b,
-                     s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh, H, TQ, S, LEVELS_TQ,
-                     DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
-                     FAN: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_v = tl.arange(0, BLOCK_V)
-    Kp = Kc + b.to(tl.int64) * s_kb + h * s_kh
-    Vp = Vc + b.to(tl.int64) * s_vb + h * s_vh
-    k, v, kpos, ok = _load_keys(Kp, Vp, KPOS, KVALID, offs_n, offs_k, offs_v, S, s_ks, s_vs, s_valid_b, b,
-                                DK, DV, HAS_VALID)
-    dk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    # routed queries before the block's first key see none of it; from q_full on they see all of it
-    k_first = tl.load(KPOS + pid_n * BLOCK_N)
-    k_last = tl.load(KPOS + tl.minimum(pid_n * BLOCK_N + BLOCK_N, S) - 1)
-    q_lo, q_full = _count2(QPOS, TQ, k_first, k_last, LEVELS_TQ, True, FAN)
-    q_lo = (q_lo // BLOCK_M) * BLOCK_M
-    q_mid = ((q_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    DOp = DO + b.to(tl.int64) * s_dob + h * s_doh
-    QSp = QS + b.to(tl.int64) * TQ * H * DK + h * DK
-    for start_m in range(q_lo, q_mid, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < TQ
-        qs = tl.load(QSp + offs_m[:, None].to(tl.int64) * (H * DK) + offs_k[None, :],
-                     mask=m_mask[:, None] & (offs_k[None, :] < DK), other=0.0)
-        do = tl.load(DOp + offs_m[:, None].to(tl.int64) * s_dot + offs_v[None, :],
-                     mask=m_mask[:, None] & (offs_v[None, :] < DV), other=0.0)
-        qpos = tl.load(QPOS + offs_m, mask=m_mask, other=-1)
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=0.0)
-        dk, dv = _dkdv_step(qs, do, k, v, kpos, ok, qpos, lse, delta, dk, dv, True, HAS_VALID, PREC)
-    for start_m in range(q_mid, TQ, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < TQ
-        qs = tl.load(QSp + offs_m[:, None].to(tl.int64) * (H * DK) + offs_k[None, :],
-                     mask=m_mask[:, None] & (offs_k[None, :] < DK), other=0.0)
-        do = tl.load(DOp + offs_m[:, None].to(tl.int64) * s_dot + offs_v[None, :],
-                     mask=m_mask[:, None] & (offs_v[None, :] < DV), other=0.0)
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=0.0)
-        dk, dv = _dkdv_step(qs, do, k, v, kpos, ok, kpos, lse, delta, dk, dv, False, HAS_VALID, PREC)
-    n_mask = offs_n < S
-    dk = dk * 0.6931471805599453  # qs carries log2(e)
-    # dk, dv have their own (contiguous) strides: k and v may be views with gaps (a slice of a cache)
-    tl.store(DK_ + b.to(tl.int64) * s_dkb + h * s_dkh + offs_n[:, None].to(tl.int64) * s_dks + offs_k[None, :],
-             dk.to(DK_.dtype.element_ty), mask=n_mask[:, None] & (offs_k[None, :] < DK))
-    tl.store(DV_ + b.to(tl.int64) * s_dvb + h * s_dvh + offs_n[:, None].to(tl.int64) * s_dvs + offs_v[None, :],
-             dv.to(DV_.dtype.element_ty), mask=n_mask[:, None] & (offs_v[None, :] < DV))
-
 
 def _prec(dtype: torch.dtype) -> str:
     # fp32 operands: three tf32 products (near-fp32 accuracy on the tensor cores); "ieee" would
@@ -541,30 +346,38 @@ class _RoutedAttention(torch.autograd.Function):
         common = dict(DK=K, DV=V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, HAS_VALID=ctx.has_valid, PREC=_prec(q.dtype), FAN=_FAN)
         s_kv = (*k.stride()[:3], *v.stride()[:3])
         s_valid = valid.stride(0) if ctx.has_valid else 0
-        # dq (and delta, the pieces summed by each block's last one), then dk, dv
-        (BM, BN, warps, stages), waves = _launch("dq", q.dtype, max(K, V))
-        n_mblocks = _cdiv(Tq, BM)
-        nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device, waves)
-        need_dscale = ctx.needs_input_grad[3]
-        dq = torch.empty(B, Tq, H, K, device=q.device, dtype=q.dtype)
-        dq_parts = torch.empty(nsplit, B, Tq, H, K, device=q.device, dtype=torch.float32) if nsplit > 1 else lse
-        dsp = torch.empty(n_mblocks, B, H, device=q.device, dtype=torch.float32) if need_dscale else lse
-        delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-        _bwd_dq_kernel[(n_mblocks, nsplit, B * H)](
-            qs, q, k, v, o, do, dq, dq_parts, dsp, scale, lse, delta, q_pos, k_pos, valid,
-            _counters(q.device, n_mblocks * B * H), *q.stride()[:3], *s_kv, *o.stride()[:3], *do.stride()[:3],
-            s_valid, B, H, Tq, S, piece, _levels(S), BLOCK_M=BM, BLOCK_N=BN, NEED_DSCALE=need_dscale,
-            REVERSE_M=_REVERSE_M, num_warps=warps, num_stages=stages, **common,
-        )
-        # contiguous gradients, written with their own strides (empty_like would keep k's layout only when it is dense)
-        dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+        dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)  # contiguous: written with their own strides
         dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-        (BMk, BNk, warps_k, stages_k), _ = _launch("dkdv", q.dtype, max(K, V))
+        need_dscale = ctx.needs_input_grad[3]
+        fused = _fuse_dq(q.dtype, max(K, V))
+        if fused:  # dk, dv and atomic fp32 sums of dq in one launch; delta from torch
+            delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()
+            dq_acc = torch.zeros(B, Tq, H, K, device=q.device, dtype=torch.float32)
+        else:  # dq (and delta, the pieces summed by each block's last one), then dk, dv
+            (BM, BN, warps, stages), waves = _launch("dq", q.dtype, max(K, V))
+            n_mblocks = _cdiv(Tq, BM)
+            nsplit, piece = _n_split(n_mblocks * B * H, S, BN, q.device, waves)
+            dq = torch.empty(B, Tq, H, K, device=q.device, dtype=q.dtype)
+            dq_parts = torch.empty(nsplit, B, Tq, H, K, device=q.device, dtype=torch.float32) if nsplit > 1 else lse
+            dsp = torch.empty(n_mblocks, B, H, device=q.device, dtype=torch.float32) if need_dscale else lse
+            delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+            _bwd_dq_kernel[(n_mblocks, nsplit, B * H)](
+                qs, q, k, v, o, do, dq, dq_parts, dsp, scale, lse, delta, q_pos, k_pos, valid,
+                _counters(q.device, n_mblocks * B * H), *q.stride()[:3], *s_kv, *o.stride()[:3], *do.stride()[:3],
+                s_valid, B, H, Tq, S, piece, _levels(S), BLOCK_M=BM, BLOCK_N=BN, NEED_DSCALE=need_dscale,
+                REVERSE_M=_REVERSE_M, num_warps=warps, num_stages=stages, **common,
+            )
+            dq_acc = lse
+        (BMk, BNk, warps_k, stages_k), _ = _launch("dkdv_fused" if fused else "dkdv", q.dtype, max(K, V))
         _bwd_dkdv_kernel[(_cdiv(S, BNk), B * H)](
-            qs, k, v, do, dk, dv, lse, delta, q_pos, k_pos, valid, *s_kv, *do.stride()[:3], s_valid,
+            qs, k, v, do, dk, dv, dq_acc, lse, delta, q_pos, k_pos, valid, *s_kv, *do.stride()[:3], s_valid,
             *dk.stride()[:3], *dv.stride()[:3], H, Tq, S, _levels(Tq),
-            BLOCK_M=BMk, BLOCK_N=BNk, num_warps=warps_k, num_stages=stages_k, **common,
+            BLOCK_M=BMk, BLOCK_N=BNk, num_warps=warps_k, num_stages=stages_k, FUSE_DQ=fused, **common,
         )
+        if fused:
+            dq = (dq_acc * scale.float().view(1, 1, H, 1)).to(q.dtype)
+            dscale = (q.float() * dq_acc).sum((0, 1, 3)).to(scale.dtype) if need_dscale else None
+            return dq, dk, dv, dscale, None, None, None, None
         dscale = dsp.sum((0, 1)).to(scale.dtype) if need_dscale else None
         return dq, dk, dv, dscale, None, None, None, None
 
