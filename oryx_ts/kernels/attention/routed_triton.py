@@ -89,15 +89,21 @@ TILES: dict[tuple[str, str, int], tuple[int, int, int, int]] = {
     ("dq", "fp32", 128): (64, 32, 4, 2),
     ("dkdv", "fp32", 64): (32, 64, 4, 2),
     ("dkdv", "fp32", 128): (32, 64, 4, 2),
-    # the fused backward's dk/dv/dq kernel (FUSE_DQ below): untimed starting points, the dkdv tiles
+    # the fused backward's dk/dv/dq kernel (FUSE_DQ below), 2026-12-03 sweep: at D128 the dkdv tile was the best of
+    # four at every shape; at D64 others won (64/64/4/3, 32/128/4/3, 64/128/8/3), none by more than 1% over the
+    # two-launch backward; fp32 D128 takes 32/32 (32/64 needs 257 KB of shared memory on sm90, over its 227 KB)
     ("dkdv_fused", "16bit", 64): (32, 64, 4, 3),
     ("dkdv_fused", "16bit", 128): (64, 128, 8, 3),
     ("dkdv_fused", "fp32", 64): (32, 64, 4, 2),
-    ("dkdv_fused", "fp32", 128): (32, 64, 4, 2),
+    ("dkdv_fused", "fp32", 128): (32, 32, 4, 2),
 }
 # (operands, head width class) whose backward is one launch: the dk/dv kernel also adds each (key block, query
 # block) pair's share of dq into an fp32 buffer with atomic adds, so dq's sums are not bitwise deterministic
-# (their order varies from run to run); the other classes run the two-launch backward, deterministic
+# (their order varies from run to run); the other classes run the two-launch backward, deterministic.
+# None by default: on an H200 (2026-12-03, routed_sweep.py, bf16) the fused one is 2-4% faster at D128 at three
+# of the four shapes (B2 T8192 H16 10%, B1 T32768 H8 10% and 25%) and 1.9% slower at B2 T8192 H16 25%; at D64
+# at most 1% faster (T32768) and up to 53% slower (B2 T8192 H8 25%); a few percent do not pay for giving up
+# deterministic gradients
 FUSE_DQ: set[tuple[str, int]] = set()
 
 
