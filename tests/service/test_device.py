@@ -47,7 +47,7 @@ def test_on_a_gpu_forecasts_match_the_cpu_and_recover_bit_for_bit(tmp_path):
     # a restart on the GPU (snapshot plus log replay) gives the same forecast, bit for bit
     again = make_app(tmp_path / "gpu", random_model().cuda(), device="cuda", snapshot_every_rows=50)
     key = again.state.service.db.add_key("t2")
-    with TestClient(again) as client:
+    with TestClient(again):
         assert again.state.service.db.tenant_of(key) == "t2"
     recovered = again.state.service.latest("t/s").forecast
     assert recovered.token == fg["token"]

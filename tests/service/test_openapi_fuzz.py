@@ -32,7 +32,7 @@ CALLS: list[str] = []
 async def _no_lifespan(scope, receive, send):
     """APP without its lifespan: schemathesis opens a client per call, and a shutdown would close the service."""
     if scope["type"] == "lifespan":
-        while (message := await receive())["type"] != "lifespan.shutdown":
+        while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         return await send({"type": "lifespan.shutdown.complete"})
     if scope["type"] == "http" and scope["path"] != "/openapi.json":

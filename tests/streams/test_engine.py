@@ -134,7 +134,6 @@ def test_every_observation_is_accepted_once_or_rejected_with_a_reason():
         rows_t.append(int(t))
         rows_v.append(list(truth[t]))
     bad = [(5, [1.0, 2.0]), (9, [np.inf, 0, 0, 0]), (12, [np.nan] * C), (3.5, [0.0] * C)]
-    order = rng.permutation(len(rows_t))
     engine = Engine(model, adapter=OFF)
     engine.add_series("x", step=1, origin=0)
     reference = np.full((L, C), np.nan, dtype=np.float32)

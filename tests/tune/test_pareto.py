@@ -1,6 +1,5 @@
 """The sweep's Pareto front is ours (Ray has none), so it is checked against a brute-force front, ties and early-stopped trials included."""
 
-import itertools
 import json
 
 import numpy as np

@@ -3,9 +3,7 @@
 import json
 import tempfile
 
-import numpy as np
 import pytest
-import torch
 
 from oryx_ts.config import preset
 from oryx_ts.datasets.synthetic import generate
