@@ -9,8 +9,8 @@ with `triton.testing.do_bench` (median, ms), prints one table and writes `gpu_be
     mixers     the linear mixers alone: fla GDN, mamba-ssm SSD, fla simple GLA
     layer      one Oryx layer (d_model 512, 8 heads of 64) forward+backward at attention
                fractions 0 / 0.1 / 0.25 / 1 vs a pure fla GDN layer and a pure SDPA layer; at 10% and
-               25% also with the routed inputs as eager ops (`dispatch.routed_inputs`, backend torch)
-               beside their compiled graph (the default on CUDA)
+               25% also the routed inputs (`dispatch.routed_inputs`) the other way: eager ops where the
+               default takes their compiled graph (up to 16,384 tokens), the compiled graph above
     step       `model.step` of a 4-layer model, 16,384 series, bounded cache 512, 0% and 10% attention:
                eager and CUDA-graphed, fp32 and bf16 recurrent state, the fused kernels alone and the
                general path, against the state-bytes floor; 1,024 series eager vs graphed
@@ -259,8 +259,6 @@ class PureAttentionLayer(nn.Module):
 
 
 def section_layer():
-    from oryx_ts.kernels import dispatch
-
     c = BlockConfig(d_model=512, n_layers=1, n_heads=8, head_dim_k=64, head_dim_v=64, mixer="gdn", chunk_size=64)
     torch.manual_seed(0)
     oryx = OryxBlock(c).cuda().to(DT)
@@ -269,13 +267,13 @@ def section_layer():
     # the routed queries' gather, norm and RoPE: one compiled graph by default on CUDA (ORYX_COMPILE_ROUTED_INPUTS=0:
     # eager ops), timed beside the eager ops; its first call compiles, and if that fails here only eager rows are timed
     compiled = os.environ.get("ORYX_COMPILE_ROUTED_INPUTS") != "0"
-    eager = mock.patch.object(dispatch, "routed_inputs", partial(dispatch.routed_inputs, backend="torch"))
+    eager = mock.patch.object(_dispatch, "routed_inputs", partial(_dispatch.routed_inputs, backend="torch"))
     try:
         if compiled:
             kk = torch.randn(1, 64, 8, 64, device="cuda", dtype=DT, requires_grad=True)
             rows = torch.randn(1, 64, 512, device="cuda", dtype=DT, requires_grad=True)
             idx, pos = torch.arange(0, 64, 2, device="cuda"), torch.arange(64, device="cuda")
-            ys = dispatch.routed_inputs(kk, rows, idx, pos, rope_base=1e4, backend="triton")
+            ys = _dispatch.routed_inputs(kk, rows, idx, pos, rope_base=1e4, backend="triton")
             (ys[0].float().sum() + ys[1].float().sum()).backward()
     except Exception as e:
         notes.append(f"layer: compiled routed inputs failed, eager ops in every row: {type(e).__name__}: {str(e)[:200]}")
@@ -292,9 +290,8 @@ LAYER_REP_MS = 300
 
 
 def _layer_rows(c, oryx, gdn, att, compiled):
-    from oryx_ts.kernels import dispatch
-
-    eager = mock.patch.object(dispatch, "routed_inputs", partial(dispatch.routed_inputs, backend="torch"))
+    eager = mock.patch.object(_dispatch, "routed_inputs", partial(_dispatch.routed_inputs, backend="torch"))
+    forced = mock.patch.object(_dispatch, "routed_inputs", partial(_dispatch.routed_inputs, backend="triton"))
     for T in LAYER_T:
         B = 1
         x = torch.randn(B, T, c.d_model, device="cuda", dtype=DT, requires_grad=True)
@@ -307,18 +304,21 @@ def _layer_rows(c, oryx, gdn, att, compiled):
             if frac > 0:
                 m[:, routed_positions(T, frac, seed=T)] = 1
             oryx(x, m).backward(dy)
-            assert dispatch.last_backend["linear_chunk"] == "triton"
+            assert _dispatch.last_backend["linear_chunk"] == "triton"
             if frac > 0:
-                assert dispatch.last_backend["routed_attention"] == "triton"
-                assert dispatch.last_backend["routed_inputs"] == ("triton" if compiled else "torch")
+                assert _dispatch.last_backend["routed_attention"] == "triton"
+                # the default takes the compiled graph up to ROUTED_INPUTS_COMPILE_MAX_TOKENS tokens, the eager ops above
+                by_default = compiled and B * T <= _dispatch.ROUTED_INPUTS_COMPILE_MAX_TOKENS
+                assert _dispatch.last_backend["routed_inputs"] == ("triton" if by_default else "torch")
             ms = bench(lambda: oryx(x, m).backward(dy), rep=LAYER_REP_MS)
             add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd", ms, base_gdn, "pure GDN layer",
                 vs_attention_layer=round(ms / base_att, 3))
-            if frac in (0.1, 0.25) and compiled:  # the routed queries and the keys' RoPE as eager ops
-                with eager:
+            if frac in (0.1, 0.25) and compiled:  # the other way to the routed queries and the keys' RoPE
+                with (forced if not by_default else eager):
                     oryx(x, m).backward(dy)
                     ms_t = bench(lambda: oryx(x, m).backward(dy), rep=LAYER_REP_MS)
-                add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd, eager routed inputs", ms_t, base_gdn,
+                add("layer", f"{case} attention {frac:.0%}",
+                    f"Oryx layer fwd+bwd, {'eager' if by_default else 'compiled'} routed inputs", ms_t, base_gdn,
                     "pure GDN layer", vs_default=round(ms_t / ms, 3))
             if frac == 0.1:
                 # modes that are not exactly 0/1 take the general mix m * o_att + (1 - m) * o_lin
@@ -478,7 +478,8 @@ def section_step():
     results, parts, floors = {}, {}, {}
     for sd, sd_name in ((None, "fp32 state"), (torch.bfloat16, "bf16 state")):
         rec_bytes = L * N * H * K * V * (4 if sd is None else 2) * 2  # recurrent state read and written
-        add("step", case, f"state bytes per step (GB), {sd_name}: recurrent r+w / writes + conv tails r+w", 0.0,
+        add("step", case, f"state bytes per step, {sd_name} (no time): recurrent r+w {rec_bytes / 1e9:.2f} GB, "
+            f"writes + conv tails r+w {writes / 1e9:.3f} GB", 0.0,
             rec_gb=round(rec_bytes / 1e9, 2), writes_gb=round(writes / 1e9, 3), cache_gb=round(L * N * cache_row / 1e9, 1))
         with torch.no_grad():
             state = _step_state(model, N, S, sd)

@@ -21,7 +21,7 @@ Fast paths (all Triton; imported on first use, so the CPU install never imports 
                   positions (`k_until_BS`) still take the torch path
     routed_inputs the parallel forward's routed queries (gather, L2 norm, RoPE) and rotated keys as one
                   `torch.compile`d graph (Inductor's Triton kernels), forward and backward; `auto` takes it
-                  on CUDA unless ORYX_COMPILE_ROUTED_INPUTS=0
+                  on CUDA up to ROUTED_INPUTS_COMPILE_MAX_TOKENS tokens, unless ORYX_COMPILE_ROUTED_INPUTS=0
     rms_norm      one launch per RMSNorm (`kernels.norm_triton`), twin `kernels.norm_naive`;
                   `add_rms_norm` the residual add with the norm after it, `swiglu` SwiGLU's activation
     rope          fla's fused rotary kernel (one pass forward, one backward) with our fp32 tables
@@ -352,6 +352,12 @@ def routed_attention(
     )
 
 
+# the compiled graph pays where the layer is bound by host launches (short inputs); at T=32k the eager ops are
+# faster (docs/BENCHMARKS.md, H200 2026-12-03: layer fwd+bwd at 10% / 25% routed, compiled 0.92x / 0.96x
+# the eager ops at T=8k, 1.05x / 1.05x at T=32k, the 32k figures seen in two runs)
+ROUTED_INPUTS_COMPILE_MAX_TOKENS = 16384
+
+
 @cache
 def _routed_inputs_compiled():
     # dynamic shapes: one graph for every count of routed tokens and every length
@@ -372,13 +378,14 @@ def routed_inputs(
 
     Fast path (CUDA, outside another `torch.compile`): that function under `torch.compile`, one
     fused graph forward and one backward in place of about 30 eager ops, whose host launches bound
-    the layer on the H200 VM (docs/BENCHMARKS.md: the layer's fwd+bwd 1-31% faster at T = 2k-32k,
-    10% and 25% routed). Torch path: the same ops eagerly, with `rope` (fla's fused rotation on
-    CUDA). `auto` takes the fast path wherever it can run (CUDA); `ORYX_COMPILE_ROUTED_INPUTS=0`
-    keeps the eager ops there (the graph's first call compiles for tens of seconds). On the CPU
-    `auto` is always the torch path.
+    the layer at short lengths. Torch path: the same ops eagerly, with `rope` (fla's fused rotation
+    on CUDA). `auto` takes the fast path where it can run (CUDA) for inputs of at most
+    `ROUTED_INPUTS_COMPILE_MAX_TOKENS` tokens (B * T), where it is faster, and the eager ops above;
+    `ORYX_COMPILE_ROUTED_INPUTS=0` keeps the eager ops everywhere (the graph's first call compiles
+    for tens of seconds). On the CPU `auto` is always the torch path.
     """
-    if backend == "auto" and os.environ.get("ORYX_COMPILE_ROUTED_INPUTS") == "0":
+    if backend == "auto" and (os.environ.get("ORYX_COMPILE_ROUTED_INPUTS") == "0"
+                              or k_BTHK.shape[0] * k_BTHK.shape[1] > ROUTED_INPUTS_COMPILE_MAX_TOKENS):
         backend = "torch"
     path = select_backend(k_BTHK, backend)
     if path == "triton" and torch.compiler.is_compiling():

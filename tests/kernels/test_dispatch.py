@@ -52,10 +52,12 @@ def test_routed_inputs_cpu_takes_torch_path(rope_base):
         dispatch.routed_inputs(k, q_rows, idx, pos, rope_base=rope_base, backend="triton")
 
 
-@pytest.mark.parametrize("env, path", [(None, "triton"), ("1", "triton"), ("0", "torch")])
-def test_routed_inputs_auto_compiles_where_the_fast_path_runs(monkeypatch, env, path):
-    # where the fast path can run (CUDA), `auto` takes the compiled graph unless ORYX_COMPILE_ROUTED_INPUTS=0;
-    # here the fast path is faked available and the "compiled" graph is the eager twin itself
+@pytest.mark.parametrize("env, path, long", [(None, "triton", False), ("1", "triton", False), ("0", "torch", False),
+                                             (None, "torch", True)])
+def test_routed_inputs_auto_compiles_where_the_fast_path_runs(monkeypatch, env, path, long):
+    # where the fast path can run (CUDA), `auto` takes the compiled graph unless ORYX_COMPILE_ROUTED_INPUTS=0 or
+    # the input has more tokens than ROUTED_INPUTS_COMPILE_MAX_TOKENS (there the eager ops are faster); here the
+    # fast path is faked available and the "compiled" graph is the eager twin itself
     if env is None:
         monkeypatch.delenv("ORYX_COMPILE_ROUTED_INPUTS", raising=False)
     else:
@@ -63,7 +65,8 @@ def test_routed_inputs_auto_compiles_where_the_fast_path_runs(monkeypatch, env, 
     monkeypatch.setattr(dispatch, "select_backend", lambda x, backend, *a, **kw: "torch" if backend == "torch" else "triton")
     monkeypatch.setattr(dispatch, "_routed_inputs_compiled", lambda: routed_inputs)
     monkeypatch.setattr(dispatch, "rope", functools.partial(dispatch.rope, backend="torch"))  # no fla on the CPU
-    k, q_rows = torch.randn(1, 20, 2, 8), torch.randn(1, 20, 16)
+    monkeypatch.setattr(dispatch, "ROUTED_INPUTS_COMPILE_MAX_TOKENS", 39 if long else 40)  # 2 x 20 tokens below
+    k, q_rows = torch.randn(2, 20, 2, 8), torch.randn(2, 20, 16)
     idx, pos = torch.tensor([3, 7, 19]), torch.arange(20)
     out = dispatch.routed_inputs(k, q_rows, idx, pos, rope_base=10000.0)
     assert dispatch.last_backend["routed_inputs"] == path
