@@ -264,8 +264,8 @@ def section_layer():
     oryx = OryxBlock(c).cuda().to(DT)
     gdn = PureGDNLayer(c).cuda().to(DT)
     att = PureAttentionLayer(c).cuda().to(DT)
-    # the routed queries' gather, norm and RoPE: one compiled graph by default on CUDA (ORYX_COMPILE_ROUTED_INPUTS=0:
-    # eager ops), timed beside the eager ops; its first call compiles, and if that fails here only eager rows are timed
+    # the routed queries' gather, norm and RoPE: one compiled graph by default on CUDA up to 16,384 tokens (eager ops
+    # above, or everywhere with ORYX_COMPILE_ROUTED_INPUTS=0); its first call compiles, and if that fails only eager rows
     compiled = os.environ.get("ORYX_COMPILE_ROUTED_INPUTS") != "0"
     eager = mock.patch.object(_dispatch, "routed_inputs", partial(_dispatch.routed_inputs, backend="torch"))
     try:
@@ -314,7 +314,7 @@ def _layer_rows(c, oryx, gdn, att, compiled):
             add("layer", f"{case} attention {frac:.0%}", "Oryx layer fwd+bwd", ms, base_gdn, "pure GDN layer",
                 vs_attention_layer=round(ms / base_att, 3))
             if frac in (0.1, 0.25) and compiled:  # the other way to the routed queries and the keys' RoPE
-                with (forced if not by_default else eager):
+                with (eager if by_default else forced):
                     oryx(x, m).backward(dy)
                     ms_t = bench(lambda: oryx(x, m).backward(dy), rep=LAYER_REP_MS)
                 add("layer", f"{case} attention {frac:.0%}",

@@ -354,7 +354,7 @@ def routed_attention(
 
 # the compiled graph pays where the layer is bound by host launches (short inputs); at T=32k the eager ops are
 # faster (docs/BENCHMARKS.md, H200 2026-12-03: layer fwd+bwd at 10% / 25% routed, compiled 0.92x / 0.96x
-# the eager ops at T=8k, 1.05x / 1.05x at T=32k, the 32k figures seen in two runs)
+# the eager ops at T=8k, 1.05x / 1.05x at T=32k, the 32k figures seen in three calls on two days)
 ROUTED_INPUTS_COMPILE_MAX_TOKENS = 16384
 
 

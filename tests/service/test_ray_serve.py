@@ -27,14 +27,17 @@ def test_shard_of_is_stable_and_spreads():
 def local_ray():
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Serve kills a proxy that is not ready within 5 s three times running; on a loaded 2-core machine the
+    # proxy's first start (its imports) takes longer, and serve.start then fails at setup
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     ray = pytest.importorskip("ray", reason="Ray is not installed (the tune extra)")
     serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (the tune extra)")
     ray.init(include_dashboard=False, object_store_memory=100 * 1024**2, num_cpus=2, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    try:  # Ray goes down even when Serve fails to start, so no later test inherits it
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield ray, serve, port
     finally:
         serve.shutdown()
